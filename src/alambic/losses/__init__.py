@@ -1,0 +1,12 @@
+"""Distillation losses: small pure functions on the rows that count.
+
+Every loss takes rows already selected by the caller (``(N, V)`` logits or ``(N, d)`` hidden states), sums its
+per-row values and divides by ``num_items``: by default the ``N`` rows given, and in training the row count of the
+whole accumulated (and, under DDP, global) batch, so that gradient accumulation does not change the loss.
+"""
+
+from alambic.losses.divergences import soft_target_kl
+from alambic.losses.features import cosine_distance
+from alambic.losses.language_modeling import token_cross_entropy
+
+__all__ = ["soft_target_kl", "cosine_distance", "token_cross_entropy"]
