@@ -1,0 +1,285 @@
+"""Declarative run configuration: one dataclass tree fed by YAML, command-line overrides and Python alike.
+
+Everything is validated here, before any model or data loads, so a typo costs a second, not a teacher load.
+Overrides use dotted keys (``loss.temperature=4``); values are parsed as YAML scalars (``4`` is an int, ``[a, b]`` a list).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from alambic.errors import AlambicError, did_you_mean
+
+
+@dataclass
+class StudentConfig:
+    init: str | None = None
+    """An existing student model folder to train; when empty the student is built from the teacher."""
+    layers: str = "every-other"
+    """Teacher layers the student keeps: every-other, linspace:K, or a list such as 0,2,4,7,9,11."""
+    hidden_size: int | None = None
+    """Narrower hidden width (freshly initialised); empty keeps the teacher's."""
+    intermediate_size: int | None = None
+    """Narrower feed-forward width (freshly initialised); empty keeps the teacher's."""
+    num_heads: int | None = None
+    """Fewer attention heads (freshly initialised); empty keeps the teacher's."""
+    save_init: bool = False
+    """Also save the student as initialised, before training, to OUT/student-init."""
+
+    def validate(self):
+        for name in ("hidden_size", "intermediate_size", "num_heads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise AlambicError(f"student.{name} must be a positive integer, got {value}")
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)
+    """Training text: files, folders, globs (.txt, .jsonl, .json, .csv, .parquet) or packaged corpora (bbc-news)."""
+    eval: list[str] = field(default_factory=list)
+    """Held-out text evaluated at the start and end of training (optional)."""
+    text_field: str = "text"
+    """Field or column holding the text in .jsonl / .json / .csv / .parquet files."""
+    split_documents: str = "file"
+    """How .txt files split into documents: file, line or blank-line."""
+    max_length: int = 128
+    """Tokens per training sequence (encoder chunks, decoder blocks)."""
+    min_tokens: int = 8
+    """Encoder chunks with fewer content tokens are dropped."""
+    eval_max_tokens: int = 32768
+    """Cap on held-out tokens evaluated."""
+
+    def validate(self):
+        if not self.train:
+            raise AlambicError("no training data: give --data PATH (a file, folder, glob or packaged corpus such as bbc-news)")
+        if self.split_documents not in ("file", "line", "blank-line"):
+            raise AlambicError(f"data.split_documents must be file, line or blank-line, got {self.split_documents!r}")
+        if self.max_length < 8:
+            raise AlambicError(f"data.max_length must be at least 8 tokens, got {self.max_length}")
+        if self.min_tokens < 1:
+            raise AlambicError(f"data.min_tokens must be at least 1, got {self.min_tokens}")
+
+
+@dataclass
+class LossConfig:
+    alpha_kd: float = 5.0
+    """Weight of the soft-target KL (x T^2) on the LM logits."""
+    alpha_lm: float = 2.0
+    """Weight of the hard masked-LM / next-token cross-entropy."""
+    alpha_cos: float = 1.0
+    """Weight of the cosine distance between last hidden states (non-pad tokens)."""
+    temperature: float = 2.0
+    """Softmax temperature of the soft targets (T > 1 softens them)."""
+    kd_rows: str = "tokens"
+    """Rows of the soft-target loss: tokens (every non-pad token, as DistilBERT) or masked (masked tokens only; MLM)."""
+    mlm_probability: float = 0.15
+    """Share of tokens masked (encoders)."""
+    mlm_smoothing: float | None = None
+    """Mask tokens with probability proportional to count^-s (DistilBERT used 0.7); empty for uniform masking."""
+
+    def validate(self):
+        for name in ("alpha_kd", "alpha_lm", "alpha_cos"):
+            if getattr(self, name) < 0:
+                raise AlambicError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if self.alpha_kd + self.alpha_lm + self.alpha_cos == 0:
+            raise AlambicError("all loss weights are 0: set at least one of loss.alpha_kd, loss.alpha_lm, loss.alpha_cos")
+        if self.temperature <= 0:
+            raise AlambicError(f"loss.temperature must be > 0, got {self.temperature}")
+        if self.kd_rows not in ("tokens", "masked"):
+            raise AlambicError(f"loss.kd_rows must be tokens or masked, got {self.kd_rows!r}")
+        if not 0 < self.mlm_probability < 1:
+            raise AlambicError(f"loss.mlm_probability must be between 0 and 1, got {self.mlm_probability}")
+        if self.mlm_smoothing is not None and self.mlm_smoothing <= 0:
+            raise AlambicError(f"loss.mlm_smoothing must be > 0 (DistilBERT used 0.7), got {self.mlm_smoothing}")
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int = 1000
+    """Optimiser steps."""
+    batch_size: int = 8
+    """Sequences per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimiser step (effective batch = batch_size x grad_accum x processes)."""
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    """Share of max_steps spent warming the learning rate up linearly."""
+    schedule: str = "linear"
+    """Decay after warm-up: linear, cosine or constant."""
+    grad_clip: float = 5.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    seed: int = 42
+    mixed_precision: str = "auto"
+    """auto (bf16 on a GPU, fp32 on CPU), bf16, fp16 or no."""
+    compile: bool = False
+    """torch.compile the student."""
+    log_every: int = 10
+    """Steps between metric lines in metrics.jsonl (each costs one host synchronisation)."""
+    save_every: int = 500
+    """Steps between checkpoints (a final one is always written)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (oldest removed first)."""
+
+    def validate(self):
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise AlambicError(f"training.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise AlambicError(f"training.lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise AlambicError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise AlambicError(f"training.schedule must be linear, cosine or constant, got {self.schedule!r}")
+        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+            raise AlambicError(f"training.mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
+        if self.grad_clip < 0:
+            raise AlambicError(f"training.grad_clip must be >= 0, got {self.grad_clip}")
+
+
+RECIPES = ("distilbert",)
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = ""
+    """Teacher: a local Hugging Face model folder, a .gguf file, or a packaged name (smollm2-135m, minilm-l6)."""
+    out: str = ""
+    """Run folder: checkpoints, metrics.jsonl, and the exported student in OUT/student."""
+    recipe: str = "distilbert"
+    """Distillation method."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def validate(self) -> "DistillConfig":
+        if not self.teacher:
+            raise AlambicError("no teacher: give --teacher (a model folder, a .gguf file, or smollm2-135m / minilm-l6)")
+        if not self.out:
+            raise AlambicError("no output folder: give --out DIR")
+        if self.recipe not in RECIPES:
+            raise AlambicError(f"unknown recipe {self.recipe!r}{did_you_mean(self.recipe, RECIPES)}; known: {', '.join(RECIPES)}")
+        for section in (self.student, self.data, self.loss, self.training):
+            section.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, annotation, key: str):
+    """Convert a YAML value to the field's declared type, or say which key is wrong and what it expects."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise AlambicError(f"{key} cannot be empty")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", ())):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(v, args[0], key) for v in items]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise AlambicError(f"{key} expects {len(args)} values such as [0.9, 0.98], got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise AlambicError(f"{key} expects true or false, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (annotation is int and value != int(value)):
+            raise AlambicError(f"{key} expects {'an integer' if annotation is int else 'a number'}, got {value!r}")
+        return annotation(value)
+    if annotation is str:
+        return str(value)
+    return value
+
+
+def _apply(target, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(type(target))
+    names = [f.name for f in dataclasses.fields(target)]
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            options = [f"{prefix}{n}" for n in names]
+            raise AlambicError(f"unknown option {dotted!r}{did_you_mean(dotted, options)}; options here: {', '.join(options)}")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise AlambicError(f"{dotted} is a section: give its options as {dotted}.NAME=VALUE")
+            _apply(current, value, f"{dotted}.")
+        else:
+            setattr(target, key, _coerce(value, hints[key], dotted))
+
+
+def parse_override(text: str) -> dict:
+    """``a.b=value`` -> ``{"a": {"b": value}}`` with value parsed as YAML."""
+    if "=" not in text:
+        raise AlambicError(f"override {text!r} is not KEY=VALUE (for example loss.temperature=4)")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[dict] = ()) -> DistillConfig:
+    """Defaults <- YAML file <- overrides (in order), then validated."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise AlambicError(f"config file {str(path)!r} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise AlambicError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise AlambicError(f"config file {str(path)!r} must hold a mapping of options")
+    for extra in overrides:
+        values = _merge(values, extra)
+    config = DistillConfig()
+    _apply(config, values)
+    return config.validate()
+
+
+def config_help(config_type=DistillConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, help) for every option, read from the dataclass docstrings, for ``--help``."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    tree = ast.parse(inspect.getsource(config_type))
+    body = tree.body[0].body
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+            docs[node.target.id] = str(following.value.value)
+    rows = []
+    for f in dataclasses.fields(config_type):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            rows.extend(config_help(type(default), f"{prefix}{f.name}."))
+        else:
+            rows.append((f"{prefix}{f.name}", repr(default), docs.get(f.name, "")))
+    return rows

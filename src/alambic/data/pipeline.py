@@ -1,0 +1,74 @@
+"""From data specs to the micro-batches the engine and the evaluators read.
+
+Training micro-batch ``i`` is reproducible from ``(seed, i)`` alone: epoch ``i // per_epoch`` fixes the batch plan
+and ``seed`` with ``i`` fixes the masks. That is what lets any process fetch its share of a global batch and a
+resumed run continue exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+from alambic.data.batching import length_grouped_batches, sequential_batches
+from alambic.data.collate import CausalLMCollator, MaskedLMCollator, smoothed_token_weights
+from alambic.data.tokenized import build_or_load, encoder_chunks, packed_blocks
+
+
+class IndexedBatches:
+    """An endless stream of collated micro-batches addressed by index, epoch after epoch."""
+
+    def __init__(self, examples, collator, plan: Callable[[int], list[list[int]]], seed: int):
+        self.examples, self.collator, self.plan, self.seed = examples, collator, plan, seed
+        self.per_epoch = len(plan(0))
+
+    @functools.lru_cache(maxsize=2)
+    def _epoch_plan(self, epoch: int) -> list[list[int]]:
+        return self.plan(epoch)
+
+    def __call__(self, index: int) -> dict:
+        epoch, position = divmod(index, self.per_epoch)
+        ids = self._epoch_plan(epoch)[position]
+        return self.collator([self.examples[i] for i in ids], seed=self.seed * 1_000_003 + index)
+
+
+def _examples(specs, tokenizer, kind: str, data_cfg):
+    corpus = build_or_load(list(specs), tokenizer, text_field=data_cfg.text_field, split_documents=data_cfg.split_documents)
+    if kind == "causal":
+        return corpus, packed_blocks(corpus, tokenizer, data_cfg.max_length)
+    return corpus, encoder_chunks(corpus, tokenizer, data_cfg.max_length, min_tokens=data_cfg.min_tokens)
+
+
+def _collator(corpus, tokenizer, kind: str, loss_cfg=None):
+    if kind == "causal":
+        return CausalLMCollator(tokenizer)
+    if loss_cfg is None:
+        return MaskedLMCollator(tokenizer)
+    weights = None
+    if loss_cfg.mlm_smoothing is not None:
+        weights = smoothed_token_weights(corpus.token_counts(), power=loss_cfg.mlm_smoothing)
+    return MaskedLMCollator(tokenizer, mlm_probability=loss_cfg.mlm_probability, token_weights=weights)
+
+
+def training_batches(specs, tokenizer, kind: str, data_cfg, loss_cfg, batch_size: int, seed: int) -> IndexedBatches:
+    """Length-grouped batches of encoder chunks, or shuffled packed blocks for decoders."""
+    corpus, examples = _examples(specs, tokenizer, kind, data_cfg)
+    if kind == "causal":
+        plan = functools.partial(sequential_batches, len(examples), batch_size, seed=seed)
+    else:
+        plan = functools.partial(length_grouped_batches, examples.lengths, batch_size, seed=seed)
+    return IndexedBatches(examples, _collator(corpus, tokenizer, kind, loss_cfg), lambda epoch: plan(epoch=epoch), seed)
+
+
+def heldout_batches(specs, tokenizer, kind: str, data_cfg, batch_size: int = 8, seed: int = 0) -> list[dict]:
+    """Fixed held-out micro-batches (same order and masks on every call), up to ``data_cfg.eval_max_tokens`` tokens."""
+    corpus, examples = _examples(specs, tokenizer, kind, data_cfg)
+    collator = _collator(corpus, tokenizer, kind)
+    batches, tokens = [], 0
+    for start in range(0, len(examples), batch_size):
+        batch = collator([examples[i] for i in range(start, min(start + batch_size, len(examples)))], seed=seed + start)
+        batches.append(batch)
+        tokens += len(batch["token_positions"])
+        if tokens >= data_cfg.eval_max_tokens:
+            break
+    return batches

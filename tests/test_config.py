@@ -1,0 +1,71 @@
+import pytest
+import yaml
+
+from alambic.config import DistillConfig, config_help, load_config, parse_override
+from alambic.errors import AlambicError
+
+BASE = [{"teacher": "t", "out": "o", "data": {"train": ["x.txt"]}}]
+
+
+def test_yaml_then_overrides_in_order(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"teacher": "smollm2-135m", "out": "runs/a", "data": {"train": ["a.txt"]},
+                                    "loss": {"temperature": 3}, "training": {"betas": [0.9, 0.95]}}))
+    cfg = load_config(path, [parse_override("loss.temperature=4"), parse_override("training.max_steps=7")])
+    assert cfg.loss.temperature == 4.0 and isinstance(cfg.loss.temperature, float)
+    assert cfg.training.max_steps == 7 and cfg.training.betas == (0.9, 0.95)
+    assert cfg.data.train == ["a.txt"] and cfg.loss.alpha_kd == 5.0
+
+
+def test_override_parsing():
+    assert parse_override("data.train=[a, b]") == {"data": {"train": ["a", "b"]}}
+    assert parse_override("student.hidden_size=") == {"student": {"hidden_size": None}}
+    with pytest.raises(AlambicError, match="KEY=VALUE"):
+        parse_override("loss.temperature")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.alpah_kd=1", "did you mean 'loss.alpha_kd'"),
+        ("loss.temperature=0", "temperature must be > 0"),
+        ("loss.kd_rows=all", "tokens or masked"),
+        ("training.max_steps=1.5", "expects an integer"),
+        ("training.batch_size=0", "positive integer"),
+        ("training.compile=maybe", "true or false"),
+        ("recipe=tinybrt", "unknown recipe"),
+        ("loss=3", "is a section"),
+        ("data.split_documents=para", "file, line or blank-line"),
+    ],
+)
+def test_invalid_options_are_named(override, message):
+    with pytest.raises(AlambicError, match=message):
+        load_config(None, BASE + [parse_override(override)])
+
+
+def test_all_zero_weights_and_missing_essentials():
+    zero = [parse_override(f"loss.{k}=0") for k in ("alpha_kd", "alpha_lm", "alpha_cos")]
+    with pytest.raises(AlambicError, match="all loss weights are 0"):
+        load_config(None, BASE + zero)
+    with pytest.raises(AlambicError, match="no teacher"):
+        load_config(None, [{"out": "o", "data": {"train": ["x"]}}])
+    with pytest.raises(AlambicError, match="no training data"):
+        load_config(None, [{"teacher": "t", "out": "o"}])
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(AlambicError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: [unclosed\n")
+    with pytest.raises(AlambicError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_every_option_documented():
+    rows = config_help(DistillConfig)
+    names = {name for name, _, _ in rows}
+    assert {"loss.alpha_kd", "training.grad_accum", "data.max_length", "student.layers"} <= names
+    undocumented = [name for name, _, doc in rows if not doc and name not in {"training.lr", "training.betas",
+                    "training.eps", "training.weight_decay", "training.seed"}]
+    assert undocumented == []
