@@ -1,0 +1,225 @@
+"""The ``alambic`` command: thin verbs over the Python API.
+
+A mistake the user can fix prints one ``alambic: error: ...`` line and exits 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+
+from alambic import __version__
+from alambic.errors import AlambicError
+
+TEACHER_HELP = "a local Hugging Face model folder, a .gguf file, or a packaged teacher (smollm2-135m, minilm-l6)"
+DATA_HELP = "text files, folders, globs (.txt .jsonl .json .csv .parquet) or packaged corpora (bbc-news, bbc-news:train, bbc-news:heldout, kolaw)"
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+# --- init-student -------------------------------------------------------------------------------------------------
+
+def add_init_student(sub) -> None:
+    p = sub.add_parser(
+        "init-student",
+        help="build a shallower (or narrower) student from a teacher, copying its layers",
+        description="Build a student from a teacher: a subset of its layers (copied), embeddings, norms and LM head "
+        "copied; token-type embeddings and pooler dropped. Writes a plain Hugging Face model folder.",
+    )
+    p.add_argument("--teacher", required=True, help=TEACHER_HELP)
+    p.add_argument("--out", required=True, help="folder to write the student to")
+    p.add_argument("--layers", default="every-other", help="every-other (default), linspace:K, or a list such as 0,2,4,7,9,11")
+    p.add_argument("--hidden-size", type=int, help="narrower hidden width (fresh initialisation)")
+    p.add_argument("--intermediate-size", type=int, help="narrower feed-forward width (fresh initialisation)")
+    p.add_argument("--num-heads", type=int, help="fewer attention heads (fresh initialisation)")
+    p.add_argument("--seed", type=int, default=0, help="seed of any fresh initialisation")
+    p.set_defaults(run=run_init_student)
+
+
+def run_init_student(args) -> int:
+    from alambic.students import init_student, parse_layer_spec, save_student
+    from alambic.teachers import load_teacher, resolve_model_path
+
+    path = resolve_model_path(args.teacher)
+    from transformers import AutoConfig
+
+    from alambic.modeling import num_layers
+
+    parse_layer_spec(args.layers, num_layers(AutoConfig.from_pretrained(path)))
+    teacher, tokenizer = load_teacher(args.teacher)
+    built = init_student(teacher, layers=args.layers, hidden_size=args.hidden_size,
+                         intermediate_size=args.intermediate_size, num_heads=args.num_heads, seed=args.seed)
+    print(built.summary())
+    save_student(built.model, tokenizer, args.out)
+    print(f"student written to {args.out}")
+    return 0
+
+
+# --- distill ------------------------------------------------------------------------------------------------------
+
+def add_distill(sub) -> None:
+    from alambic.config import config_help
+
+    options = "\n".join(f"  {name} (default {default})\n      {doc}" for name, default, doc in config_help())
+    p = sub.add_parser(
+        "distill",
+        help="general distillation on raw text (DistilBERT / DistilGPT2 triple loss)",
+        description="Distil a teacher into a student on raw text. Options come from defaults, then --config FILE.yaml, "
+        "then the flags below, then --set KEY=VALUE overrides; all are checked before any model loads.",
+        epilog="every option (YAML keys, or --set KEY=VALUE):\n" + options,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML file of options (see configs/ for examples)")
+    p.add_argument("--teacher", help=TEACHER_HELP)
+    p.add_argument("--data", nargs="+", help="training text: " + DATA_HELP)
+    p.add_argument("--eval-data", nargs="+", help="held-out text evaluated before and after training")
+    p.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, exported student in OUT/student)")
+    p.add_argument("--student", help="an existing student model folder to train instead of building one from the teacher")
+    p.add_argument("--layers", help="teacher layers the built student keeps: every-other, linspace:K, or 0,2,4,...")
+    p.add_argument("--recipe", help="distillation method (distilbert)")
+    p.add_argument("--max-steps", type=int, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any option by its dotted name, e.g. --set loss.temperature=4 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    p.set_defaults(run=run_distill)
+
+
+FLAG_TO_OPTION = {
+    "teacher": "teacher", "data": "data.train", "eval_data": "data.eval", "out": "out", "student": "student.init",
+    "layers": "student.layers", "recipe": "recipe", "max_steps": "training.max_steps",
+    "batch_size": "training.batch_size", "grad_accum": "training.grad_accum", "lr": "training.lr",
+}
+
+
+def distill_config_from_args(args):
+    from alambic.config import load_config, parse_override
+
+    overrides = []
+    for flag, option in FLAG_TO_OPTION.items():
+        value = getattr(args, flag)
+        if value is not None:
+            for part in reversed(option.split(".")):
+                value = {part: value}
+            overrides.append(value)
+    overrides += [parse_override(text) for text in args.overrides]
+    return load_config(args.config, overrides)
+
+
+def run_distill(args) -> int:
+    import yaml
+
+    cfg = distill_config_from_args(args)
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    from alambic.distill import distill
+
+    result = distill(cfg, resume=args.resume, progress=not args.no_progress)
+    evals = {k: v for k, v in result.metrics.items() if k.startswith("eval/")}
+    if evals:
+        print("held-out after training: " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in evals.items()))
+    return 0
+
+
+# --- eval-lm ------------------------------------------------------------------------------------------------------
+
+def add_eval_lm(sub) -> None:
+    p = sub.add_parser(
+        "eval-lm",
+        help="held-out perplexity (decoders) or masked-token accuracy and perplexity (encoders) of models",
+        description="Evaluate each model on the same held-out text: perplexity for decoders, masked-token accuracy and "
+        "perplexity for encoders (same masks for every model), with parameters and size on disk.",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL", help=TEACHER_HELP)
+    p.add_argument("--data", nargs="+", required=True, help=DATA_HELP)
+    p.add_argument("--max-length", type=int, default=256, help="tokens per evaluated sequence (default 256)")
+    p.add_argument("--max-tokens", type=int, default=32768, help="cap on evaluated tokens (default 32768)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--text-field", default="text", help="field or column with the text in .jsonl/.csv/.parquet")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=run_eval_lm)
+
+
+def run_eval_lm(args) -> int:
+    from alambic.config import DataConfig
+    from alambic.data.pipeline import heldout_batches
+    from alambic.data.sources import describe_sources
+    from alambic.evaluation.lm import evaluate_lm, weights_size_bytes
+    from alambic.modeling import model_kind
+    from alambic.students import count_parameters
+    from alambic.teachers import load_model, resolve_model_path
+
+    describe_sources(args.data)
+    paths = [resolve_model_path(m) for m in args.models]
+    data_cfg = DataConfig(train=list(args.data), text_field=args.text_field, max_length=args.max_length,
+                          eval_max_tokens=args.max_tokens)
+    rows = []
+    for spec, path in zip(args.models, paths):
+        model, tokenizer = load_model(spec)
+        batches = heldout_batches(args.data, tokenizer, model_kind(model), data_cfg, args.batch_size)
+        metrics = evaluate_lm(model, batches)
+        rows.append({"model": spec, "kind": model_kind(model), "parameters": count_parameters(model),
+                     "size_mb": weights_size_bytes(path) / 1e6, **metrics})
+        del model
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(format_lm_table(rows))
+    return 0
+
+
+def format_lm_table(rows: list[dict]) -> str:
+    header = ["model", "params (M)", "size (MB)", "perplexity", "masked acc", "tokens"]
+    lines = [[r["model"], f"{r['parameters'] / 1e6:.1f}", f"{r['size_mb']:.0f}", f"{r['perplexity']:.2f}",
+              f"{r['masked_accuracy']:.3f}" if "masked_accuracy" in r else "-", str(r["tokens"])] for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
+
+
+# --- entry point --------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alambic",
+        description="Make transformer language models smaller and faster by knowledge distillation.",
+        epilog=textwrap.dedent("""\
+            examples:
+              alambic init-student --teacher smollm2-135m --out student --layers every-other
+              alambic distill --teacher smollm2-135m --data bbc-news:train --out runs/smol --max-steps 200
+              alambic eval-lm smollm2-135m runs/smol/student --data bbc-news:heldout"""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"alambic {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_init_student(sub)
+    add_distill(sub)
+    add_eval_lm(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.run(args)
+    except AlambicError as exc:
+        print(f"alambic: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("alambic: interrupted (a run continues from its last checkpoint with --resume)", file=sys.stderr)
+        return 130

@@ -1,0 +1,247 @@
+"""The one training loop every recipe runs on (accelerate: one process, DDP or FSDP with no code change).
+
+Reads top to bottom as one optimiser step:
+1. take this process's ``grad_accum`` micro-batches of the global batch (indexed, so resume is exact);
+2. count, on the host, the rows each loss term averages over, summed over the micro-batches and all processes;
+3. per micro-batch: teacher targets under inference_mode, student loss normalised by those global counts, backward
+   (gradients synchronised only on the last micro-batch);
+4. clip, step, schedule; every ``log_every`` steps one host synchronisation for metrics and the NaN check;
+   every ``save_every`` steps an atomic checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from alambic.cache import atomic_write_text
+from alambic.config import TrainingConfig
+from alambic.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alambic.errors import AlambicError
+
+
+class BatchSource(Protocol):
+    """Micro-batches addressed by a global index, so any process can fetch its share and a resumed run the rest."""
+
+    def __call__(self, index: int) -> dict[str, torch.Tensor]: ...
+
+
+class Recipe(Protocol):
+    """What the loop needs from a distillation method."""
+
+    objective: torch.nn.Module
+    """Holds the student (and any trainable projection); ``forward(batch, targets, num_items) -> (loss, terms)``."""
+    student: torch.nn.Module
+
+    def row_counts(self, batch: dict) -> dict[str, int]:
+        """Rows each loss term averages over in this micro-batch, read from the batch on the host."""
+
+    def teacher_targets(self, batch: dict) -> dict:
+        """Everything the losses need from the teacher, computed without autograd."""
+
+
+class NonFiniteLoss(AlambicError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    step: int
+    metrics: dict
+
+
+def _lr_lambda(cfg: TrainingConfig) -> Callable[[int], float]:
+    warmup = int(cfg.warmup_ratio * cfg.max_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)
+
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    """AdamW; biases and norm weights (1-D tensors) are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def make_accelerator(cfg: TrainingConfig):
+    from accelerate import Accelerator
+
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=precision)
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one JSON object per logged step) and TensorBoard when it is installed; main process only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.tensorboard = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+        elif resume_step is None:
+            self.path.unlink(missing_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        except ImportError:
+            pass
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def train(
+    recipe: Recipe,
+    batches: BatchSource,
+    cfg: TrainingConfig,
+    run_dir: Path,
+    *,
+    accelerator=None,
+    tokenizer=None,
+    resume: bool = False,
+    evaluate: Callable[[torch.nn.Module], dict] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``recipe.objective`` for ``cfg.max_steps`` optimiser steps; returns the final step and last metrics."""
+    accelerator = accelerator or make_accelerator(cfg)
+    run_dir = Path(run_dir)
+    torch.manual_seed(cfg.seed)
+    optimizer = build_optimizer(recipe.objective, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    objective, optimizer = accelerator.prepare(recipe.objective, optimizer)
+    student = recipe.student
+    processes, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.grad_accum
+
+    step = 0
+    if resume:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise AlambicError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
+        step = load_checkpoint(checkpoint, accelerator.unwrap_model(objective), student, optimizer, scheduler)
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
+    log = MetricsLog(run_dir, accelerator.is_main_process, step if resume else None)
+
+    metrics: dict = {}
+    if evaluate is not None and step == 0:
+        metrics = {f"eval/{k}": v for k, v in evaluate(student).items()}
+        log.write({"step": 0, **metrics})
+
+    device = accelerator.device
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    term_sums: dict[str, torch.Tensor] = {}
+    window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and accelerator.is_main_process),
+               desc="distill", unit="step", dynamic_ncols=True)
+    objective.train()
+    while step < cfg.max_steps:
+        first = (step * processes + rank) * accum
+        micro_batches = [batches(first + a) for a in range(accum)]
+        local_counts = {}
+        for batch in micro_batches:
+            for term, count in recipe.row_counts(batch).items():
+                local_counts[term] = local_counts.get(term, 0) + count
+        terms = list(local_counts)
+        counts = torch.tensor([local_counts[t] for t in terms], dtype=torch.float32, device=device)
+        if processes > 1:
+            counts = accelerator.reduce(counts, reduction="sum")
+        num_items = dict(zip(terms, counts))
+
+        for a, batch in enumerate(micro_batches):
+            window_tokens += int(batch["token_positions"].numel())
+            batch = _to_device(batch, device)
+            with accelerator.autocast():
+                targets = recipe.teacher_targets(batch)
+            sync = contextlib.nullcontext() if a == accum - 1 else accelerator.no_sync(objective)
+            with sync:
+                loss, loss_terms = objective(batch, targets, num_items)
+                # DDP averages gradients over processes; each loss is already a share of the global mean.
+                accelerator.backward(loss * processes)
+            nonfinite |= ~torch.isfinite(loss.detach())
+            for name, value in loss_terms.items():
+                term_sums[name] = term_sums.get(name, 0.0) + value.detach().float()
+            term_sums["loss"] = term_sums.get("loss", 0.0) + loss.detach().float()
+
+        grad_norm = accelerator.clip_grad_norm_(objective.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+        bar.update(1)
+
+        last = step == cfg.max_steps
+        if step % cfg.log_every == 0 or step % cfg.save_every == 0 or last:
+            if bool(nonfinite.item()):
+                good = latest_checkpoint(run_dir)
+                where = f"the last good checkpoint is {good}; " if good else "no checkpoint was written yet; "
+                raise NonFiniteLoss(
+                    f"the loss became NaN or infinite before step {step}: stopped without saving; {where}"
+                    f"lower training.lr (now {cfg.lr}) or check the data, then rerun (with --resume to continue)"
+                )
+            values = torch.stack([term_sums[k] for k in term_sums])
+            if processes > 1:
+                values = accelerator.reduce(values, reduction="sum")
+            values = (values / window_steps).tolist()
+            elapsed = time.perf_counter() - window_start
+            metrics = {f"loss/{k}" if k != "loss" else "loss": v for k, v in zip(term_sums, values)}
+            metrics.update(lr=scheduler.get_last_lr()[0], tokens_per_s=window_tokens * processes / max(elapsed, 1e-9))
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            log.write({"step": step, **metrics})
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            term_sums, window_tokens, window_steps, window_start = {}, 0, 0, time.perf_counter()
+            if step % cfg.save_every == 0 or last:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    save_checkpoint(run_dir, step, accelerator.unwrap_model(objective), student, optimizer,
+                                    scheduler, tokenizer, cfg.keep_checkpoints)
+                accelerator.wait_for_everyone()
+    bar.close()
+    if evaluate is not None:
+        final = {f"eval/{k}": v for k, v in evaluate(student).items()}
+        log.write({"step": step, **final})
+        metrics.update(final)
+    log.close()
+    return TrainResult(step=step, metrics=metrics)

@@ -1,0 +1,86 @@
+"""DistilBERT's triple loss (Sanh et al. 2019, arXiv:1910.01108), for encoders and decoders alike.
+
+    L = alpha_kd * KL_T(teacher || student) * T^2  +  alpha_lm * CE(labels)  +  alpha_cos * (1 - cos(h_t, h_s))
+
+- soft targets on the LM logits of every non-pad token (or of masked tokens only, ``loss.kd_rows=masked``);
+- the hard loss is masked-LM cross-entropy for encoders and next-token cross-entropy for decoders (DistilGPT2);
+- the cosine term aligns the last hidden states of non-pad tokens (same width only).
+The vocabulary projection runs only on the rows a loss reads; the teacher runs under inference_mode.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from alambic.config import LossConfig
+from alambic.errors import AlambicError
+from alambic.losses import cosine_distance, soft_target_kl, token_cross_entropy
+from alambic.modeling import hidden_size, lm_body, lm_head
+
+
+def _token_hidden_states(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Last hidden states of the non-pad tokens, ``(N_tok, d)``."""
+    hidden = lm_body(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return hidden.flatten(0, 1).index_select(0, batch["token_positions"])
+
+
+class DistilBERTObjective(nn.Module):
+    """The student and the triple loss; ``forward`` returns the loss and each term (for logging)."""
+
+    def __init__(self, student: nn.Module, loss: LossConfig):
+        super().__init__()
+        self.student = student
+        self.cfg = loss
+
+    def forward(self, batch: dict, teacher: dict, num_items: dict) -> tuple[torch.Tensor, dict]:
+        c = self.cfg
+        hidden = _token_hidden_states(self.student, batch)
+        lm_rows = batch["lm_token_rows"]
+        zero = hidden.new_zeros((), dtype=torch.float32)
+        kd = lm = cos = zero
+        if c.alpha_kd > 0:
+            kd_logits = lm_head(self.student)(hidden if c.kd_rows == "tokens" else hidden.index_select(0, lm_rows))
+            kd = soft_target_kl(kd_logits, teacher["logits"], c.temperature, num_items["kd"])
+        if c.alpha_lm > 0:
+            if c.alpha_kd > 0:  # reuse the logits already computed for the soft targets
+                lm_logits = kd_logits.index_select(0, lm_rows) if c.kd_rows == "tokens" else kd_logits
+            else:
+                lm_logits = lm_head(self.student)(hidden.index_select(0, lm_rows))
+            lm = token_cross_entropy(lm_logits, batch["lm_targets"], num_items["lm"])
+        if c.alpha_cos > 0:
+            cos = cosine_distance(hidden, teacher["hidden"], num_items["cos"])
+        loss = c.alpha_kd * kd + c.alpha_lm * lm + c.alpha_cos * cos
+        return loss, {"kd": kd, "lm": lm, "cos": cos}
+
+
+class DistilBERTRecipe:
+    """Pairs a frozen teacher with a :class:`DistilBERTObjective` for :func:`alambic.engine.loop.train`."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, loss: LossConfig):
+        if loss.alpha_cos > 0 and hidden_size(teacher.config) != hidden_size(student.config):
+            raise AlambicError(
+                f"the cosine loss needs equal hidden sizes, but the teacher has {hidden_size(teacher.config)} and the "
+                f"student {hidden_size(student.config)}: set loss.alpha_cos=0 for a narrower student"
+            )
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student = student
+        self.cfg = loss
+        self.objective = DistilBERTObjective(student, loss)
+
+    def row_counts(self, batch: dict) -> dict[str, int]:
+        tokens, masked = len(batch["token_positions"]), len(batch["lm_positions"])
+        return {"kd": tokens if self.cfg.kd_rows == "tokens" else masked, "lm": masked, "cos": tokens}
+
+    def teacher_targets(self, batch: dict) -> dict:
+        with torch.inference_mode():
+            hidden = _token_hidden_states(self.teacher, batch)
+        # Leave inference mode: the student's losses save these for backward, which inference tensors forbid.
+        hidden = hidden.clone()
+        targets = {"hidden": hidden}
+        if self.cfg.alpha_kd > 0:
+            rows = hidden if self.cfg.kd_rows == "tokens" else hidden.index_select(0, batch["lm_token_rows"])
+            with torch.no_grad():
+                targets["logits"] = lm_head(self.teacher)(rows)
+        return targets
+

@@ -1,0 +1,212 @@
+import copy
+
+import pytest
+import torch
+import transformers
+from tiny import (DECODERS, ENCODERS, bpe_tokenizer, tiny_bert, tiny_distilbert, tiny_gpt2, tiny_llama,
+                  wordpiece_tokenizer)
+
+from alambic import modeling
+from alambic.errors import AlambicError
+from alambic.students import count_parameters, init_student, parse_layer_spec, save_student
+
+FAMILIES = {**ENCODERS, **DECODERS}
+
+
+def _batch(vocab):
+    torch.manual_seed(1)
+    ids = torch.randint(3, vocab, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def _logits(model, batch, **extra):
+    if modeling.model_kind(model) == "causal":
+        extra["use_cache"] = False  # a bypassed teacher keeps its old layer indices, which a cache would trip on
+    with torch.no_grad():
+        return model(**batch, **extra).logits
+
+
+def _bypassed(teacher, layers):
+    """The teacher itself, running only ``layers``: what a correctly copied student must compute."""
+    model = copy.deepcopy(teacher)
+    blocks = modeling.transformer_layers(model)
+    kept = [blocks[i] for i in layers]
+    del blocks[:]
+    blocks.extend(kept)
+    modeling.set_num_layers(model.config, len(layers))
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in layers]
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_layers_reproduce_the_teacher(family):
+    teacher = FAMILIES[family]()
+    student = init_student(teacher, layers="all").model
+    batch = _batch(teacher.config.vocab_size)
+    assert torch.equal(_logits(student, batch), _logits(teacher, batch))
+
+
+@pytest.mark.parametrize("spec", ["every-other", "1,3", "linspace:3"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_subset_equals_teacher_with_skipped_layers_bypassed(family, spec):
+    teacher = FAMILIES[family]()
+    result = init_student(teacher, layers=spec)
+    assert modeling.num_layers(result.model.config) == len(result.layers) < 4
+    batch = _batch(teacher.config.vocab_size)
+    assert torch.equal(_logits(result.model, batch), _logits(_bypassed(teacher, result.layers), batch))
+
+
+def test_token_types_dropped_without_changing_outputs():
+    teacher = tiny_bert()
+    result = init_student(teacher, layers="all")
+    embeddings = result.model.bert.embeddings.token_type_embeddings.weight
+    assert embeddings.shape == (1, 32) and result.model.config.type_vocab_size == 1
+    assert torch.equal(embeddings[0], teacher.bert.embeddings.token_type_embeddings.weight[0])
+    batch = _batch(teacher.config.vocab_size)
+    zeros = torch.zeros_like(batch["input_ids"])
+    assert torch.equal(_logits(result.model, batch), _logits(teacher, batch, token_type_ids=zeros))
+    assert any("token types dropped" in note for note in result.notes)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_student_reloads_with_plain_transformers(family, tmp_path):
+    teacher = FAMILIES[family]()
+    tokenizer = wordpiece_tokenizer() if teacher.config.vocab_size == 30522 else bpe_tokenizer()
+    result = init_student(teacher)
+    out = save_student(result.model, tokenizer, tmp_path / "student")
+    auto = transformers.AutoModelForCausalLM if family in DECODERS else transformers.AutoModelForMaskedLM
+    reloaded = auto.from_pretrained(out).eval()
+    assert type(reloaded) is type(result.model)
+    assert (out / "model.safetensors").is_file()
+    assert not [p.name for p in out.iterdir() if "alambic" in p.name or p.suffix in (".pt", ".bin")]
+    assert transformers.AutoTokenizer.from_pretrained(out).get_vocab() == tokenizer.get_vocab()
+    batch = _batch(teacher.config.vocab_size)
+    assert torch.equal(_logits(reloaded, batch), _logits(result.model, batch))
+    tied = teacher.config.tie_word_embeddings
+    assert (reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight) == tied
+    assert (result.model.get_output_embeddings().weight is result.model.get_input_embeddings().weight) == tied
+
+
+def test_save_refuses_to_overwrite(tmp_path):
+    (tmp_path / "keep.txt").write_text("precious")
+    with pytest.raises(AlambicError, match="already exists and is not empty"):
+        save_student(init_student(tiny_llama()).model, bpe_tokenizer(), tmp_path)
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_student_from_a_spec_keeps_the_teacher_tokenizer(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "teacher")
+    bpe_tokenizer().save_pretrained(tmp_path / "teacher")
+    result = init_student(str(tmp_path / "teacher"), layers=[0, 3])
+    out = save_student(result.model, result.tokenizer, tmp_path / "student")
+    assert transformers.AutoConfig.from_pretrained(out).num_hidden_layers == 2
+    assert "teacher  LlamaForCausalLM: 4 layers" in result.summary() and "layers kept: 0, 3" in str(result)
+
+
+@pytest.mark.parametrize(
+    "spec, n, expected",
+    [
+        ("every-other", 12, [0, 2, 4, 6, 8, 10]),
+        ("every-other", 5, [0, 2, 4]),
+        ("linspace:6", 12, [0, 2, 4, 7, 9, 11]),  # DistilBERT's choice
+        ("linspace:1", 12, [0]),
+        ("linspace:12", 12, list(range(12))),
+        ("0, 2,4,7,9,11", 12, [0, 2, 4, 7, 9, 11]),
+        ([1, 3], 4, [1, 3]),
+        ("all", 3, [0, 1, 2]),
+    ],
+)
+def test_layer_specs(spec, n, expected):
+    assert parse_layer_spec(spec, n) == expected
+
+
+def test_every_other_of_30_keeps_15():
+    assert len(parse_layer_spec("every-other", 30)) == 15
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("0,2,12", "layer 12 is out of range: the teacher has 12 layers, 0-11"),
+        ([-1, 2], "layer -1 is out of range"),
+        ("0,2,2", "must be strictly increasing, without repeats"),
+        ("4,2", "must be strictly increasing"),
+        ("", "empty layer spec"),
+        ([], "empty layer spec"),
+        ("linspace:0", "at least 1 layer"),
+        ("linspace:six", "linspace needs a whole number"),
+        ("linspace:13", "student deeper than its teacher \\(13 > 12 layers\\)"),
+        ("evry-other", "unknown layer spec 'evry-other' \\(did you mean 'every-other'\\?\\)"),
+    ],
+)
+def test_layer_spec_errors(spec, message):
+    with pytest.raises(AlambicError, match=message):
+        parse_layer_spec(spec, 12)
+
+
+@pytest.mark.parametrize("build", [tiny_bert, tiny_distilbert, tiny_gpt2, tiny_llama])
+def test_narrow_student_has_the_requested_shapes(build):
+    result = init_student(build(), layers="every-other", hidden_size=16, intermediate_size=24, num_heads=2)
+    config, model = result.model.config, result.model
+    assert (modeling.hidden_size(config), modeling.intermediate_size(config), modeling.num_heads(config)) == (16, 24, 2)
+    assert model.get_input_embeddings().weight.shape == (config.vocab_size, 16)
+    ffn = [p.shape for n, p in model.named_parameters() if p.dim() == 2 and 24 in p.shape]
+    assert len(ffn) >= 2 * 2  # in and out projections of each of the 2 layers
+    assert _logits(model, _batch(config.vocab_size)).shape == (2, 9, config.vocab_size)
+    assert any(note.startswith("freshly initialised (shape differs") for note in result.notes)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def test_narrow_ffn_only_keeps_attention_and_embeddings():
+    teacher = tiny_llama()
+    result = init_student(teacher, layers=[0, 2], intermediate_size=16)
+    student = result.model
+    assert student.model.layers[0].mlp.up_proj.weight.shape == (16, 32)
+    assert torch.equal(student.model.layers[1].self_attn.q_proj.weight, teacher.model.layers[2].self_attn.q_proj.weight)
+    assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
+    assert "mlp.up_proj" in " ".join(result.notes) and "self_attn" not in " ".join(result.notes)
+
+
+def test_fewer_heads_update_head_dim_and_kv_heads():
+    config = init_student(tiny_llama(), num_heads=2).model.config  # teacher: 4 heads, 2 kv heads, head_dim 8
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 2, 16)
+
+
+def test_width_must_divide_into_heads():
+    with pytest.raises(AlambicError, match="hidden size 30 is not divisible by 4 attention heads"):
+        init_student(tiny_bert(), hidden_size=30)
+
+
+def test_bare_encoder_teacher_gives_masked_lm_with_fresh_head():
+    teacher = transformers.BertModel(tiny_bert().config)  # like MiniLM: encoder + pooler, no MLM head
+    result = init_student(teacher)
+    student = result.model
+    assert type(student) is transformers.BertForMaskedLM
+    assert torch.equal(student.bert.embeddings.word_embeddings.weight, teacher.embeddings.word_embeddings.weight)
+    assert student.cls.predictions.decoder.weight is student.bert.embeddings.word_embeddings.weight
+    notes = " ".join(result.notes)
+    assert "BertModel has no LM head" in notes and "cls.predictions.transform.dense" in notes and "pooler" in notes
+
+
+def test_count_parameters_counts_tied_weights_once():
+    model = tiny_llama()
+    untied = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
+    assert count_parameters(model) == untied - 512 * 32
+
+
+def test_student_is_float32_whatever_the_teacher_dtype():
+    teacher = tiny_llama().to(torch.bfloat16)
+    teacher.config.dtype = torch.bfloat16
+    student = init_student(teacher).model
+    assert student.dtype == torch.float32 and student.config.dtype == torch.float32
+
+
+def test_seed_makes_fresh_parts_reproducible():
+    a = init_student(tiny_bert(), hidden_size=16, seed=3).model
+    b = init_student(tiny_bert(), hidden_size=16, seed=3).model
+    c = init_student(tiny_bert(), hidden_size=16, seed=4).model
+    assert torch.equal(a.bert.encoder.layer[0].output.dense.weight, b.bert.encoder.layer[0].output.dense.weight)
+    assert not torch.equal(a.bert.encoder.layer[0].output.dense.weight, c.bert.encoder.layer[0].output.dense.weight)
