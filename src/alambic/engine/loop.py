@@ -101,6 +101,7 @@ class MetricsLog:
         self.tensorboard = None
         if not enabled:
             return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= resume_step]
             atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
@@ -203,7 +204,9 @@ def train(
                 term_sums[name] = term_sums.get(name, 0.0) + value.detach().float()
             term_sums["loss"] = term_sums.get("loss", 0.0) + loss.detach().float()
 
-        grad_norm = accelerator.clip_grad_norm_(objective.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        # The norm is computed even without clipping: a non-finite gradient must stop the run before it is saved.
+        grad_norm = accelerator.clip_grad_norm_(objective.parameters(), cfg.grad_clip or float("inf"))
+        nonfinite |= ~torch.isfinite(grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -227,8 +230,7 @@ def train(
             elapsed = time.perf_counter() - window_start
             metrics = {f"loss/{k}" if k != "loss" else "loss": v for k, v in zip(term_sums, values)}
             metrics.update(lr=scheduler.get_last_lr()[0], tokens_per_s=window_tokens * processes / max(elapsed, 1e-9))
-            if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
+            metrics["grad_norm"] = float(grad_norm)
             log.write({"step": step, **metrics})
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             term_sums, window_tokens, window_steps, window_start = {}, 0, 0, time.perf_counter()

@@ -1,0 +1,115 @@
+"""The training engine on tiny real models: exact resume, accumulation normalisation, NaN handling, checkpoints."""
+
+import json
+
+import pytest
+import torch
+
+from alambic.config import DataConfig, LossConfig, TrainingConfig
+from alambic.data.collate import CausalLMCollator
+from alambic.data.pipeline import training_batches
+from alambic.engine.checkpoint import latest_checkpoint
+from alambic.engine.loop import NonFiniteLoss, train
+from alambic.recipes.distilbert import DistilBERTRecipe
+from alambic.students import init_student
+from tiny import bpe_tokenizer, sample_texts, tiny_bert, tiny_llama, wordpiece_tokenizer
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("text")
+    for i, text in enumerate(sample_texts(12)):
+        (folder / f"{i}.txt").write_text(text)
+    return str(folder)
+
+
+def make_run(family, text_dir, **training):
+    teacher, tokenizer = (tiny_llama(), bpe_tokenizer()) if family == "causal" else (tiny_bert(), wordpiece_tokenizer())
+    student = init_student(teacher, layers="every-other").model.train()
+    cfg = TrainingConfig(**{"max_steps": 6, "batch_size": 2, "lr": 1e-3, "log_every": 1, "save_every": 3,
+                            "seed": 0, **training})
+    loss = LossConfig()
+    batches = training_batches([text_dir], tokenizer, family, DataConfig(train=[text_dir], max_length=32), loss,
+                               cfg.batch_size, cfg.seed)
+    return DistilBERTRecipe(teacher, student, loss), batches, cfg, tokenizer
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("family", ["causal", "masked"])
+def test_interrupted_run_resumed_ends_with_the_same_weights(family, text_dir, tmp_path):
+    recipe, batches, cfg, tok = make_run(family, text_dir)
+    train(recipe, batches, cfg, tmp_path / "straight", tokenizer=tok, progress=False)
+    straight = {k: v.clone() for k, v in recipe.student.state_dict().items()}
+
+    recipe, batches, cfg, tok = make_run(family, text_dir)
+    per_step = cfg.grad_accum  # micro-batches per optimiser step
+
+    def interrupted(index):
+        if index >= 4 * per_step:  # dies during step 5, after the checkpoint of step 3
+            raise Interrupt
+        return batches(index)
+
+    with pytest.raises(Interrupt):
+        train(recipe, interrupted, cfg, tmp_path / "resumed", tokenizer=tok, progress=False)
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-0000003"
+
+    recipe, batches, cfg, tok = make_run(family, text_dir)  # a fresh process: new models, same config
+    train(recipe, batches, cfg, tmp_path / "resumed", tokenizer=tok, resume=True, progress=False)
+    resumed = recipe.student.state_dict()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight), "resumed weights differ"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").glob("step-*")) == ["step-0000003", "step-0000006"]
+
+
+def test_accumulated_micro_batches_of_unequal_length_give_the_full_batch_loss(tmp_path):
+    """One batch of 4 sequences vs the same 4 split 1 + 3 (very different token counts) with grad_accum=2."""
+    tokenizer = bpe_tokenizer()
+    collate = CausalLMCollator(tokenizer)
+    g = torch.Generator().manual_seed(0)
+    examples = [torch.randint(4, 512, (n,), generator=g).numpy() for n in (30, 5, 9, 7)]
+    runs = {}
+    for name, accum, source in (
+        ("full", 1, lambda i: collate(examples, seed=i)),
+        ("split", 2, lambda i: collate(examples[:1] if i % 2 == 0 else examples[1:], seed=i)),
+    ):
+        teacher = tiny_llama()
+        student = init_student(teacher, layers=[0, 2]).model.train()
+        recipe = DistilBERTRecipe(teacher, student, LossConfig())
+        cfg = TrainingConfig(max_steps=2, batch_size=4, grad_accum=accum, log_every=1, save_every=10, seed=0,
+                             warmup_ratio=0.0)
+        train(recipe, source, cfg, tmp_path / name, progress=False)
+        runs[name] = (
+            [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()],
+            student.state_dict(),
+        )
+    (full_log, full_w), (split_log, split_w) = runs["full"], runs["split"]
+    for a, b in zip(full_log, split_log):
+        for key in ("loss", "loss/kd", "loss/lm", "loss/cos", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=2e-4), key
+    for k in full_w:
+        torch.testing.assert_close(full_w[k], split_w[k], rtol=1e-4, atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_dir, tmp_path):
+    recipe, batches, cfg, tok = make_run("causal", text_dir, lr=1e30, save_every=1, grad_clip=0.0, warmup_ratio=0.0)
+    with pytest.raises(NonFiniteLoss, match="NaN or infinite .* last good checkpoint is") as error:
+        train(recipe, batches, cfg, tmp_path / "run", tokenizer=tok, progress=False)
+    good = latest_checkpoint(tmp_path / "run")
+    assert str(good) in str(error.value)
+    assert f"before step {int(good.name[5:]) + 1}" in str(error.value)
+    from transformers import AutoModelForCausalLM
+
+    weights = AutoModelForCausalLM.from_pretrained(good / "student").state_dict()
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_resume_without_checkpoint_is_a_clear_error(text_dir, tmp_path):
+    from alambic.errors import AlambicError
+
+    recipe, batches, cfg, tok = make_run("causal", text_dir)
+    with pytest.raises(AlambicError, match="no checkpoint"):
+        train(recipe, batches, cfg, tmp_path / "empty", resume=True, progress=False)
