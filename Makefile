@@ -24,7 +24,7 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/alambic distill --config configs/demo.yaml --out $(DEMO_DIR)
 	$(VENV)/bin/alambic eval-lm smollm2-135m $(DEMO_DIR)/student-init $(DEMO_DIR)/student \
-		--data bbc-news:heldout --max-tokens 16384
+		--data bbc-news:heldout --max-tokens 8192
 
 test: setup
 	$(PY) -m pytest -q || [ $$? -eq 5 ]

@@ -109,7 +109,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
     )
     student_dir = run_dir / "student"
     if accelerator.is_main_process:
-        save_student(accelerator.unwrap_model(student), tokenizer, student_dir)
+        save_student(accelerator.unwrap_model(student), tokenizer, student_dir, overwrite=True)
         say(f"student written to {student_dir}")
     accelerator.wait_for_everyone()
     return DistillResult(run_dir, student_dir, count_parameters(teacher), count_parameters(student), result.metrics)
