@@ -18,7 +18,7 @@ from alambic.engine.checkpoint import latest_checkpoint
 from alambic.engine.loop import make_accelerator, train
 from alambic.errors import AlambicError
 from alambic.evaluation.lm import evaluate_lm
-from alambic.modeling import has_lm_head, model_kind, num_layers
+from alambic.modeling import has_lm_head, lm_body, model_kind, num_layers
 from alambic.recipes.distilbert import DistilBERTRecipe
 from alambic.students import count_parameters, init_student, parse_layer_spec, save_student
 from alambic.teachers import check_same_vocabulary, load_model, load_teacher, resolve_model_path
@@ -92,17 +92,20 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
-    batches = training_batches(
-        cfg.data.train, tokenizer, kind, cfg.data, cfg.loss, cfg.training.batch_size, cfg.training.seed
-    )
-    evaluate = None
-    if cfg.data.eval:
-        held_out = heldout_batches(cfg.data.eval, tokenizer, kind, cfg.data, cfg.training.batch_size)
-        evaluate = lambda model: evaluate_lm(model, held_out)  # noqa: E731
+    with accelerator.main_process_first():  # one process tokenises, the others read its cache
+        batches = training_batches(
+            cfg.data.train, tokenizer, kind, cfg.data, cfg.loss, cfg.training.batch_size, cfg.training.seed
+        )
+        held_out = heldout_batches(cfg.data.eval, tokenizer, kind, cfg.data, cfg.training.batch_size) if cfg.data.eval else None
+    evaluate = (lambda model: evaluate_lm(model, held_out)) if held_out else None
 
     if accelerator.mixed_precision == "bf16":
         teacher = teacher.to(torch.bfloat16)
     recipe = DistilBERTRecipe(teacher.to(accelerator.device), student, cfg.loss)
+    if cfg.training.compile:
+        # Compile the transformer bodies in place: the modules (and the exported state dict) stay the same.
+        for model in (student, teacher):
+            lm_body(model).compile()
     result = train(
         recipe, batches, cfg.training, run_dir,
         accelerator=accelerator, tokenizer=tokenizer, resume=resume, evaluate=evaluate, progress=progress,

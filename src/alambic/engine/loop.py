@@ -89,7 +89,8 @@ def make_accelerator(cfg: TrainingConfig):
     precision = cfg.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=precision)
+    # cpu=True is what makes accelerate honour torchrun's WORLD_SIZE on a machine without GPUs (DDP over gloo).
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
 
 
 class MetricsLog:

@@ -73,6 +73,8 @@ class DistilBERTRecipe:
         return {"kd": tokens if self.cfg.kd_rows == "tokens" else masked, "lm": masked, "cos": tokens}
 
     def teacher_targets(self, batch: dict) -> dict:
+        if self.cfg.alpha_kd == 0 and self.cfg.alpha_cos == 0:
+            return {}  # hard labels only: the teacher is not consulted
         with torch.inference_mode():
             hidden = _token_hidden_states(self.teacher, batch)
         # Leave inference mode: the student's losses save these for backward, which inference tensors forbid.
