@@ -39,17 +39,17 @@ def machine() -> str:
 
 
 def build(args):
-    from alambic.config import DataConfig, LossConfig
+    from alambic.config import DataConfig
     from alambic.data.pipeline import training_batches
     from alambic.modeling import model_kind
-    from alambic.recipes.distilbert import DistilBERTRecipe
+    from alambic.recipes.distilbert import DistilBERTLossConfig, DistilBERTRecipe
     from alambic.students import init_student
     from alambic.teachers import load_teacher
 
     teacher, tokenizer = load_teacher(args.teacher)
     kind = model_kind(teacher)
     student = init_student(teacher, layers=args.layers).model.train()
-    loss = LossConfig(alpha_kd=5.0, alpha_lm=2.0, alpha_cos=1.0, temperature=2.0)
+    loss = DistilBERTLossConfig(alpha_kd=5.0, alpha_lm=2.0, alpha_cos=1.0, temperature=2.0)
     data = DataConfig(train=[args.data], max_length=args.seq_len)
     batches = training_batches([args.data], tokenizer, kind, data, loss, args.batch_size, seed=0)
     return DistilBERTRecipe(teacher, student, loss), batches, kind

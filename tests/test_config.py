@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from alambic.config import DistillConfig, config_help, load_config, parse_override
+from alambic.config import DistillConfig, config_help, load_config, loss_config_class, parse_override
+from alambic.recipes import RECIPES
 from alambic.errors import AlambicError
 
 BASE = [{"teacher": "t", "out": "o", "data": {"train": ["x.txt"]}}]
@@ -64,8 +65,19 @@ def test_config_file_errors(tmp_path):
 
 def test_every_option_documented():
     rows = config_help(DistillConfig)
+    for recipe in RECIPES:
+        rows += config_help(loss_config_class(recipe), "loss.")
     names = {name for name, _, _ in rows}
     assert {"loss.alpha_kd", "training.grad_accum", "data.max_length", "student.layers"} <= names
     undocumented = [name for name, _, doc in rows if not doc and name not in {"training.lr", "training.betas",
                     "training.eps", "training.weight_decay", "training.seed"}]
     assert undocumented == []
+
+
+def test_loss_section_follows_the_recipe():
+    cfg = load_config(None, BASE + [{"recipe": "tinybert"}, parse_override("loss.layer_map=0:0,1:2")])
+    assert cfg.loss.layer_map == "0:0,1:2" and cfg.loss.alpha_attention == 1.0
+    with pytest.raises(AlambicError, match="unknown option 'loss.alpha_kd'"):
+        load_config(None, BASE + [{"recipe": "minilm"}, parse_override("loss.alpha_kd=1")])
+    with pytest.raises(AlambicError, match="attention_target must be scores or probs"):
+        load_config(None, BASE + [{"recipe": "tinybert"}, parse_override("loss.attention_target=logits")])

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from alambic.config import DataConfig, LossConfig, TrainingConfig
+from alambic.config import DataConfig, TrainingConfig
 from alambic.data.collate import CausalLMCollator
 from alambic.data.pipeline import training_batches
 from alambic.engine.checkpoint import latest_checkpoint
 from alambic.engine.loop import NonFiniteLoss, train
-from alambic.recipes.distilbert import DistilBERTRecipe
+from alambic.recipes.distilbert import DistilBERTLossConfig, DistilBERTRecipe
 from alambic.students import init_student
 from tiny import bpe_tokenizer, sample_texts, tiny_bert, tiny_llama, wordpiece_tokenizer
 
@@ -28,7 +28,7 @@ def make_run(family, text_dir, **training):
     student = init_student(teacher, layers="every-other").model.train()
     cfg = TrainingConfig(**{"max_steps": 6, "batch_size": 2, "lr": 1e-3, "log_every": 1, "save_every": 3,
                             "seed": 0, **training})
-    loss = LossConfig()
+    loss = DistilBERTLossConfig()
     batches = training_batches([text_dir], tokenizer, family, DataConfig(train=[text_dir], max_length=32), loss,
                                cfg.batch_size, cfg.seed)
     return DistilBERTRecipe(teacher, student, loss), batches, cfg, tokenizer
@@ -78,7 +78,7 @@ def test_accumulated_micro_batches_of_unequal_length_give_the_full_batch_loss(tm
     ):
         teacher = tiny_llama()
         student = init_student(teacher, layers=[0, 2]).model.train()
-        recipe = DistilBERTRecipe(teacher, student, LossConfig())
+        recipe = DistilBERTRecipe(teacher, student, DistilBERTLossConfig())
         cfg = TrainingConfig(max_steps=2, batch_size=4, grad_accum=accum, log_every=1, save_every=10, seed=0,
                              warmup_ratio=0.0)
         train(recipe, source, cfg, tmp_path / name, progress=False)

@@ -37,29 +37,72 @@ def add_init_student(sub) -> None:
     )
     p.add_argument("--teacher", required=True, help=TEACHER_HELP)
     p.add_argument("--out", required=True, help="folder to write the student to")
-    p.add_argument("--layers", default="every-other", help="every-other (default), linspace:K, or a list such as 0,2,4,7,9,11")
+    p.add_argument("--layers", default="every-other",
+                   help="every-other (default), linspace:K, a list such as 0,2,4,7,9,11, or auto[:greedy|influence] "
+                   "to choose layers by measuring on --calibration-data")
     p.add_argument("--hidden-size", type=int, help="narrower hidden width (fresh initialisation)")
     p.add_argument("--intermediate-size", type=int, help="narrower feed-forward width (fresh initialisation)")
     p.add_argument("--num-heads", type=int, help="fewer attention heads (fresh initialisation)")
-    p.add_argument("--seed", type=int, default=0, help="seed of any fresh initialisation")
+    p.add_argument("--seed", type=int, default=0, help="seed of any fresh initialisation (and of calibration masks)")
+    auto = p.add_argument_group(
+        "layer selection (--layers auto)",
+        "greedy (default): drop, one at a time, the layer whose removal raises the calibration loss least; "
+        "influence: keep the layers that change the hidden state most (one forward pass). The loss is next-token "
+        "cross-entropy (decoders), masked-LM cross-entropy (encoders), or the distance to the teacher's final hidden "
+        "states (encoders without an MLM head).")
+    auto.add_argument("--calibration-data", nargs="+", metavar="PATH", help="calibration text: " + DATA_HELP)
+    auto.add_argument("--depth", type=int, help="layers the student keeps (default: ceil(N/2), the every-other count)")
+    auto.add_argument("--budget", type=float, metavar="SECONDS",
+                      help="time limit of the greedy search; the remaining removals then follow the influence ranking")
+    auto.add_argument("--calibration-tokens", type=int, default=4096,
+                      help="tokens of calibration text measured (default 4096)")
+    auto.add_argument("--max-length", type=int, default=128, help="tokens per calibration sequence (default 128)")
     p.set_defaults(run=run_init_student)
 
 
 def run_init_student(args) -> int:
+    from transformers import AutoConfig
+
+    from alambic.modeling import model_kind, num_layers
     from alambic.students import init_student, parse_layer_spec, save_student
+    from alambic.students import selection as sel
     from alambic.teachers import load_teacher, resolve_model_path
 
     path = resolve_model_path(args.teacher)
-    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(path)
+    n = num_layers(config)
+    method = sel.parse_auto_spec(args.layers)
+    calibration = None
+    if method is None:
+        used = [flag for flag, value in (("--calibration-data", args.calibration_data), ("--depth", args.depth),
+                                         ("--budget", args.budget)) if value is not None]
+        if used:
+            raise AlambicError(f"{', '.join(used)} only apply to --layers auto[:METHOD]; "
+                               f"add --layers auto or drop {used[0]}")
+        parse_layer_spec(args.layers, n)
+    else:
+        sel.check_depth(args.depth, n)
+        sel.check_budget(args.budget)
+        if not args.calibration_data:
+            raise AlambicError("--layers auto needs calibration text: add --calibration-data PATH "
+                               "(a few thousand tokens of your text, e.g. bbc-news:train)")
+        from transformers import AutoTokenizer
 
-    from alambic.modeling import num_layers
+        from alambic.data.sources import describe_sources
 
-    parse_layer_spec(args.layers, num_layers(AutoConfig.from_pretrained(path)))
+        describe_sources(args.calibration_data)
+        calibration = sel.calibration_batches(
+            args.calibration_data, AutoTokenizer.from_pretrained(path), model_kind(config),
+            max_tokens=args.calibration_tokens, max_length=args.max_length, seed=args.seed)
     teacher, tokenizer = load_teacher(args.teacher)
     built = init_student(teacher, layers=args.layers, hidden_size=args.hidden_size,
-                         intermediate_size=args.intermediate_size, num_heads=args.num_heads, seed=args.seed)
+                         intermediate_size=args.intermediate_size, num_heads=args.num_heads, seed=args.seed,
+                         depth=args.depth, calibration_data=calibration, selection_budget=args.budget,
+                         tokenizer=tokenizer, log=lambda line: print(line, flush=True))
+    if built.selection is not None:
+        built.selection.calibration = ", ".join(args.calibration_data)
     print(built.summary())
-    save_student(built.model, tokenizer, args.out)
+    save_student(built.model, tokenizer, args.out, card=built.model_card(args.teacher))
     print(f"student written to {args.out}")
     return 0
 
@@ -67,12 +110,18 @@ def run_init_student(args) -> int:
 # --- distill ------------------------------------------------------------------------------------------------------
 
 def add_distill(sub) -> None:
-    from alambic.config import config_help
+    from alambic.config import config_help, loss_config_class
+    from alambic.recipes import RECIPES
 
-    options = "\n".join(f"  {name} (default {default})\n      {doc}" for name, default, doc in config_help())
+    def listing(rows):
+        return "\n".join(f"  {name} (default {default})\n      {doc}" for name, default, doc in rows)
+
+    options = listing(config_help())
+    for recipe in RECIPES:
+        options += f"\n\nloss options of --recipe {recipe}:\n" + listing(config_help(loss_config_class(recipe), "loss."))
     p = sub.add_parser(
         "distill",
-        help="general distillation on raw text (DistilBERT / DistilGPT2 triple loss)",
+        help="general distillation on raw text (DistilBERT / DistilGPT2, TinyBERT, MiniLM)",
         description="Distil a teacher into a student on raw text. Options come from defaults, then --config FILE.yaml, "
         "then the flags below, then --set KEY=VALUE overrides; all are checked before any model loads.",
         epilog="every option (YAML keys, or --set KEY=VALUE):\n" + options,
@@ -85,7 +134,8 @@ def add_distill(sub) -> None:
     p.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, exported student in OUT/student)")
     p.add_argument("--student", help="an existing student model folder to train instead of building one from the teacher")
     p.add_argument("--layers", help="teacher layers the built student keeps: every-other, linspace:K, or 0,2,4,...")
-    p.add_argument("--recipe", help="distillation method (distilbert)")
+    p.add_argument("--recipe", help="distillation method: distilbert (default), tinybert, minilm")
+    p.add_argument("--layer-map", help="tinybert/minilm: student:teacher layer pairs (0 = embeddings), uniform or last")
     p.add_argument("--max-steps", type=int, help="optimiser steps")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step")
@@ -100,7 +150,7 @@ def add_distill(sub) -> None:
 
 FLAG_TO_OPTION = {
     "teacher": "teacher", "data": "data.train", "eval_data": "data.eval", "out": "out", "student": "student.init",
-    "layers": "student.layers", "recipe": "recipe", "max_steps": "training.max_steps",
+    "layers": "student.layers", "recipe": "recipe", "layer_map": "loss.layer_map", "max_steps": "training.max_steps",
     "batch_size": "training.batch_size", "grad_accum": "training.grad_accum", "lr": "training.lr",
 }
 

@@ -16,12 +16,15 @@ import yaml
 from alambic.errors import AlambicError, did_you_mean
 
 
+SELECTION_METHODS = ("greedy", "influence")
+
+
 @dataclass
 class StudentConfig:
     init: str | None = None
     """An existing student model folder to train; when empty the student is built from the teacher."""
     layers: str = "every-other"
-    """Teacher layers the student keeps: every-other, linspace:K, or a list such as 0,2,4,7,9,11."""
+    """Teacher layers the student keeps: every-other, linspace:K, a list such as 0,2,4,7,9,11, or auto[:greedy|influence] (chosen by measuring on student.calibration_data)."""
     hidden_size: int | None = None
     """Narrower hidden width (freshly initialised); empty keeps the teacher's."""
     intermediate_size: int | None = None
@@ -30,12 +33,42 @@ class StudentConfig:
     """Fewer attention heads (freshly initialised); empty keeps the teacher's."""
     save_init: bool = False
     """Also save the student as initialised, before training, to OUT/student-init."""
+    calibration_data: list[str] = field(default_factory=list)
+    """Text that layers=auto measures layers on (files, folders, globs or packaged corpora such as bbc-news:train)."""
+    depth: int | None = None
+    """Layers a layers=auto student keeps; empty: ceil(N/2), the every-other count."""
+    selection_budget: float | None = None
+    """Seconds for the greedy layer search; after that the remaining removals follow the influence ranking."""
+    calibration_tokens: int = 4096
+    """Tokens of calibration_data measured by layers=auto (at least 256)."""
 
     def validate(self):
         for name in ("hidden_size", "intermediate_size", "num_heads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise AlambicError(f"student.{name} must be a positive integer, got {value}")
+        text = str(self.layers).strip().lower()
+        auto = text == "auto" or text.startswith("auto:")
+        if auto:
+            method = text.split(":", 1)[1].strip() if ":" in text else "greedy"
+            if method not in SELECTION_METHODS:
+                raise AlambicError(f"student.layers={self.layers}: unknown selection method {method!r}"
+                                   f"{did_you_mean(method, SELECTION_METHODS)}; use auto:greedy or auto:influence")
+            if not self.calibration_data and not self.init:
+                raise AlambicError("student.layers=auto needs calibration text: set student.calibration_data "
+                                   "(e.g. --set student.calibration_data=bbc-news:train)")
+        else:
+            used = [name for name in ("depth", "selection_budget") if getattr(self, name) is not None]
+            used += ["calibration_data"] if self.calibration_data else []
+            if used:
+                raise AlambicError(f"student.{used[0]} only applies to student.layers=auto[:METHOD]; "
+                                   f"set student.layers=auto or drop student.{used[0]}")
+        if self.depth is not None and self.depth < 1:
+            raise AlambicError(f"student.depth must be at least 1 layer, got {self.depth}")
+        if self.selection_budget is not None and self.selection_budget < 0:
+            raise AlambicError(f"student.selection_budget must be >= 0 seconds, got {self.selection_budget}")
+        if self.calibration_tokens < 256:
+            raise AlambicError(f"student.calibration_tokens must be at least 256, got {self.calibration_tokens}")
 
 
 @dataclass
@@ -64,39 +97,6 @@ class DataConfig:
             raise AlambicError(f"data.max_length must be at least 8 tokens, got {self.max_length}")
         if self.min_tokens < 1:
             raise AlambicError(f"data.min_tokens must be at least 1, got {self.min_tokens}")
-
-
-@dataclass
-class LossConfig:
-    alpha_kd: float = 5.0
-    """Weight of the soft-target KL (x T^2) on the LM logits."""
-    alpha_lm: float = 2.0
-    """Weight of the hard masked-LM / next-token cross-entropy."""
-    alpha_cos: float = 1.0
-    """Weight of the cosine distance between last hidden states (non-pad tokens)."""
-    temperature: float = 2.0
-    """Softmax temperature of the soft targets (T > 1 softens them)."""
-    kd_rows: str = "tokens"
-    """Rows of the soft-target loss: tokens (every non-pad token, as DistilBERT) or masked (masked tokens only; MLM)."""
-    mlm_probability: float = 0.15
-    """Share of tokens masked (encoders)."""
-    mlm_smoothing: float | None = None
-    """Mask tokens with probability proportional to count^-s (DistilBERT used 0.7); empty for uniform masking."""
-
-    def validate(self):
-        for name in ("alpha_kd", "alpha_lm", "alpha_cos"):
-            if getattr(self, name) < 0:
-                raise AlambicError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
-        if self.alpha_kd + self.alpha_lm + self.alpha_cos == 0:
-            raise AlambicError("all loss weights are 0: set at least one of loss.alpha_kd, loss.alpha_lm, loss.alpha_cos")
-        if self.temperature <= 0:
-            raise AlambicError(f"loss.temperature must be > 0, got {self.temperature}")
-        if self.kd_rows not in ("tokens", "masked"):
-            raise AlambicError(f"loss.kd_rows must be tokens or masked, got {self.kd_rows!r}")
-        if not 0 < self.mlm_probability < 1:
-            raise AlambicError(f"loss.mlm_probability must be between 0 and 1, got {self.mlm_probability}")
-        if self.mlm_smoothing is not None and self.mlm_smoothing <= 0:
-            raise AlambicError(f"loss.mlm_smoothing must be > 0 (DistilBERT used 0.7), got {self.mlm_smoothing}")
 
 
 @dataclass
@@ -145,9 +145,6 @@ class TrainingConfig:
             raise AlambicError(f"training.grad_clip must be >= 0, got {self.grad_clip}")
 
 
-RECIPES = ("distilbert",)
-
-
 @dataclass
 class DistillConfig:
     teacher: str = ""
@@ -155,10 +152,11 @@ class DistillConfig:
     out: str = ""
     """Run folder: checkpoints, metrics.jsonl, and the exported student in OUT/student."""
     recipe: str = "distilbert"
-    """Distillation method."""
+    """Distillation method: distilbert (triple loss), tinybert (embedding, hidden and attention), minilm (relations)."""
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: typing.Any = None
+    """The recipe's loss options (see ``alambic distill --help``); defaults depend on the recipe."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def validate(self) -> "DistillConfig":
@@ -166,8 +164,8 @@ class DistillConfig:
             raise AlambicError("no teacher: give --teacher (a model folder, a .gguf file, or smollm2-135m / minilm-l6)")
         if not self.out:
             raise AlambicError("no output folder: give --out DIR")
-        if self.recipe not in RECIPES:
-            raise AlambicError(f"unknown recipe {self.recipe!r}{did_you_mean(self.recipe, RECIPES)}; known: {', '.join(RECIPES)}")
+        if self.loss is None:
+            self.loss = loss_config_class(self.recipe)()
         for section in (self.student, self.data, self.loss, self.training):
             section.validate()
         return self
@@ -259,9 +257,17 @@ def load_config(path: str | Path | None = None, overrides: list[dict] = ()) -> D
             raise AlambicError(f"config file {str(path)!r} must hold a mapping of options")
     for extra in overrides:
         values = _merge(values, extra)
-    config = DistillConfig()
+    recipe = values.get("recipe", DistillConfig.recipe)
+    config = DistillConfig(recipe=str(recipe), loss=loss_config_class(str(recipe))())
     _apply(config, values)
     return config.validate()
+
+
+def loss_config_class(recipe: str):
+    """The loss-options dataclass of ``recipe``; an unknown name is a clear error."""
+    from alambic.recipes import recipe_parts
+
+    return recipe_parts(recipe)[0]
 
 
 def config_help(config_type=DistillConfig, prefix: str = "") -> list[tuple[str, str, str]]:
@@ -280,6 +286,8 @@ def config_help(config_type=DistillConfig, prefix: str = "") -> list[tuple[str, 
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
             rows.extend(config_help(type(default), f"{prefix}{f.name}."))
+        elif f.name == "loss":
+            continue  # per recipe: config_help(loss_config_class(name), "loss.")
         else:
             rows.append((f"{prefix}{f.name}", repr(default), docs.get(f.name, "")))
     return rows

@@ -18,9 +18,9 @@ from alambic.engine.checkpoint import latest_checkpoint
 from alambic.engine.loop import make_accelerator, train
 from alambic.errors import AlambicError
 from alambic.evaluation.lm import evaluate_lm
-from alambic.modeling import has_lm_head, lm_body, model_kind, num_layers
-from alambic.recipes.distilbert import DistilBERTRecipe
-from alambic.students import count_parameters, init_student, parse_layer_spec, save_student
+from alambic.modeling import lm_body, model_kind, num_layers
+from alambic.recipes import recipe_parts
+from alambic.students import count_parameters, init_student, parse_layer_spec, save_student, selection
 from alambic.teachers import check_same_vocabulary, load_model, load_teacher, resolve_model_path
 
 
@@ -33,17 +33,31 @@ class DistillResult:
     metrics: dict
 
 
-def _check_inputs(cfg: DistillConfig, resume: bool) -> None:
+def _check_inputs(cfg: DistillConfig, resume: bool) -> list[dict] | None:
+    """Everything checkable before the teacher loads; returns the calibration batches of layers=auto (else None)."""
     describe_sources(cfg.data.train)
     if cfg.data.eval:
         describe_sources(cfg.data.eval)
     teacher_dir = resolve_model_path(cfg.teacher)
+    calibration = None
     if cfg.student.init:
         resolve_model_path(cfg.student.init)
     else:
         from transformers import AutoConfig
 
-        parse_layer_spec(cfg.student.layers, num_layers(AutoConfig.from_pretrained(teacher_dir)))
+        teacher_config = AutoConfig.from_pretrained(teacher_dir)
+        n = num_layers(teacher_config)
+        if selection.parse_auto_spec(cfg.student.layers) is None:
+            parse_layer_spec(cfg.student.layers, n)
+        else:
+            from transformers import AutoTokenizer
+
+            selection.check_depth(cfg.student.depth, n)
+            describe_sources(cfg.student.calibration_data)
+            calibration = selection.calibration_batches(
+                cfg.student.calibration_data, AutoTokenizer.from_pretrained(teacher_dir), model_kind(teacher_config),
+                max_tokens=cfg.student.calibration_tokens, max_length=cfg.data.max_length,
+                text_field=cfg.data.text_field, split_documents=cfg.data.split_documents, seed=cfg.training.seed)
     run_dir = Path(cfg.out)
     if run_dir.exists() and not run_dir.is_dir():
         raise AlambicError(f"--out {run_dir} is a file; give a folder for the run")
@@ -51,27 +65,20 @@ def _check_inputs(cfg: DistillConfig, resume: bool) -> None:
         raise AlambicError(
             f"{run_dir} already holds a run with checkpoints: pass --resume to continue it, or choose another --out"
         )
-
-
-def _check_teacher_gives_soft_targets(cfg: DistillConfig, teacher) -> None:
-    if cfg.loss.alpha_kd > 0 and not has_lm_head(teacher):
-        raise AlambicError(
-            f"teacher {cfg.teacher!r} has no language-model head, so it gives no soft targets: "
-            "set loss.alpha_kd=0 to distil its hidden states only (cosine + the student's own MLM loss)"
-        )
+    return calibration
 
 
 def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) -> DistillResult:
     cfg.validate()
-    _check_inputs(cfg, resume)
+    calibration = _check_inputs(cfg, resume)
     run_dir = Path(cfg.out)
     accelerator = make_accelerator(cfg.training)
     say = accelerator.print
 
     teacher, tokenizer = load_teacher(cfg.teacher)
-    _check_teacher_gives_soft_targets(cfg, teacher)
     kind = model_kind(teacher)
     torch.manual_seed(cfg.training.seed)
+    card = None  # the model card of a student whose layers were chosen by measurement
     if cfg.student.init:
         student, student_tokenizer = load_model(cfg.student.init, kind=kind, for_training=True)
         check_same_vocabulary(tokenizer, student_tokenizer, teacher.config, student.config)
@@ -83,25 +90,34 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
             intermediate_size=cfg.student.intermediate_size,
             num_heads=cfg.student.num_heads,
             seed=cfg.training.seed,
+            depth=cfg.student.depth if calibration is not None else None,
+            calibration_data=calibration,
+            selection_budget=cfg.student.selection_budget if calibration is not None else None,
+            log=say,
         )
+        if built.selection is not None:
+            built.selection.calibration = ", ".join(cfg.student.calibration_data)
+        card = built.model_card(cfg.teacher)
         say(built.summary())
         student = built.model
     if cfg.student.save_init and accelerator.is_main_process and not resume:
-        save_student(student, tokenizer, run_dir / "student-init")
+        save_student(student, tokenizer, run_dir / "student-init", card=card)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
+    _, recipe_class = recipe_parts(cfg.recipe)
+    masking = cfg.loss if recipe_class.masks_inputs else None
     with accelerator.main_process_first():  # one process tokenises, the others read its cache
         batches = training_batches(
-            cfg.data.train, tokenizer, kind, cfg.data, cfg.loss, cfg.training.batch_size, cfg.training.seed
+            cfg.data.train, tokenizer, kind, cfg.data, masking, cfg.training.batch_size, cfg.training.seed
         )
         held_out = heldout_batches(cfg.data.eval, tokenizer, kind, cfg.data, cfg.training.batch_size) if cfg.data.eval else None
     evaluate = (lambda model: evaluate_lm(model, held_out)) if held_out else None
 
     if accelerator.mixed_precision == "bf16":
         teacher = teacher.to(torch.bfloat16)
-    recipe = DistilBERTRecipe(teacher.to(accelerator.device), student, cfg.loss)
+    recipe = recipe_class(teacher.to(accelerator.device), student, cfg.loss)
     if cfg.training.compile:
         # Compile the transformer bodies in place: the modules (and the exported state dict) stay the same.
         for model in (student, teacher):
@@ -112,7 +128,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
     )
     student_dir = run_dir / "student"
     if accelerator.is_main_process:
-        save_student(accelerator.unwrap_model(student), tokenizer, student_dir, overwrite=True)
+        save_student(accelerator.unwrap_model(student), tokenizer, student_dir, overwrite=True, card=card)
         say(f"student written to {student_dir}")
     accelerator.wait_for_everyone()
     return DistillResult(run_dir, student_dir, count_parameters(teacher), count_parameters(student), result.metrics)

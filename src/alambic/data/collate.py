@@ -135,3 +135,16 @@ class CausalLMCollator:
         lm_positions = has_next.reshape(-1).nonzero().squeeze(1)
         lm_targets = input_ids.reshape(-1)[lm_positions + 1]
         return _batch(input_ids, attention_mask, lm_positions, lm_targets)
+
+
+class PaddingCollator:
+    """Encoder text fed as it is (no masking, no hard targets): for losses that read only hidden states or
+    attention, as TinyBERT's and MiniLM's general distillation do."""
+
+    def __init__(self, tokenizer):
+        self.pad_id = _pad_id(tokenizer)
+
+    def __call__(self, examples, seed: int = 0) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = _pad(examples, self.pad_id)
+        empty = torch.zeros(0, dtype=torch.long)
+        return _batch(input_ids, attention_mask, empty, empty)

@@ -11,7 +11,7 @@ import functools
 from typing import Callable
 
 from alambic.data.batching import length_grouped_batches, sequential_batches
-from alambic.data.collate import CausalLMCollator, MaskedLMCollator, smoothed_token_weights
+from alambic.data.collate import CausalLMCollator, MaskedLMCollator, PaddingCollator, smoothed_token_weights
 from alambic.data.tokenized import build_or_load, encoder_chunks, packed_blocks
 
 
@@ -39,31 +39,33 @@ def _examples(specs, tokenizer, kind: str, data_cfg):
     return corpus, encoder_chunks(corpus, tokenizer, data_cfg.max_length, min_tokens=data_cfg.min_tokens)
 
 
-def _collator(corpus, tokenizer, kind: str, loss_cfg=None):
+def _collator(corpus, tokenizer, kind: str, masking):
+    """Next-token targets for decoders; for encoders, dynamic masking when ``masking`` (an object with
+    ``mlm_probability`` and ``mlm_smoothing``) is given, plain unmasked text otherwise."""
     if kind == "causal":
         return CausalLMCollator(tokenizer)
-    if loss_cfg is None:
-        return MaskedLMCollator(tokenizer)
+    if masking is None:
+        return PaddingCollator(tokenizer)
     weights = None
-    if loss_cfg.mlm_smoothing is not None:
-        weights = smoothed_token_weights(corpus.token_counts(), power=loss_cfg.mlm_smoothing)
-    return MaskedLMCollator(tokenizer, mlm_probability=loss_cfg.mlm_probability, token_weights=weights)
+    if masking.mlm_smoothing is not None:
+        weights = smoothed_token_weights(corpus.token_counts(), power=masking.mlm_smoothing)
+    return MaskedLMCollator(tokenizer, mlm_probability=masking.mlm_probability, token_weights=weights)
 
 
-def training_batches(specs, tokenizer, kind: str, data_cfg, loss_cfg, batch_size: int, seed: int) -> IndexedBatches:
+def training_batches(specs, tokenizer, kind: str, data_cfg, masking, batch_size: int, seed: int) -> IndexedBatches:
     """Length-grouped batches of encoder chunks, or shuffled packed blocks for decoders."""
     corpus, examples = _examples(specs, tokenizer, kind, data_cfg)
     if kind == "causal":
         plan = functools.partial(sequential_batches, len(examples), batch_size, seed=seed)
     else:
         plan = functools.partial(length_grouped_batches, examples.lengths, batch_size, seed=seed)
-    return IndexedBatches(examples, _collator(corpus, tokenizer, kind, loss_cfg), lambda epoch: plan(epoch=epoch), seed)
+    return IndexedBatches(examples, _collator(corpus, tokenizer, kind, masking), lambda epoch: plan(epoch=epoch), seed)
 
 
 def heldout_batches(specs, tokenizer, kind: str, data_cfg, batch_size: int = 8, seed: int = 0) -> list[dict]:
     """Fixed held-out micro-batches (same order and masks on every call), up to ``data_cfg.eval_max_tokens`` tokens."""
     corpus, examples = _examples(specs, tokenizer, kind, data_cfg)
-    collator = _collator(corpus, tokenizer, kind)
+    collator = CausalLMCollator(tokenizer) if kind == "causal" else MaskedLMCollator(tokenizer)
     batches, tokens = [], 0
     for start in range(0, len(examples), batch_size):
         batch = collator([examples[i] for i in range(start, min(start + batch_size, len(examples)))], seed=seed + start)

@@ -6,7 +6,9 @@ whole accumulated (and, under DDP, global) batch, so that gradient accumulation 
 """
 
 from alambic.losses.divergences import soft_target_kl
-from alambic.losses.features import cosine_distance
+from alambic.losses.features import attention_mse, attention_relation_kl, cosine_distance, hidden_mse
 from alambic.losses.language_modeling import token_cross_entropy
 
-__all__ = ["soft_target_kl", "cosine_distance", "token_cross_entropy"]
+__all__ = [
+    "attention_mse", "attention_relation_kl", "cosine_distance", "hidden_mse", "soft_target_kl", "token_cross_entropy",
+]

@@ -10,13 +10,47 @@ The vocabulary projection runs only on the rows a loss reads; the teacher runs u
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from alambic.config import LossConfig
 from alambic.errors import AlambicError
 from alambic.losses import cosine_distance, soft_target_kl, token_cross_entropy
-from alambic.modeling import hidden_size, lm_body, lm_head
+from alambic.modeling import has_lm_head, hidden_size, lm_body, lm_head
+
+
+@dataclass
+class DistilBERTLossConfig:
+    alpha_kd: float = 5.0
+    """Weight of the soft-target KL (x T^2) on the LM logits."""
+    alpha_lm: float = 2.0
+    """Weight of the hard masked-LM / next-token cross-entropy."""
+    alpha_cos: float = 1.0
+    """Weight of the cosine distance between last hidden states (non-pad tokens)."""
+    temperature: float = 2.0
+    """Softmax temperature of the soft targets (T > 1 softens them)."""
+    kd_rows: str = "tokens"
+    """Rows of the soft-target loss: tokens (every non-pad token, as DistilBERT) or masked (masked tokens only; MLM)."""
+    mlm_probability: float = 0.15
+    """Share of tokens masked (encoders)."""
+    mlm_smoothing: float | None = None
+    """Mask tokens with probability proportional to count^-s (DistilBERT used 0.7); empty for uniform masking."""
+
+    def validate(self):
+        for name in ("alpha_kd", "alpha_lm", "alpha_cos"):
+            if getattr(self, name) < 0:
+                raise AlambicError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if self.alpha_kd + self.alpha_lm + self.alpha_cos == 0:
+            raise AlambicError("all loss weights are 0: set at least one of loss.alpha_kd, loss.alpha_lm, loss.alpha_cos")
+        if self.temperature <= 0:
+            raise AlambicError(f"loss.temperature must be > 0, got {self.temperature}")
+        if self.kd_rows not in ("tokens", "masked"):
+            raise AlambicError(f"loss.kd_rows must be tokens or masked, got {self.kd_rows!r}")
+        if not 0 < self.mlm_probability < 1:
+            raise AlambicError(f"loss.mlm_probability must be between 0 and 1, got {self.mlm_probability}")
+        if self.mlm_smoothing is not None and self.mlm_smoothing <= 0:
+            raise AlambicError(f"loss.mlm_smoothing must be > 0 (DistilBERT used 0.7), got {self.mlm_smoothing}")
 
 
 def _token_hidden_states(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -28,7 +62,7 @@ def _token_hidden_states(model: nn.Module, batch: dict) -> torch.Tensor:
 class DistilBERTObjective(nn.Module):
     """The student and the triple loss; ``forward`` returns the loss and each term (for logging)."""
 
-    def __init__(self, student: nn.Module, loss: LossConfig):
+    def __init__(self, student: nn.Module, loss: DistilBERTLossConfig):
         super().__init__()
         self.student = student
         self.cfg = loss
@@ -57,7 +91,14 @@ class DistilBERTObjective(nn.Module):
 class DistilBERTRecipe:
     """Pairs a frozen teacher with a :class:`DistilBERTObjective` for :func:`alambic.engine.loop.train`."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, loss: LossConfig):
+    masks_inputs = True
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, loss: DistilBERTLossConfig):
+        if loss.alpha_kd > 0 and not has_lm_head(teacher):
+            raise AlambicError(
+                f"the teacher ({type(teacher).__name__}) has no language-model head, so it gives no soft targets: "
+                "set loss.alpha_kd=0 to distil its hidden states only, or use --recipe tinybert / minilm"
+            )
         if loss.alpha_cos > 0 and hidden_size(teacher.config) != hidden_size(student.config):
             raise AlambicError(
                 f"the cosine loss needs equal hidden sizes, but the teacher has {hidden_size(teacher.config)} and the "

@@ -18,7 +18,7 @@ from alambic import modeling
 from alambic.cache import atomic_directory
 from alambic.errors import AlambicError, did_you_mean
 
-LAYER_SPECS = ("every-other", "all", "linspace:K", "0,2,4,...")
+LAYER_SPECS = ("every-other", "all", "linspace:K", "0,2,4,...", "auto[:greedy|influence]")
 
 
 def parse_layer_spec(spec, num_teacher_layers: int) -> list[int]:
@@ -26,6 +26,9 @@ def parse_layer_spec(spec, num_teacher_layers: int) -> list[int]:
     n = num_teacher_layers
     if isinstance(spec, str):
         text = spec.strip().lower()
+        if text == "auto" or text.startswith("auto:"):
+            raise AlambicError(f"layer spec {spec!r} is chosen by measuring on calibration data: use "
+                               "init_student(..., calibration_data=...) or select_layers(), or give fixed layers")
         if not text:
             layers = []
         elif text == "every-other":
@@ -46,7 +49,7 @@ def parse_layer_spec(spec, num_teacher_layers: int) -> list[int]:
         elif re.fullmatch(r"\s*-?\d+\s*(,\s*-?\d+\s*)*,?\s*", text):
             layers = [int(part) for part in text.split(",") if part.strip()]
         else:
-            hint = did_you_mean(text, ["every-other", "all", "linspace"])
+            hint = did_you_mean(text, ["every-other", "all", "linspace", "auto"])
             raise AlambicError(f"unknown layer spec {spec!r}{hint}; use one of: {', '.join(LAYER_SPECS)}")
     else:
         layers = [int(i) for i in spec]
@@ -73,6 +76,14 @@ class StudentInit:
     copied_parameters: int
     notes: list[str] = field(default_factory=list)
     tokenizer: object = None  # the teacher's, when init_student loaded the teacher itself
+    selection: object = None  # a LayerSelection when the layers were chosen by measurement (layers="auto...")
+    teacher_name: str = ""
+
+    def model_card(self, teacher_name: str | None = None) -> str | None:
+        """README.md text recording how the layers were chosen; None when they were not measured."""
+        if self.selection is None:
+            return None
+        return self.selection.card(teacher_name or self.teacher_name or self.teacher_class, self.teacher_class)
 
     def summary(self) -> str:
         share = 100 * self.student_parameters / self.teacher_parameters
@@ -199,20 +210,38 @@ def _copy_weights(teacher, student, layers, notes):
 
 
 def init_student(teacher, *, layers="every-other", hidden_size=None, intermediate_size=None, num_heads=None,
-                 seed=0) -> StudentInit:
+                 seed=0, depth=None, calibration_data=None, selection_budget=None,
+                 calibration_tokens=None, tokenizer=None, log=None) -> StudentInit:
     """A float32 *ForMaskedLM / *ForCausalLM student of ``teacher`` (a model, or a spec ``load_model`` understands).
 
+    ``layers="auto"`` / ``"auto:greedy"`` / ``"auto:influence"`` chooses ``depth`` layers (default ceil(N/2)) by
+    measuring on ``calibration_data`` (data specs, tokenised with ``tokenizer`` or the teacher's, or ready batches);
+    see :func:`alambic.students.selection.select_layers`. ``log`` receives its progress lines.
     The student comes back in eval mode, like a freshly loaded model; the training loop switches it to train.
     """
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
+    from alambic.students import selection as sel
     from alambic.teachers import load_model
 
-    tokenizer = None
+    method = sel.parse_auto_spec(layers)
+    if method is None and (depth is not None or calibration_data is not None or selection_budget is not None):
+        raise AlambicError("depth, calibration data and a selection budget apply to layers='auto[:METHOD]'; "
+                           "for a fixed subset give the layers (e.g. linspace:K)")
+    teacher_name = ""
     if not isinstance(teacher, nn.Module):
-        teacher, tokenizer = load_model(teacher)
+        teacher_name = str(teacher)
+        teacher, loaded_tokenizer = load_model(teacher)
+        tokenizer = tokenizer or loaded_tokenizer
     n = modeling.num_layers(teacher.config)
-    chosen = parse_layer_spec(layers, n)
+    selection = None
+    if method is not None:
+        selection = sel.select_layers(
+            teacher, method, depth=depth, calibration=calibration_data, tokenizer=tokenizer, budget=selection_budget,
+            calibration_tokens=calibration_tokens or sel.DEFAULT_CALIBRATION_TOKENS, seed=seed, log=log)
+        chosen = selection.layers
+    else:
+        chosen = parse_layer_spec(layers, n)
     notes = []
     config = _student_config(teacher, chosen, hidden_size, intermediate_size, num_heads, notes)
     kind = modeling.model_kind(teacher)
@@ -226,12 +255,13 @@ def init_student(teacher, *, layers="every-other", hidden_size=None, intermediat
     copied = _copy_weights(teacher, student, chosen, notes)
     student.eval()
     return StudentInit(student, chosen, type(teacher).__name__, n, count_parameters(teacher),
-                       count_parameters(student), copied, notes, tokenizer)
+                       count_parameters(student), copied, notes, tokenizer, selection, teacher_name)
 
 
-def save_student(model, tokenizer, out_dir, *, overwrite=False) -> Path:
+def save_student(model, tokenizer, out_dir, *, overwrite=False, card: str | None = None) -> Path:
     """Write ``model`` with ``tokenizer`` as a plain Hugging Face folder (safetensors, config, tokenizer) that loads
-    without alambic installed. Written atomically; refuses to overwrite a non-empty folder unless asked."""
+    without alambic installed. Written atomically; refuses to overwrite a non-empty folder unless asked.
+    ``card``: a Hugging Face model card, written as README.md."""
     out_dir = Path(out_dir)
     if tokenizer is None:
         raise AlambicError("save_student needs the teacher's tokenizer: the student shares its vocabulary")
@@ -240,4 +270,6 @@ def save_student(model, tokenizer, out_dir, *, overwrite=False) -> Path:
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if card:
+            (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
     return out_dir
