@@ -113,3 +113,26 @@ def test_resume_without_checkpoint_is_a_clear_error(text_dir, tmp_path):
     recipe, batches, cfg, tok = make_run("causal", text_dir)
     with pytest.raises(AlambicError, match="no checkpoint"):
         train(recipe, batches, cfg, tmp_path / "empty", resume=True, progress=False)
+
+
+def test_best_student_kept_and_early_stopping(text_dir, tmp_path):
+    """A scripted metric: 1 at step 0, 3 at step 2 (best), then no improvement: patience 2 stops at step 6."""
+    recipe, batches, cfg, tok = make_run("causal", text_dir, max_steps=20, eval_every=2, best_metric="score",
+                                         early_stopping_patience=2, save_every=100)
+    scores = iter([1.0, 3.0, 2.0, 2.5, 9.0])
+    snapshots = {}
+
+    def evaluate(student):
+        snapshots[len(snapshots)] = {k: v.clone() for k, v in student.state_dict().items()}
+        return {"score": next(scores)}
+
+    result = train(recipe, batches, cfg, tmp_path / "run", tokenizer=tok, evaluate=evaluate, progress=False)
+    assert result.step == 6
+    from transformers import AutoModelForCausalLM
+
+    best = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "best").state_dict()
+    assert all(torch.equal(best[k], snapshots[1][k]) for k in best)
+    log = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["eval/score"], r["eval/best_score"]) for r in log if "eval/score" in r]
+    assert evals == [(0, 1.0, 1.0), (2, 3.0, 3.0), (4, 2.0, 3.0), (6, 2.5, 3.0)]
+    assert latest_checkpoint(tmp_path / "run").name == "step-0000006"

@@ -128,6 +128,14 @@ class TrainingConfig:
     """Steps between checkpoints (a final one is always written)."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (oldest removed first)."""
+    eval_every: int = 0
+    """Steps between evaluations on the held-out data (0: only before and after training)."""
+    best_metric: str | None = None
+    """Evaluation metric whose best value keeps a copy of the student in OUT/best (e.g. accuracy, perplexity)."""
+    best_metric_mode: str = "max"
+    """Whether a larger (max) or smaller (min) best_metric is better."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations in a row without a better best_metric (0: never)."""
 
     def validate(self):
         for name in ("max_steps", "batch_size", "grad_accum", "log_every", "save_every", "keep_checkpoints"):
@@ -141,6 +149,12 @@ class TrainingConfig:
             raise AlambicError(f"training.schedule must be linear, cosine or constant, got {self.schedule!r}")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise AlambicError(f"training.mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
+        if self.eval_every < 0 or self.early_stopping_patience < 0:
+            raise AlambicError("training.eval_every and training.early_stopping_patience must be >= 0")
+        if self.best_metric_mode not in ("max", "min"):
+            raise AlambicError(f"training.best_metric_mode must be max or min, got {self.best_metric_mode!r}")
+        if self.early_stopping_patience and not (self.best_metric and self.eval_every):
+            raise AlambicError("training.early_stopping_patience needs training.best_metric and training.eval_every")
         if self.grad_clip < 0:
             raise AlambicError(f"training.grad_clip must be >= 0, got {self.grad_clip}")
 

@@ -48,8 +48,18 @@ def _extra_parameters(objective: torch.nn.Module, student: torch.nn.Module) -> d
     }
 
 
-def save_checkpoint(run_dir: Path, step: int, objective, student, optimizer, scheduler, tokenizer, keep: int) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it, and prune all but the ``keep`` newest."""
+def save_model_folder(model, tokenizer, path: Path) -> None:
+    """A plain Hugging Face folder (weights, config and, when given, tokenizer), replaced atomically."""
+    with atomic_directory(Path(path)) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+
+def save_checkpoint(run_dir: Path, step: int, objective, student, optimizer, scheduler, tokenizer, keep: int,
+                    loop_state: dict | None = None) -> Path:
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, and prune all but the ``keep`` newest.
+    ``loop_state`` is whatever else the loop must restore (e.g. the best evaluation so far)."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:07d}"
     with atomic_directory(final) as tmp:
@@ -58,7 +68,8 @@ def save_checkpoint(run_dir: Path, step: int, objective, student, optimizer, sch
             tokenizer.save_pretrained(tmp / "student")
         save_file(_extra_parameters(objective, student), str(tmp / "objective-extra.safetensors"))
         torch.save(
-            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+             "loop": loop_state or {}},
             tmp / "trainer-state.pt",
         )
     atomic_write_text(root / LATEST, final.name)
@@ -75,8 +86,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_checkpoint(path: Path, objective, student, optimizer, scheduler) -> int:
-    """Restore everything :func:`save_checkpoint` wrote; returns the step to continue from."""
+def load_checkpoint(path: Path, objective, student, optimizer, scheduler) -> tuple[int, dict]:
+    """Restore everything :func:`save_checkpoint` wrote; returns the step to continue from and the loop state."""
     path = Path(path)
     trained = type(student).from_pretrained(path / "student", dtype=next(student.parameters()).dtype)
     student.load_state_dict(trained.state_dict())
@@ -90,4 +101,4 @@ def load_checkpoint(path: Path, objective, student, optimizer, scheduler) -> int
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
-    return int(state["step"])
+    return int(state["step"]), state.get("loop", {})

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from alambic.cache import atomic_write_text
 from alambic.config import TrainingConfig
-from alambic.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alambic.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_folder
 from alambic.errors import AlambicError
 
 
@@ -130,6 +130,54 @@ class MetricsLog:
             self.tensorboard.close()
 
 
+class Evaluator:
+    """Evaluation at the start, every ``eval_every`` steps and at the end; keeps the best student by one metric in
+    ``RUN/best`` and says when ``early_stopping_patience`` evaluations in a row brought no improvement."""
+
+    def __init__(self, evaluate, cfg: TrainingConfig, run_dir: Path, tokenizer, log: "MetricsLog", main: bool):
+        self.evaluate, self.cfg, self.run_dir, self.tokenizer, self.log, self.main = evaluate, cfg, run_dir, tokenizer, log, main
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.stale = 0
+        self.last_step: int | None = None
+
+    def due(self, step: int) -> bool:
+        return self.evaluate is not None and bool(self.cfg.eval_every) and step % self.cfg.eval_every == 0
+
+    def __call__(self, step: int, student: torch.nn.Module) -> dict:
+        self.last_step = step
+        results = self.evaluate(student)
+        metrics = {f"eval/{k}": v for k, v in results.items()}
+        name = self.cfg.best_metric
+        if name is not None:
+            if name not in results:
+                raise AlambicError(f"training.best_metric {name!r} is not among the evaluation's metrics: {', '.join(results)}")
+            value = float(results[name])
+            better = self.best_value is None or (value > self.best_value if self.cfg.best_metric_mode == "max"
+                                                 else value < self.best_value)
+            if better:
+                self.best_value, self.best_step, self.stale = value, step, 0
+                if self.main:
+                    save_model_folder(student, self.tokenizer, self.run_dir / "best")
+            else:
+                self.stale += 1
+            metrics[f"eval/best_{name}"] = self.best_value
+        self.log.write({"step": step, **metrics})
+        return metrics
+
+    @property
+    def should_stop(self) -> bool:
+        patience = self.cfg.early_stopping_patience
+        return bool(patience) and self.stale >= patience
+
+    def state_dict(self) -> dict:
+        return {"best_value": self.best_value, "best_step": self.best_step, "stale": self.stale}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_value, self.best_step, self.stale = (state.get(k) for k in ("best_value", "best_step", "stale"))
+        self.stale = self.stale or 0
+
+
 def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -156,19 +204,20 @@ def train(
     student = recipe.student
     processes, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.grad_accum
 
-    step = 0
+    step, loop_state = 0, {}
     if resume:
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             raise AlambicError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
-        step = load_checkpoint(checkpoint, accelerator.unwrap_model(objective), student, optimizer, scheduler)
+        step, loop_state = load_checkpoint(checkpoint, accelerator.unwrap_model(objective), student, optimizer, scheduler)
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     log = MetricsLog(run_dir, accelerator.is_main_process, step if resume else None)
+    evaluator = Evaluator(evaluate, cfg, run_dir, tokenizer, log, accelerator.is_main_process)
+    evaluator.load_state_dict(loop_state.get("evaluation", {}))
 
     metrics: dict = {}
     if evaluate is not None and step == 0:
-        metrics = {f"eval/{k}": v for k, v in evaluate(student).items()}
-        log.write({"step": 0, **metrics})
+        metrics = evaluator(0, student)
 
     device = accelerator.device
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -215,7 +264,15 @@ def train(
         window_steps += 1
         bar.update(1)
 
-        last = step == cfg.max_steps
+        if evaluator.due(step) and step < cfg.max_steps:
+            evaluation = evaluator(step, student)
+            objective.train()
+            bar.set_postfix_str(", ".join(f"{k[5:]} {v:.4g}" for k, v in evaluation.items()))
+        stopping = evaluator.should_stop
+        if stopping:
+            accelerator.print(f"early stop at step {step}: no better {cfg.best_metric} in {cfg.early_stopping_patience} "
+                              f"evaluations (best {evaluator.best_value:.4g} at step {evaluator.best_step})")
+        last = step == cfg.max_steps or stopping
         if step % cfg.log_every == 0 or step % cfg.save_every == 0 or last:
             if bool(nonfinite.item()):
                 good = latest_checkpoint(run_dir)
@@ -239,12 +296,12 @@ def train(
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     save_checkpoint(run_dir, step, accelerator.unwrap_model(objective), student, optimizer,
-                                    scheduler, tokenizer, cfg.keep_checkpoints)
+                                    scheduler, tokenizer, cfg.keep_checkpoints, {"evaluation": evaluator.state_dict()})
                 accelerator.wait_for_everyone()
+            if stopping:
+                break
     bar.close()
-    if evaluate is not None:
-        final = {f"eval/{k}": v for k, v in evaluate(student).items()}
-        log.write({"step": step, **final})
-        metrics.update(final)
+    if evaluate is not None and evaluator.last_step != step:
+        metrics.update(evaluator(step, student))
     log.close()
     return TrainResult(step=step, metrics=metrics)
