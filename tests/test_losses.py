@@ -131,3 +131,29 @@ def test_empty_selection_gives_zero_not_nan():
     ):
         assert value.item() == 0.0
         value.backward()
+
+
+def test_chunked_vocabulary_losses_equal_the_plain_ones_in_value_and_gradient():
+    g = torch.Generator().manual_seed(3)
+    N, d, V, T = 37, 8, 50, 2.0
+    hs, ht = torch.randn(N, d, generator=g), torch.randn(N, d, generator=g)
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[::3] = -100  # rows with soft targets only
+    student_head, teacher_head = torch.nn.Linear(d, V), torch.nn.Linear(d, V)
+    from alambic.losses.chunked import vocabulary_losses
+
+    results = {}
+    for chunk in (0, 8):
+        head = torch.nn.Linear(d, V)
+        head.load_state_dict(student_head.state_dict())
+        h = hs.clone().requires_grad_()
+        kd, ce = vocabulary_losses(h, ht, targets, head, teacher_head, T, chunk_rows=chunk)
+        (kd / N + 0.5 * ce / N).backward()
+        results[chunk] = (kd.detach(), ce.detach(), h.grad, head.weight.grad)
+    for plain, chunked in zip(results[0], results[8]):
+        torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        kept = targets != -100
+        assert results[0][0].item() == pytest.approx(soft_target_kl(student_head(hs), teacher_head(ht), T).item() * N, rel=1e-5)
+        assert results[0][1].item() == pytest.approx(
+            token_cross_entropy(student_head(hs)[kept], targets[kept]).item() * int(kept.sum()), rel=1e-5)

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from alambic.errors import AlambicError
-from alambic.losses import cosine_distance, soft_target_kl, token_cross_entropy
+from alambic.losses import cosine_distance
+from alambic.losses.chunked import vocabulary_losses
 from alambic.modeling import has_lm_head, hidden_size, lm_body, lm_head
 
 
@@ -36,6 +37,9 @@ class DistilBERTLossConfig:
     """Share of tokens masked (encoders)."""
     mlm_smoothing: float | None = None
     """Mask tokens with probability proportional to count^-s (DistilBERT used 0.7); empty for uniform masking."""
+    logit_chunk_rows: int = 4096
+    """Past this many rows per micro-batch, vocabulary logits are computed in checkpointed chunks of this size
+    (bounded memory for long sequences and large vocabularies; 0: never chunk)."""
 
     def validate(self):
         for name in ("alpha_kd", "alpha_lm", "alpha_cos"):
@@ -49,6 +53,8 @@ class DistilBERTLossConfig:
             raise AlambicError(f"loss.kd_rows must be tokens or masked, got {self.kd_rows!r}")
         if not 0 < self.mlm_probability < 1:
             raise AlambicError(f"loss.mlm_probability must be between 0 and 1, got {self.mlm_probability}")
+        if self.logit_chunk_rows < 0:
+            raise AlambicError(f"loss.logit_chunk_rows must be >= 0, got {self.logit_chunk_rows}")
         if self.mlm_smoothing is not None and self.mlm_smoothing <= 0:
             raise AlambicError(f"loss.mlm_smoothing must be > 0 (DistilBERT used 0.7), got {self.mlm_smoothing}")
 
@@ -70,18 +76,25 @@ class DistilBERTObjective(nn.Module):
     def forward(self, batch: dict, teacher: dict, num_items: dict) -> tuple[torch.Tensor, dict]:
         c = self.cfg
         hidden = _token_hidden_states(self.student, batch)
-        lm_rows = batch["lm_token_rows"]
+        lm_rows, lm_targets = batch["lm_token_rows"], batch["lm_targets"]
         zero = hidden.new_zeros((), dtype=torch.float32)
         kd = lm = cos = zero
-        if c.alpha_kd > 0:
-            kd_logits = lm_head(self.student)(hidden if c.kd_rows == "tokens" else hidden.index_select(0, lm_rows))
-            kd = soft_target_kl(kd_logits, teacher["logits"], c.temperature, num_items["kd"])
-        if c.alpha_lm > 0:
-            if c.alpha_kd > 0:  # reuse the logits already computed for the soft targets
-                lm_logits = kd_logits.index_select(0, lm_rows) if c.kd_rows == "tokens" else kd_logits
+        if c.alpha_kd > 0 or c.alpha_lm > 0:
+            # One vocabulary projection serves both terms: on every token when soft targets cover all tokens (hard
+            # targets placed on their rows), else on the masked / next-token rows only.
+            if c.alpha_kd > 0 and c.kd_rows == "tokens":
+                rows, teacher_rows = hidden, teacher["hidden"]
+                targets = torch.full((len(hidden),), -100, dtype=torch.long, device=hidden.device)
+                targets = targets.index_copy(0, lm_rows, lm_targets)
             else:
-                lm_logits = lm_head(self.student)(hidden.index_select(0, lm_rows))
-            lm = token_cross_entropy(lm_logits, batch["lm_targets"], num_items["lm"])
+                rows = hidden.index_select(0, lm_rows)
+                teacher_rows = teacher["hidden"].index_select(0, lm_rows) if c.alpha_kd > 0 else None
+                targets = lm_targets
+            kd_sum, ce_sum = vocabulary_losses(
+                rows, teacher_rows, targets, lm_head(self.student), teacher.get("head"), c.temperature, c.logit_chunk_rows
+            )
+            kd = kd_sum / num_items["kd"].clamp(min=1)
+            lm = ce_sum / num_items["lm"].clamp(min=1)
         if c.alpha_cos > 0:
             cos = cosine_distance(hidden, teacher["hidden"], num_items["cos"])
         loss = c.alpha_kd * kd + c.alpha_lm * lm + c.alpha_cos * cos
@@ -119,11 +132,8 @@ class DistilBERTRecipe:
         with torch.inference_mode():
             hidden = _token_hidden_states(self.teacher, batch)
         # Leave inference mode: the student's losses save these for backward, which inference tensors forbid.
-        hidden = hidden.clone()
-        targets = {"hidden": hidden}
+        # The teacher's head runs inside the loss, on the rows (and chunks) that need it.
+        targets = {"hidden": hidden.clone()}
         if self.cfg.alpha_kd > 0:
-            rows = hidden if self.cfg.kd_rows == "tokens" else hidden.index_select(0, batch["lm_token_rows"])
-            with torch.no_grad():
-                targets["logits"] = lm_head(self.teacher)(rows)
+            targets["head"] = lm_head(self.teacher)
         return targets
-
