@@ -1,7 +1,6 @@
 """Layer selection by measured importance (students/selection.py) on tiny real models and real text."""
 
 import pytest
-import torch
 import transformers
 from tiny import bpe_tokenizer, sample_texts, tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen2, wordpiece_tokenizer
 
