@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 from alambic.config import load_config
@@ -45,9 +44,8 @@ def main() -> None:
     for i, (name, loss) in enumerate(variants.items()):
         out = Path(args.out) / f"variant-{i}"
         cfg = load_config(None, [common, loss, {"out": str(out)}])
-        start = time.perf_counter()
         result = distill(cfg, resume=(out / "checkpoints" / "latest").exists())
-        results[name] = {"dir": result.student_dir, "init": out / "student-init", "minutes": (time.perf_counter() - start) / 60}
+        results[name] = {"dir": result.student_dir, "init": out / "student-init"}
 
     data_cfg = load_config(None, [common, {"out": "x"}]).data
     data_cfg.max_length, data_cfg.eval_max_tokens = 256, args.eval_tokens
@@ -61,8 +59,7 @@ def main() -> None:
     print(f"held-out: {args.eval_data}, {rows[0]['tokens']} tokens in 256-token blocks; "
           f"{args.steps} steps x {args.batch_size} x {args.max_length} tokens, seed 0")
     for row in rows:
-        extra = f"  ({results[row['model']]['minutes']:.1f} min)" if row["model"] in results else ""
-        print(f"{row['model']:<40} perplexity {row['perplexity']:>12.2f}{extra}")
+        print(f"{row['model']:<40} perplexity {row['perplexity']:>12.2f}")
     Path(args.out, "results.json").write_text(json.dumps(rows, indent=2))
 
 
