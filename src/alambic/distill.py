@@ -128,7 +128,14 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
     )
     student_dir = run_dir / "student"
     if accelerator.is_main_process:
-        save_student(accelerator.unwrap_model(student), tokenizer, student_dir, overwrite=True, card=card)
+        from alambic.evaluation.model_card import distillation_card, last_logged
+
+        exported = accelerator.unwrap_model(student)
+        card = distillation_card(cfg.to_dict(), teacher_parameters=count_parameters(teacher),
+                                 student_parameters=count_parameters(exported),
+                                 teacher_layers=num_layers(teacher.config), student_layers=num_layers(exported.config),
+                                 metrics=last_logged(run_dir), selection_card=card, kind=kind)
+        save_student(exported, tokenizer, student_dir, overwrite=True, card=card)
         say(f"student written to {student_dir}")
     accelerator.wait_for_everyone()
     return DistillResult(run_dir, student_dir, count_parameters(teacher), count_parameters(student), result.metrics)

@@ -19,6 +19,23 @@ from alambic.cache import atomic_directory
 from alambic.errors import AlambicError, did_you_mean
 
 LAYER_SPECS = ("every-other", "all", "linspace:K", "0,2,4,...", "auto[:greedy|influence]")
+TASK_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+
+
+def _with_task_head(teacher: nn.Module) -> nn.Module:
+    """A fine-tuned task model whose head ``load_model`` left out (it loads language models, and keeps a bare
+    encoder when the checkpoint has no LM head), reloaded with its saved task class so the student gets the head."""
+    archs = getattr(teacher.config, "architectures", None) or []
+    if modeling.has_lm_head(teacher) or type(teacher).__name__.endswith(TASK_HEADS):
+        return teacher
+    if not archs or not archs[0].endswith(TASK_HEADS):
+        return teacher
+    import transformers
+
+    cls, path = getattr(transformers, archs[0], None), getattr(teacher.config, "_name_or_path", "")
+    if cls is None or not path or not (Path(path) / "config.json").is_file():
+        return teacher
+    return cls.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
 
 
 def parse_layer_spec(spec, num_teacher_layers: int) -> list[int]:
@@ -233,6 +250,7 @@ def init_student(teacher, *, layers="every-other", hidden_size=None, intermediat
         teacher_name = str(teacher)
         teacher, loaded_tokenizer = load_model(teacher)
         tokenizer = tokenizer or loaded_tokenizer
+    teacher = _with_task_head(teacher)
     n = modeling.num_layers(teacher.config)
     selection = None
     if method is not None:
@@ -245,13 +263,17 @@ def init_student(teacher, *, layers="every-other", hidden_size=None, intermediat
     notes = []
     config = _student_config(teacher, chosen, hidden_size, intermediate_size, num_heads, notes)
     kind = modeling.model_kind(teacher)
-    if not modeling.has_lm_head(teacher):
+    task_head = type(teacher).__name__.endswith(TASK_HEADS)
+    if not modeling.has_lm_head(teacher) and not task_head:
         notes.append(f"{type(teacher).__name__} has no LM head: the student's head is freshly initialised "
                      "(train it, e.g. with the MLM loss, before using the student's logits)")
     auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        student = auto.from_config(config, dtype=torch.float32)  # trainable weights, whatever the teacher's dtype
+        if task_head:  # a fine-tuned task teacher: the student keeps its class, its label map and (copied) head
+            student = type(teacher)(config).to(torch.float32)
+        else:
+            student = auto.from_config(config, dtype=torch.float32)  # trainable weights, whatever the teacher's dtype
     copied = _copy_weights(teacher, student, chosen, notes)
     student.eval()
     return StudentInit(student, chosen, type(teacher).__name__, n, count_parameters(teacher),

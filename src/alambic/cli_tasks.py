@@ -1,0 +1,191 @@
+"""The task verbs of the ``alambic`` command: finetune, distill-task, eval-task (docs/tasks.md)."""
+
+from __future__ import annotations
+
+import json
+
+from alambic.errors import AlambicError
+
+TASK_CHOICES = ("classification", "ner", "qa")
+FORMATS = ("classification: .csv/.tsv/.jsonl/.json records (text, optional text_pair, label) or a folder of "
+           "<label>/*.txt; ner: CoNLL columns (token ... BIO tag); qa: SQuAD JSON")
+
+
+def _data_options(p, eval_only: bool = False) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--max-length", type=int, default=128, help="tokens per sequence (QA: per context window)")
+    g.add_argument("--doc-stride", type=int, default=32, help="QA: tokens of overlap between context windows")
+    g.add_argument("--text-field", default="text", help="classification records: field of the text")
+    g.add_argument("--pair-field", default="text_pair", help="classification records: field of the optional pair")
+    g.add_argument("--label-field", default="label", help="classification records: field of the label")
+    g.add_argument("--eval-batch-size", type=int, default=32, help="examples per evaluation batch")
+
+
+def _training_options(p) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--max-steps", type=int, default=500, help="optimiser steps (per stage for distill-task)")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    g.add_argument("--warmup-ratio", type=float, default=0.1)
+    g.add_argument("--eval-every", type=int, default=50, help="steps between validations (best model kept in OUT/best)")
+    g.add_argument("--patience", type=int, default=0,
+                   help="stop after this many validations without improvement (0: never)")
+    g.add_argument("--seed", type=int, default=42, help="seed of the held-out split, shuffling and fresh weights")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _common(p) -> None:
+    p.add_argument("--task", required=True, choices=TASK_CHOICES)
+    p.add_argument("--train", required=True, metavar="FILE", help=FORMATS)
+    p.add_argument("--validation", metavar="FILE",
+                   help="validation data (default: a seeded, stratified 10%% of --train is held out)")
+    p.add_argument("--out", required=True, help="run folder; the best model is written to OUT/best")
+
+
+def _training_config(args):
+    from alambic.tasks.workflow import task_training_config
+
+    return task_training_config(args.task, max_steps=args.max_steps, batch_size=args.batch_size,
+                                grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup_ratio,
+                                eval_every=args.eval_every, early_stopping_patience=args.patience, seed=args.seed)
+
+
+def _data(args):
+    from alambic.tasks.workflow import DataOptions
+
+    return DataOptions(max_length=args.max_length, doc_stride=args.doc_stride, text_field=args.text_field,
+                       pair_field=args.pair_field, label_field=args.label_field, eval_batch_size=args.eval_batch_size)
+
+
+# --- finetune -----------------------------------------------------------------------------------------------------
+
+def add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a model on a task (classification, NER, extractive QA)",
+                       description="Fine-tune an encoder on labelled task data, e.g. to make a task teacher. A model "
+                       "without a task head (such as the packaged minilm-l6) gets a fresh one. The best model by "
+                       "validation metric (accuracy / entity F1 / SQuAD F1) is kept in OUT/best with its labels.")
+    _common(p)
+    p.add_argument("--model", required=True, help="a model folder or packaged encoder (minilm-l6)")
+    _data_options(p)
+    _training_options(p)
+    p.set_defaults(run=run_finetune)
+
+
+def run_finetune(args) -> int:
+    from alambic.finetune import finetune
+
+    cfg, data = _training_config(args), _data(args)
+    summary = finetune(args.task, args.model, args.train, args.out, validation=args.validation, training=cfg,
+                       data=data, resume=args.resume, progress=not args.no_progress)
+    print(f"best validation {cfg.best_metric}: {summary[f'best_validation_{cfg.best_metric}']:.4f}; "
+          f"model in {summary['best_model']}")
+    return 0
+
+
+# --- distill-task -------------------------------------------------------------------------------------------------
+
+def add_distill_task(sub) -> None:
+    p = sub.add_parser("distill-task", help="distil a fine-tuned teacher into a task student (pred, trm+pred, joint)",
+                       description="Task distillation: L = alpha_ce * CE(labels) + alpha_kd * L_kd(teacher) on the "
+                       "prediction layer (KL x T^2 or logit MSE; QA: mean of start and end over context tokens; NER: "
+                       "first sub-words), optionally after (trm,pred) or with (joint) TinyBERT's intermediate-layer "
+                       "losses. Teacher logits are cached on disk and reused by later epochs, stages and students.")
+    _common(p)
+    p.add_argument("--teacher", required=True, help="a fine-tuned task model (e.g. OUT/best of alambic finetune)")
+    s = p.add_argument_group("student (one of)")
+    s.add_argument("--student", help="a student folder: built by init-student from the teacher (head copied), or any "
+                   "pre-trained / general-distilled model with the teacher's tokenizer (fresh head)")
+    s.add_argument("--student-layers", help="build the student from the teacher: layers to copy (linspace:3, 0,2,4)")
+    s.add_argument("--hidden-size", type=int, help="with --student-layers: narrower width (fresh weights)")
+    s.add_argument("--intermediate-size", type=int, help="with --student-layers: narrower feed-forward")
+    s.add_argument("--num-heads", type=int, help="with --student-layers: attention heads")
+    l = p.add_argument_group("loss")  # noqa: E741
+    l.add_argument("--stages", default="pred", help="pred (default), trm,pred (intermediate layers then prediction) "
+                   "or joint")
+    l.add_argument("--pred-loss", choices=("kl", "mse"), default="kl", help="kl: soft targets x T^2; mse: on logits")
+    l.add_argument("--temperature", type=float, default=2.0)
+    l.add_argument("--alpha-kd", type=float, default=1.0, help="weight of the soft-target loss")
+    l.add_argument("--alpha-ce", type=float, default=0.0, help="weight of the hard-label cross-entropy")
+    l.add_argument("--layer-map", default="uniform", help="trm / joint: student:teacher layers (0 = embeddings)")
+    l.add_argument("--trm-steps", type=int, help="steps of the trm stage (default --max-steps)")
+    l.add_argument("--trm-lr", type=float, help="learning rate of the trm stage (default --lr)")
+    l.add_argument("--no-teacher-cache", action="store_true", help="run the teacher on every batch")
+    _data_options(p)
+    _training_options(p)
+    p.set_defaults(run=run_distill_task)
+
+
+def run_distill_task(args) -> int:
+    from alambic.distill_task import distill_task, parse_stages
+    from alambic.recipes.task import TaskLossConfig
+    from alambic.recipes.tinybert import TinyBERTLossConfig
+
+    parse_stages(args.stages)
+    loss = TaskLossConfig(args.pred_loss, args.temperature, args.alpha_kd, args.alpha_ce).validate()
+    cfg = _training_config(args)
+    summary = distill_task(
+        args.task, args.teacher, args.train, args.out, student=args.student, student_layers=args.student_layers,
+        hidden_size=args.hidden_size, intermediate_size=args.intermediate_size, num_heads=args.num_heads,
+        validation=args.validation, stages=args.stages, loss=loss,
+        intermediate=TinyBERTLossConfig(layer_map=args.layer_map), training=cfg, trm_steps=args.trm_steps,
+        trm_lr=args.trm_lr, data=_data(args), teacher_cache=not args.no_teacher_cache, resume=args.resume,
+        progress=not args.no_progress)
+    value = summary[f"best_validation_{cfg.best_metric}"]
+    shown = "n/a" if value is None else f"{value:.4f}"
+    print(f"best validation {cfg.best_metric}: {shown}; student in {summary['best_model']}")
+    return 0
+
+
+# --- eval-task ----------------------------------------------------------------------------------------------------
+
+def add_eval_task(sub) -> None:
+    p = sub.add_parser("eval-task", help="task metrics of models: accuracy / macro-F1, entity F1, SQuAD EM / F1",
+                       description="Evaluate task models on the same data: accuracy and macro-F1 (classification), "
+                       "entity-level precision / recall / F1 (NER, IOB2), exact match and F1 (SQuAD, percent).")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="fine-tuned task models (folders, or run folders)")
+    p.add_argument("--task", required=True, choices=TASK_CHOICES)
+    p.add_argument("--data", required=True, metavar="FILE", help=FORMATS)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _data_options(p)
+    p.set_defaults(run=run_eval_task)
+
+
+def evaluate_models(task: str, models: list[str], data_path, options) -> list[dict]:
+    from alambic.students import count_parameters
+    from alambic.tasks.data import check_labels
+    from alambic.tasks.evaluate import evaluate_task
+    from alambic.tasks.features import encode
+    from alambic.tasks.models import load_task_model, model_labels
+    from alambic.tasks.workflow import read_examples
+
+    examples = read_examples(task, data_path, options)
+    rows = []
+    for spec in models:
+        model, tokenizer, _ = load_task_model(spec, task, role="model", need_head=True)
+        labels = model_labels(model) if task != "qa" else []
+        check_labels(task, examples, labels, str(data_path), f"the labels of model {spec}")
+        features = encode(task, examples, tokenizer, labels, max_length=options.max_length,
+                          doc_stride=options.doc_stride)
+        metrics = evaluate_task(model, task, examples, features, tokenizer, labels, options.eval_batch_size)
+        rows.append({"model": spec, "parameters": count_parameters(model), "examples": len(examples), **metrics})
+    return rows
+
+
+def run_eval_task(args) -> int:
+    rows = evaluate_models(args.task, args.models, args.data, _data(args))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    names = [k for k in rows[0] if k not in ("model", "parameters", "examples")]
+    header = ["model", "params (M)", *names, "examples"]
+    lines = [[r["model"], f"{r['parameters'] / 1e6:.1f}", *(f"{r[n]:.4f}" for n in names), str(r["examples"])]
+             for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    for cells in [header, ["-" * w for w in widths], *lines]:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))))
+    return 0
+
+
+__all__ = ["AlambicError", "add_distill_task", "add_eval_task", "add_finetune"]

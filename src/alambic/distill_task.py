@@ -1,0 +1,143 @@
+"""Task distillation end to end: a fine-tuned teacher, a student (a folder, or built from the teacher), one or two
+stages, the best student by the validation metric in ``OUT/best``.
+
+Stages (methods.md sections 4 and 5):
+- ``pred``: prediction-layer distillation only (``L = a_ce * L_hard + a_kd * L_kd``);
+- ``trm,pred``: TinyBERT's task distillation / the Korean RoBERTa study: first the intermediate layers (embedding,
+  hidden-state and attention MSE through the TinyBERT recipe), then the prediction layer; each stage is its own run
+  folder (``OUT/stage-1-trm``, ``OUT/stage-2-pred``), so ``--resume`` continues whichever was interrupted;
+- ``joint``: intermediate and prediction losses together.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from alambic.engine.loop import train
+from alambic.errors import AlambicError
+from alambic.recipes.task import TaskLossConfig, TaskRecipe
+from alambic.recipes.tinybert import TinyBERTLossConfig, TinyBERTRecipe
+from alambic.students import count_parameters, init_student
+from alambic.students.layer_map import _example as rounded_layer_map
+from alambic.tasks.cache import TeacherLogitCache, teacher_fingerprint
+from alambic.tasks.features import TaskBatches, features_fingerprint
+from alambic.tasks.models import load_task_model, model_labels
+from alambic.tasks.workflow import (DataOptions, check_run_folder, prepare_task_data, task_training_config,
+                                    validation_callback, write_summary)
+from alambic.teachers import check_same_vocabulary
+
+STAGES = {"pred": ("pred",), "trm,pred": ("trm", "pred"), "joint": ("joint",), "trm": ("trm",)}
+
+
+def parse_stages(text: str) -> tuple[str, ...]:
+    key = ",".join(part.strip() for part in str(text).split(","))
+    if key not in STAGES:
+        raise AlambicError(f"--stages {text!r} is not one of: pred, trm,pred, joint")
+    return STAGES[key]
+
+
+def default_layer_map(student_layers: int, teacher_layers: int) -> str:
+    """TinyBERT's uniform map when the depths divide, else the same map rounded (e.g. 0:0,1:2,2:3,3:5,4:6)."""
+    return "uniform" if teacher_layers % student_layers == 0 else rounded_layer_map(student_layers, teacher_layers)
+
+
+def distill_task(task: str, teacher: str, train_data, out, *, student: str | None = None,
+                 student_layers: str | None = None, hidden_size: int | None = None,
+                 intermediate_size: int | None = None, num_heads: int | None = None, validation=None,
+                 stages: str = "pred", loss: TaskLossConfig | None = None,
+                 intermediate: TinyBERTLossConfig | None = None, training=None, trm_steps: int | None = None,
+                 trm_lr: float | None = None, data: DataOptions | None = None, teacher_cache: bool = True,
+                 resume: bool = False, progress: bool = True, log=print) -> dict:
+    """Distil the fine-tuned ``teacher`` into a student on ``task``; returns the summary in ``OUT/task.json``."""
+    from alambic.modeling import num_layers
+
+    out, plan = Path(out), parse_stages(stages)
+    loss = (loss or TaskLossConfig()).validate()
+    data = data or DataOptions()
+    training = training or task_training_config(task)
+    if (student is None) == (student_layers is None):
+        raise AlambicError("give the student either as a folder (--student) or as teacher layers to copy "
+                           "(--student-layers, e.g. linspace:3)")
+    if student_layers is None and any(v is not None for v in (hidden_size, intermediate_size, num_heads)):
+        raise AlambicError("--hidden-size, --intermediate-size and --num-heads build a student with "
+                           "--student-layers; drop them or give --student-layers")
+    check_run_folder(out, resume)
+    teacher_model, tokenizer, teacher_path = load_task_model(teacher, task, role="teacher", need_head=True)
+    labels = model_labels(teacher_model) if task != "qa" else []
+    prepared = prepare_task_data(task, train_data, validation, tokenizer, data, seed=training.seed, labels=labels,
+                                 labels_from=f"the labels of teacher {teacher}")
+    log(prepared.describe())
+
+    torch.manual_seed(training.seed)
+    if student_layers is not None:
+        built = init_student(teacher_model, layers=student_layers, hidden_size=hidden_size,
+                             intermediate_size=intermediate_size, num_heads=num_heads, seed=training.seed)
+        student_model = built.model
+        log(built.summary())
+    else:
+        student_model, student_tokenizer, _ = load_task_model(student, task, labels or None, role="student")
+        check_same_vocabulary(tokenizer, student_tokenizer, teacher_model.config, student_model.config)
+
+    cache = None
+    if teacher_cache and loss.alpha_kd > 0 and any(stage != "trm" for stage in plan):
+        key = f"{teacher_fingerprint(teacher_path)}-{task}-{features_fingerprint(prepared.train_features)}"
+        cache = TeacherLogitCache(task, key)
+    tinybert = intermediate or TinyBERTLossConfig()
+    if tinybert.layer_map == "uniform":
+        tinybert = replace(tinybert, layer_map=default_layer_map(num_layers(student_model.config),
+                                                                 num_layers(teacher_model.config)))
+    tinybert = replace(tinybert, alpha_prediction=0.0)
+    tinybert.validate()
+    batches = TaskBatches(task, prepared.train_features, tokenizer, training.batch_size, training.seed)
+    evaluate = validation_callback(prepared, tokenizer, data.eval_batch_size)
+
+    name = training.best_metric
+    best, run_dir = None, out
+    for number, stage in enumerate(plan, 1):
+        run_dir = out if len(plan) == 1 else out / f"stage-{number}-{stage}"
+        done = run_dir / "stage-done"
+        if resume and done.is_file():
+            log(f"stage {number} ({stage}) already finished: loading its student")
+            trained = type(student_model).from_pretrained(run_dir / "student", dtype=torch.float32)
+            student_model.load_state_dict(trained.state_dict())
+            best = json.loads(done.read_text(encoding="utf-8")).get("best")
+            continue
+        stage_resume = resume and (run_dir / "checkpoints" / "latest").is_file()
+        log(f"stage {number}/{len(plan)}: {stage}")
+        if stage == "trm":
+            cfg = replace(training, eval_every=0, best_metric=None, early_stopping_patience=0,
+                          max_steps=trm_steps or training.max_steps, lr=trm_lr or training.lr)
+            recipe = TinyBERTRecipe(teacher_model, student_model, tinybert)
+            train(recipe, batches, cfg, run_dir, tokenizer=tokenizer, resume=stage_resume, progress=progress)
+            best = None
+        else:
+            extra = TinyBERTRecipe(teacher_model, student_model, tinybert) if stage == "joint" else None
+            recipe = TaskRecipe(teacher_model, student_model, task, loss, cache=cache, intermediate=extra)
+            try:
+                result = train(recipe, batches, training, run_dir, tokenizer=tokenizer, resume=stage_resume,
+                               progress=progress, evaluate=evaluate)
+            finally:
+                if cache is not None:
+                    cache.flush()
+            best = result.metrics.get(f"eval/best_{name}")
+        student_model.save_pretrained(run_dir / "student")  # what the next stage (or a resumed run) starts from
+        done.write_text(json.dumps({"best": best}) + "\n", encoding="utf-8")
+    if len(plan) > 1 and (run_dir / "best").is_dir():
+        if (out / "best").exists():
+            shutil.rmtree(out / "best")
+        shutil.copytree(run_dir / "best", out / "best")
+    summary = {"task": task, "teacher": str(teacher), "student": str(student or f"layers {student_layers}"),
+               "stages": list(plan), "labels": labels, "loss": vars(loss),
+               "teacher_parameters": count_parameters(teacher_model),
+               "student_parameters": count_parameters(student_model),
+               f"best_validation_{name}": best,
+               "teacher_cache": None if cache is None else {"file": str(cache.path), "hits": cache.hits,
+                                                            "misses": cache.misses},
+               "best_model": str(out / "best")}
+    write_summary(out, summary)
+    return summary

@@ -1,0 +1,282 @@
+"""Task data from the user's own files, in standard formats, and the label maps saved with the models.
+
+- classification: CSV / TSV / JSONL / JSON records (``text``, optional ``text_pair``, ``label``), or a folder of
+  ``<label>/*.txt`` files (identical texts kept once; bytes that are not UTF-8 replaced);
+- ner: CoNLL column files: one token per line, the token first and its BIO / IOB2 tag last, a blank line between
+  sentences, ``-DOCSTART-`` lines ignored;
+- qa: SQuAD-format JSON (``data[].paragraphs[].{context, qas[].{id, question, answers[].{text, answer_start}}}``).
+
+Labels are mapped deterministically (:func:`label_list`), and without a validation file a seeded, stratified 10% of
+train is held out (:func:`holdout_split`), as the Korean RoBERTa study did.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from alambic.errors import AlambicError, did_you_mean
+
+TASKS = ("classification", "ner", "qa")
+HOLDOUT_FRACTION = 0.1
+_TAG = re.compile(r"^[BI]-\S+$")
+
+
+@dataclass
+class ClassificationExample:
+    text: str
+    label: str
+    text_pair: str | None = None
+
+
+@dataclass
+class TokenExample:
+    words: list[str]
+    tags: list[str]
+
+
+@dataclass
+class QAExample:
+    id: str
+    question: str
+    context: str
+    answers: list[str] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+
+
+def check_task(task: str) -> str:
+    if task not in TASKS:
+        raise AlambicError(f"unknown task {task!r}{did_you_mean(str(task), TASKS)}; use one of: {', '.join(TASKS)}")
+    return task
+
+
+def read_task_data(task: str, path, *, text_field: str = "text", pair_field: str = "text_pair",
+                   label_field: str = "label") -> list:
+    """Every example of ``path`` for ``task`` (see the module docstring for the formats)."""
+    check_task(task)
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise AlambicError(f"no such file or folder: {path}")
+    if task == "classification":
+        examples = _read_classification(path, text_field, pair_field, label_field)
+    elif task == "ner":
+        examples = read_conll(path)
+    else:
+        examples = read_squad(path)
+    if not examples:
+        raise AlambicError(f"{path} holds no {task} examples: check the file and its format")
+    return examples
+
+
+# --- classification ---------------------------------------------------------------------------------------------
+
+def _read_classification(path: Path, text_field: str, pair_field: str, label_field: str):
+    if path.is_dir():
+        return _read_label_folders(path)
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        with path.open(encoding="utf-8-sig", errors="replace", newline="") as handle:
+            reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
+            rows = [(number, row) for number, row in enumerate(reader, 2)]
+            columns = reader.fieldnames or []
+    elif suffix == ".jsonl":
+        rows, columns = [], set()
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
+            if line.strip():
+                rows.append((number, _json(line, f"{path}:{number}")))
+        columns = sorted({k for _, r in rows if isinstance(r, dict) for k in r})
+    elif suffix == ".json":
+        records = _json(path.read_text(encoding="utf-8-sig", errors="replace"), str(path))
+        if not isinstance(records, list):
+            raise AlambicError(f"{path} holds a JSON {type(records).__name__}, not a list of records: write "
+                               f'[{{"{text_field}": "...", "{label_field}": "..."}}, ...] or use .jsonl')
+        rows = list(enumerate(records, 1))
+        columns = sorted({k for _, r in rows if isinstance(r, dict) for k in r})
+    else:
+        raise AlambicError(f"unsupported classification file {path.name}: use .csv, .tsv, .jsonl, .json or a folder "
+                           "of <label>/*.txt files")
+    for name, flag in ((text_field, "--text-field"), (label_field, "--label-field")):
+        if name not in columns:
+            raise AlambicError(f"{path} has no field {name!r}{did_you_mean(name, columns)} (fields: "
+                               f"{', '.join(columns) or 'none'}): rename it or pass {flag}")
+    pairs = pair_field in columns
+    examples = []
+    for number, row in rows:
+        where = f"{path}:{number}" if suffix != ".json" else f"{path}: record {number}"
+        if not isinstance(row, dict):
+            raise AlambicError(f"{where} is not a record with fields {text_field!r} and {label_field!r}")
+        label, text = row.get(label_field), row.get(text_field)
+        if label is None or str(label).strip() == "":
+            raise AlambicError(f"{where} has no {label_field!r}: give every training and evaluation example a label")
+        if text is None:
+            raise AlambicError(f"{where} has no {text_field!r}: give every example a text")
+        pair = row.get(pair_field) if pairs else None
+        examples.append(ClassificationExample(str(text), str(label).strip(), None if pair is None else str(pair)))
+    return examples
+
+
+def _read_label_folders(root: Path):
+    """``root/<label>/*.txt``: the folder name is the label; identical texts are kept once (first in sorted order)."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise AlambicError(f"folder {root} has no <label>/ subfolders: lay classification text out as "
+                           f"{root}/<label>/*.txt, or give a CSV / JSONL file")
+    seen, examples = set(), []
+    for folder in folders:
+        for file in sorted(folder.glob("*.txt")):
+            text = file.read_text(encoding="utf-8", errors="replace")
+            if text.strip() and text not in seen:
+                seen.add(text)
+                examples.append(ClassificationExample(text, folder.name))
+    return examples
+
+
+def _json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise AlambicError(f"{where} is not valid JSON ({error.msg}, line {error.lineno} column {error.colno}): "
+                           "fix or remove it") from None
+
+
+# --- NER ----------------------------------------------------------------------------------------------------------
+
+def read_conll(path) -> list[TokenExample]:
+    """CoNLL columns (token first, BIO / IOB2 tag last); a malformed line is refused with its file and line number."""
+    path = Path(path)
+    if path.is_dir():
+        raise AlambicError(f"{path} is a folder: give a CoNLL file (one token and its tag per line)")
+    examples, words, tags = [], [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
+        if not line.strip():
+            if words:
+                examples.append(TokenExample(words, tags))
+                words, tags = [], []
+            continue
+        if line.startswith("-DOCSTART-"):
+            continue
+        columns = line.split()
+        if len(columns) < 2:
+            raise AlambicError(f"{path}:{number}: expected a token and its tag separated by a space or tab, got "
+                               f"{line.strip()!r}")
+        tag = columns[-1]
+        if tag != "O" and not _TAG.match(tag):
+            raise AlambicError(f"{path}:{number}: tag {tag!r} is not BIO / IOB2 (O, B-TYPE or I-TYPE): fix the tag "
+                               "or convert the file to IOB2")
+        words.append(columns[0])
+        tags.append(tag)
+    if words:
+        examples.append(TokenExample(words, tags))
+    return examples
+
+
+# --- QA -----------------------------------------------------------------------------------------------------------
+
+def read_squad(path) -> list[QAExample]:
+    """SQuAD 1.1-format questions; every answer must sit at its ``answer_start`` in the context."""
+    path = Path(path)
+    if path.is_dir():
+        raise AlambicError(f"{path} is a folder: give a SQuAD-format .json file")
+    document = _json(path.read_text(encoding="utf-8-sig", errors="replace"), str(path))
+    if not isinstance(document, dict) or not isinstance(document.get("data"), list):
+        raise AlambicError(f'{path} is not SQuAD format: expected {{"data": [{{"paragraphs": [{{"context": ..., '
+                           '"qas": [...]}]}]}')
+    examples = []
+    for article in document["data"]:
+        for paragraph in article.get("paragraphs", []):
+            context = paragraph.get("context")
+            if not isinstance(context, str):
+                raise AlambicError(f"{path}: a paragraph of {article.get('title', 'an article')!r} has no context text")
+            for qa in paragraph.get("qas", []):
+                qid = str(qa.get("id", len(examples)))
+                answers = qa.get("answers") or []
+                if qa.get("is_impossible") or not answers:
+                    raise AlambicError(f"{path}: question {qid!r} has no answer (SQuAD 2.0): extractive QA here needs "
+                                       "an answer span for every question; remove unanswerable ones")
+                texts, starts = [], []
+                for answer in answers:
+                    text, start = answer.get("text"), answer.get("answer_start")
+                    if not isinstance(text, str) or not isinstance(start, int) or isinstance(start, bool):
+                        raise AlambicError(f"{path}: question {qid!r}: every answer needs a text and an integer "
+                                           "answer_start")
+                    found = context[start:start + len(text)]
+                    if found != text:
+                        raise AlambicError(f"{path}: question {qid!r}: answer {text!r} is not at answer_start {start} "
+                                           f"(the context there reads {found!r}): fix answer_start (0-based "
+                                           "character offset into the context)")
+                    texts.append(text)
+                    starts.append(start)
+                examples.append(QAExample(qid, str(qa.get("question", "")), context, texts, starts))
+    return examples
+
+
+# --- labels and the held-out split ------------------------------------------------------------------------------
+
+def _example_labels(task: str, example) -> list[str]:
+    if task == "classification":
+        return [example.label]
+    if task == "ner":
+        return example.tags
+    return []
+
+
+def _label_order(value: str):
+    """Integers in numeric order (so 2 < 10), then everything else alphabetically."""
+    return (0, int(value), "") if re.fullmatch(r"-?\d+", value) else (1, 0, value)
+
+
+def label_list(task: str, examples) -> list[str]:
+    """The label of each class id, the same for the same label set whatever the example order: sorted class names;
+    for NER ``O`` then ``B-TYPE, I-TYPE`` for each entity type in sorted order; nothing for QA."""
+    if task == "qa":
+        return []
+    seen = {label for example in examples for label in _example_labels(task, example)}
+    if task == "classification":
+        return sorted(seen, key=_label_order)
+    types = sorted({tag[2:] for tag in seen if tag != "O"})
+    return ["O"] + [f"{prefix}-{kind}" for kind in types for prefix in "BI"]
+
+
+def check_labels(task: str, examples, labels: list[str], where: str, known_from: str = "the training data") -> None:
+    """Refuse labels the model cannot predict (e.g. a validation label never seen in training)."""
+    if task == "qa":
+        return
+    known = set(labels)
+    for example in examples:
+        for label in _example_labels(task, example):
+            if label not in known:
+                shown = ", ".join(labels[:12]) + (" ..." if len(labels) > 12 else "")
+                raise AlambicError(f"{where}: label {label!r} never occurs in {known_from} (labels: {shown}); "
+                                   "fix the label or add examples of it to the training data")
+
+
+def holdout_split(task: str, examples: list, fraction: float = HOLDOUT_FRACTION, seed: int = 42):
+    """``(train, held_out)``: a seeded ``fraction`` of the examples, stratified by label for classification (each
+    class gives round(fraction * count), at least one when it has two or more examples); order is preserved."""
+    if not 0 < fraction < 1:
+        raise AlambicError(f"the held-out fraction must be between 0 and 1, got {fraction}")
+    rng = np.random.default_rng(seed)
+    if task == "classification":
+        groups: dict[str, list[int]] = {}
+        for i, example in enumerate(examples):
+            groups.setdefault(example.label, []).append(i)
+        strata = [groups[label] for label in sorted(groups, key=_label_order)]
+    else:
+        strata = [list(range(len(examples)))]
+    held = set()
+    for members in strata:
+        k = round(fraction * len(members))
+        if len(members) >= 2:
+            k = min(max(k, 1), len(members) - 1)
+        else:
+            k = 0
+        held.update(members[j] for j in rng.permutation(len(members))[:k])
+    if not held:
+        raise AlambicError(f"{len(examples)} example(s) are too few to hold out a validation set: give --validation")
+    train = [e for i, e in enumerate(examples) if i not in held]
+    return train, [e for i, e in enumerate(examples) if i in held]

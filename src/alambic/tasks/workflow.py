@@ -1,0 +1,107 @@
+"""What fine-tuning and task distillation share: reading and splitting the data, features, the training defaults,
+and the validation callback that keeps the best model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alambic.cache import atomic_write_text
+from alambic.config import TrainingConfig
+from alambic.engine.checkpoint import latest_checkpoint
+from alambic.errors import AlambicError
+from alambic.tasks.data import check_labels, check_task, holdout_split, label_list, read_task_data
+from alambic.tasks.evaluate import MAIN_METRIC, evaluate_task
+from alambic.tasks.features import encode
+
+
+@dataclass
+class DataOptions:
+    """How task files are read and tokenised."""
+
+    max_length: int = 128
+    doc_stride: int = 32
+    text_field: str = "text"
+    pair_field: str = "text_pair"
+    label_field: str = "label"
+    holdout_fraction: float = 0.1
+    eval_batch_size: int = 32
+
+
+@dataclass
+class TaskData:
+    task: str
+    labels: list[str]
+    train_examples: list
+    validation_examples: list
+    train_features: list = field(default_factory=list)
+    validation_features: list = field(default_factory=list)
+    held_out: bool = False
+
+    def describe(self) -> str:
+        source = "held out from train (seeded, stratified)" if self.held_out else "from --validation"
+        kinds = f", {len(self.labels)} labels" if self.labels else ""
+        return (f"{self.task}: {len(self.train_examples)} training examples ({len(self.train_features)} features), "
+                f"{len(self.validation_examples)} validation examples {source}{kinds}")
+
+
+def read_examples(task: str, path, options: DataOptions) -> list:
+    return read_task_data(task, path, text_field=options.text_field, pair_field=options.pair_field,
+                          label_field=options.label_field)
+
+
+def prepare_task_data(task: str, train, validation, tokenizer, options: DataOptions, *, seed: int,
+                      labels: list[str] | None = None, labels_from: str = "") -> TaskData:
+    """Read ``train`` (and ``validation``, else hold out ``options.holdout_fraction`` of train with ``seed``),
+    check the labels and tokenise. ``labels``: a fixed label set (a teacher's), which the data must fit."""
+    check_task(task)
+    examples = read_examples(task, train, options)
+    if labels is None:
+        labels = label_list(task, examples)
+    else:
+        check_labels(task, examples, labels, str(train), labels_from)
+    if validation:
+        held = read_examples(task, validation, options)
+        check_labels(task, held, labels, str(validation), labels_from or "the training data")
+        train_examples, held_out = examples, False
+    else:
+        train_examples, held = holdout_split(task, examples, options.holdout_fraction, seed)
+        held_out = True
+    data = TaskData(task, list(labels), train_examples, held, held_out=held_out)
+    data.train_features = encode(task, train_examples, tokenizer, labels, max_length=options.max_length,
+                                 doc_stride=options.doc_stride, training=True)
+    data.validation_features = encode(task, held, tokenizer, labels, max_length=options.max_length,
+                                      doc_stride=options.doc_stride)
+    return data
+
+
+def task_training_config(task: str, **overrides) -> TrainingConfig:
+    """Fine-tuning defaults (AdamW 1e-4, betas 0.9 / 0.999, warm-up 10%, weight decay 0.01, clip 1, batch 16,
+    validation every 50 steps keeping the best model by the task's main metric)."""
+    values = dict(max_steps=500, batch_size=16, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                  warmup_ratio=0.1, grad_clip=1.0, eval_every=50, best_metric=MAIN_METRIC[task], save_every=10**9,
+                  log_every=10)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainingConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def validation_callback(data: TaskData, tokenizer, batch_size: int):
+    def evaluate(model) -> dict:
+        return evaluate_task(model, data.task, data.validation_examples, data.validation_features, tokenizer,
+                             data.labels, batch_size)
+
+    return evaluate
+
+
+def check_run_folder(out: Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise AlambicError(f"--out {out} is a file; give a folder for the run")
+    if not resume and (latest_checkpoint(out) is not None or any(out.glob("stage-*/checkpoints/latest"))):
+        raise AlambicError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    atomic_write_text(Path(out) / "task.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")

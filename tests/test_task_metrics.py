@@ -1,0 +1,67 @@
+"""Task metrics against hand-computed cases."""
+
+import pytest
+
+from alambic.tasks.metrics import (accuracy, entities, entity_scores, exact_match, macro_f1, normalize_answer,
+                                   squad_f1, squad_scores)
+
+
+def test_accuracy_and_macro_f1_by_hand():
+    gold = ["a", "a", "a", "b", "b", "c"]
+    pred = ["a", "a", "b", "b", "c", "c"]
+    assert accuracy(pred, gold) == pytest.approx(4 / 6)
+    # a: tp2 fp0 fn1 -> P1 R2/3 F 0.8; b: tp1 fp1 fn1 -> 0.5; c: tp1 fp1 fn0 -> P.5 R1 F 2/3
+    assert macro_f1(pred, gold) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+
+
+def test_macro_f1_counts_a_class_only_predicted_as_zero():
+    # "x" never in gold but predicted once: its F1 is 0 and it counts in the mean (scikit-learn's behaviour)
+    assert macro_f1(["a", "x"], ["a", "a"]) == pytest.approx((2 / 3 + 0.0) / 2)
+
+
+def test_entities_iob2_spans():
+    tags = ["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-LOC", "O"]
+    assert entities(tags) == {("PER", 0, 1), ("LOC", 3, 3), ("LOC", 4, 5)}
+
+
+def test_entities_i_without_b_starts_an_entity_and_type_changes_split():
+    assert entities(["O", "I-ORG", "I-ORG", "O"]) == {("ORG", 1, 2)}
+    assert entities(["I-PER"]) == {("PER", 0, 0)}
+    assert entities(["B-PER", "I-LOC", "I-LOC"]) == {("PER", 0, 0), ("LOC", 1, 2)}
+    assert entities(["B-PER", "I-PER", "I-PER"]) == {("PER", 0, 2)}
+
+
+def test_entity_precision_recall_f1_by_hand():
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "O"]]
+    pred = [["B-PER", "I-PER", "O", "O"], ["B-ORG", "B-LOC"]]
+    # gold: PER(0,1) LOC(3,3) | ORG(0,0); pred: PER(0,1) | ORG(0,0) LOC(1,1) -> tp 2, fp 1, fn 1
+    scores = entity_scores(pred, gold)
+    assert scores["precision"] == pytest.approx(2 / 3)
+    assert scores["recall"] == pytest.approx(2 / 3)
+    assert scores["f1"] == pytest.approx(2 / 3)
+    # a partially matching span counts as wrong
+    assert entity_scores([["B-PER", "O"]], [["B-PER", "I-PER"]])["f1"] == 0.0
+
+
+def test_squad_normalisation_is_the_official_one():
+    assert normalize_answer("The  Eiffel Tower!") == "eiffel tower"
+    assert normalize_answer("an apple, a pear") == "apple pear"
+    assert normalize_answer("theatre") == "theatre"  # articles only as whole words
+
+
+def test_squad_em_and_f1_by_hand():
+    assert exact_match("the Paris", "Paris") == 1.0
+    assert exact_match("Paris, France", "Paris") == 0.0
+    # prediction "paris france" vs gold "paris": common 1, P 1/2, R 1 -> F1 2/3
+    assert squad_f1("Paris, France", "Paris") == pytest.approx(2 / 3)
+    assert squad_f1("London", "Paris") == 0.0
+    # max over gold answers, in percent
+    scores = squad_scores(["Paris, France", "1889"], [["Paris", "Paris, France"], ["in 1889 or so"]])
+    assert scores["exact_match"] == pytest.approx(50.0)
+    # second: pred "1889" vs gold "in 1889 or so": P 1, R 1/4 -> 0.4
+    assert scores["f1"] == pytest.approx(100 * (1.0 + 0.4) / 2)
+
+
+def test_squad_f1_on_korean_answers():
+    assert exact_match("서울", "서울") == 1.0
+    assert squad_f1("약 천만 명", "천만 명") == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))

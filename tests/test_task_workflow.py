@@ -1,0 +1,125 @@
+"""The task workflow end to end through the CLI, on tiny real models and the small standard-format files in
+tests/data: finetune -> init-student (head copied) -> distill-task (pred, trm+pred, joint) -> eval-task."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from alambic.cli import main
+from alambic.students import init_student
+from tiny import tiny_bert, wordpiece_tokenizer
+
+DATA = Path(__file__).parent / "data"
+FAST = ["--max-steps", "3", "--eval-every", "2", "--batch-size", "4", "--max-length", "96", "--doc-stride", "16",
+        "--no-progress"]
+FILES = {"classification": "sentiment_ko.jsonl", "ner": "ner.conll", "qa": "squad.json"}
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    """A tiny pre-trained-style encoder folder (BertForMaskedLM, no task head) with MiniLM's tokenizer."""
+    path = tmp_path_factory.mktemp("encoder")
+    tiny_bert(num_hidden_layers=4).save_pretrained(path)
+    wordpiece_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def teachers(encoder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    for task, name in FILES.items():
+        assert main(["finetune", "--task", task, "--model", str(encoder), "--train", str(DATA / name),
+                     "--out", str(root / task), *FAST]) == 0
+    return root
+
+
+@pytest.mark.parametrize("task", list(FILES))
+def test_finetune_keeps_best_model_with_labels(teachers, task):
+    best = teachers / task / "best"
+    config = transformers.AutoConfig.from_pretrained(best)
+    summary = json.loads((teachers / task / "task.json").read_text())
+    assert config.architectures[0].endswith({"classification": "ForSequenceClassification",
+                                             "ner": "ForTokenClassification", "qa": "ForQuestionAnswering"}[task])
+    if task == "classification":
+        assert [config.id2label[i] for i in range(2)] == ["긍정", "부정"] == summary["labels"]
+    if task == "ner":
+        assert config.id2label[0] == "O" and len(config.id2label) == 7
+
+
+@pytest.mark.parametrize("task,stages", [("classification", "pred"), ("ner", "trm,pred"), ("qa", "joint"),
+                                         ("qa", "trm,pred")])
+def test_distill_task_stages_end_to_end(teachers, tmp_path, task, stages, capsys):
+    out = tmp_path / "run"
+    argv = ["distill-task", "--task", task, "--teacher", str(teachers / task), "--student-layers", "0,2",
+            "--train", str(DATA / FILES[task]), "--out", str(out), "--stages", stages, "--alpha-ce", "0.5", *FAST]
+    assert main(argv) == 0
+    assert (out / "best" / "config.json").is_file()
+    if stages == "trm,pred":
+        assert (out / "stage-1-trm" / "stage-done").is_file() and (out / "stage-2-pred" / "best").is_dir()
+    summary = json.loads((out / "task.json").read_text())
+    assert summary["stages"] == stages.split(",") and summary["student_parameters"] < summary["teacher_parameters"]
+    capsys.readouterr()
+    assert main(["eval-task", str(teachers / task), str(out), "--task", task, "--data", str(DATA / FILES[task]),
+                 "--max-length", "96", "--doc-stride", "16", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    expected = {"classification": "accuracy", "ner": "f1", "qa": "exact_match"}[task]
+    assert len(rows) == 2 and all(expected in row for row in rows)
+
+
+def test_init_student_from_a_task_teacher_copies_the_head(teachers, tmp_path):
+    out = tmp_path / "student"
+    assert main(["init-student", "--teacher", str(teachers / "ner" / "best"), "--out", str(out),
+                 "--layers", "0,1,2,3"]) == 0
+    student = transformers.AutoModelForTokenClassification.from_pretrained(out).eval()
+    teacher = transformers.AutoModelForTokenClassification.from_pretrained(teachers / "ner" / "best").eval()
+    assert type(student).__name__ == "BertForTokenClassification"
+    assert student.config.id2label == teacher.config.id2label
+    assert torch.equal(student.classifier.weight, teacher.classifier.weight)
+    ids = wordpiece_tokenizer()(["Mary visited Paris ."], return_tensors="pt")["input_ids"]
+    with torch.no_grad():  # all layers kept and token type 0: the same function as the teacher
+        assert torch.allclose(student(input_ids=ids).logits, teacher(input_ids=ids).logits, atol=1e-5)
+    built = init_student(teachers / "ner" / "best", layers="0,2")
+    assert type(built.model).__name__ == "BertForTokenClassification"
+
+
+def test_distill_task_with_a_student_folder_and_resume(teachers, encoder, tmp_path):
+    out = tmp_path / "run"
+    argv = ["distill-task", "--task", "ner", "--teacher", str(teachers / "ner"), "--student", str(encoder),
+            "--train", str(DATA / "ner.conll"), "--out", str(out), "--stages", "trm,pred", *FAST]
+    assert main(argv) == 0  # a model without a task head: fresh head, label set taken from the teacher
+    config = transformers.AutoConfig.from_pretrained(out / "best")
+    assert config.id2label == transformers.AutoConfig.from_pretrained(teachers / "ner" / "best").id2label
+    assert main(argv) == 2  # refuses to overwrite a run
+    assert main(argv + ["--resume"]) == 0  # both stages already finished: nothing to redo
+
+
+def test_bad_input_errors_are_one_line(teachers, tmp_path, capsys):
+    def error(argv):
+        assert main(argv) == 2
+        message = capsys.readouterr().err.strip()
+        assert message.startswith("alambic: error: ") and "\n" not in message
+        return message
+
+    base = ["--out", str(tmp_path / "x"), *FAST]
+    assert "fine-tuned for ner, not qa" in error(
+        ["distill-task", "--task", "qa", "--teacher", str(teachers / "ner"), "--student-layers", "0",
+         "--train", str(DATA / "squad.json"), *base])
+    assert "never occurs in the labels of teacher" in error(
+        ["distill-task", "--task", "classification", "--teacher", str(teachers / "classification"),
+         "--student-layers", "0", "--train", str(DATA / "topics.csv"), *base])
+    assert "label 'politics' never occurs in the training data" in error(
+        ["finetune", "--task", "classification", "--model", str(teachers / "classification"),
+         "--train", str(DATA / "topics.csv"), "--validation", str(DATA / "topics_bad_validation.csv"), *base])
+    assert "ner_bad.conll:5:" in error(
+        ["finetune", "--task", "ner", "--model", str(teachers / "ner"), "--train", str(DATA / "ner_bad.conll"), *base])
+    assert "is not at answer_start" in error(
+        ["finetune", "--task", "qa", "--model", str(teachers / "qa"), "--train", str(DATA / "squad_bad_start.json"),
+         *base])
+    assert "fine-tuned for ner, not classification" in error(
+        ["eval-task", str(teachers / "ner"), "--task", "classification", "--data", str(DATA / "topics.csv")])
+    assert "--stages 'pred,trm' is not one of" in error(
+        ["distill-task", "--task", "ner", "--teacher", str(teachers / "ner"), "--student-layers", "0",
+         "--train", str(DATA / "ner.conll"), "--stages", "pred,trm", *base])
