@@ -16,6 +16,9 @@ def test_yaml_then_overrides_in_order(tmp_path):
     assert cfg.loss.temperature == 4.0 and isinstance(cfg.loss.temperature, float)
     assert cfg.training.max_steps == 7 and cfg.training.betas == (0.9, 0.95)
     assert cfg.data.train == ["a.txt"] and cfg.loss.alpha_kd == 5.0
+    assert load_config(path, [parse_override("training.lr=5e-4")]).training.lr == 5e-4  # YAML 1.1 reads a string
+    with pytest.raises(AlambicError, match="expects a number"):
+        load_config(path, [parse_override("training.lr=fast")])
 
 
 def test_override_parsing():

@@ -210,6 +210,11 @@ def _coerce(value, annotation, key: str):
             return value
         raise AlambicError(f"{key} expects true or false, got {value!r}")
     if annotation in (int, float):
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (annotation is int and value != int(value)):
             raise AlambicError(f"{key} expects {'an integer' if annotation is int else 'a number'}, got {value!r}")
         return annotation(value)
