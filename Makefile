@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
+	rm -rf $(DEMO_DIR)  # a fresh demo run each time (the caches are kept)
 	$(VENV)/bin/alambic distill --config configs/demo.yaml --out $(DEMO_DIR)
 	$(VENV)/bin/alambic eval-lm smollm2-135m $(DEMO_DIR)/student-init $(DEMO_DIR)/student \
 		--data bbc-news:heldout --max-tokens 8192
