@@ -18,6 +18,7 @@ from alambic.engine.checkpoint import latest_checkpoint
 from alambic.engine.loop import make_accelerator, train
 from alambic.errors import AlambicError
 from alambic.evaluation.lm import evaluate_lm
+from alambic.evaluation.model_card import distillation_card, last_logged
 from alambic.modeling import lm_body, model_kind, num_layers
 from alambic.recipes import recipe_parts
 from alambic.students import count_parameters, init_student, parse_layer_spec, save_student, selection
@@ -128,8 +129,6 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
     )
     student_dir = run_dir / "student"
     if accelerator.is_main_process:
-        from alambic.evaluation.model_card import distillation_card, last_logged
-
         exported = accelerator.unwrap_model(student)
         card = distillation_card(cfg.to_dict(), teacher_parameters=count_parameters(teacher),
                                  student_parameters=count_parameters(exported),

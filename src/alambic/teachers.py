@@ -156,7 +156,8 @@ def load_teacher(spec, *, kind=None, dtype=None):
     return load_model(spec, kind=kind, dtype=dtype, for_training=False)
 
 
-def _vocab_hash(tokenizer) -> str:
+def vocabulary_hash(tokenizer) -> str:
+    """sha256 of the token -> id map: equal exactly when two tokenizers share one vocabulary."""
     items = sorted(tokenizer.get_vocab().items())
     return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
 
@@ -168,7 +169,7 @@ def check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher_config, 
     t_len, s_len = len(teacher_tokenizer), len(student_tokenizer)
     if t_len != s_len:
         raise AlambicError(f"student tokenizer (vocab {s_len}) does not match the teacher's (vocab {t_len}): {fix}")
-    if _vocab_hash(teacher_tokenizer) != _vocab_hash(student_tokenizer):
+    if vocabulary_hash(teacher_tokenizer) != vocabulary_hash(student_tokenizer):
         raise AlambicError(f"student tokenizer maps tokens to other ids than the teacher's (both vocab {t_len}): {fix}")
     for who, tokens, config in (("teacher", t_len, teacher_config), ("student", s_len, student_config)):
         rows = modeling.vocab_size(config)

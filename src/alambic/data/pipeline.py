@@ -20,15 +20,14 @@ class IndexedBatches:
 
     def __init__(self, examples, collator, plan: Callable[[int], list[list[int]]], seed: int):
         self.examples, self.collator, self.plan, self.seed = examples, collator, plan, seed
-        self.per_epoch = len(plan(0))
-
-    @functools.lru_cache(maxsize=2)
-    def _epoch_plan(self, epoch: int) -> list[list[int]]:
-        return self.plan(epoch)
+        self._epoch, self._batches = 0, plan(0)
+        self.per_epoch = len(self._batches)
 
     def __call__(self, index: int) -> dict:
         epoch, position = divmod(index, self.per_epoch)
-        ids = self._epoch_plan(epoch)[position]
+        if epoch != self._epoch:  # micro-batches are read in order, so one epoch's plan is kept at a time
+            self._epoch, self._batches = epoch, self.plan(epoch)
+        ids = self._batches[position]
         return self.collator([self.examples[i] for i in ids], seed=self.seed * 1_000_003 + index)
 
 

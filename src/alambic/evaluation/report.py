@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
-import hashlib
 import json
 import math
 import sys
@@ -25,6 +24,8 @@ from alambic import modeling
 from alambic.errors import AlambicError
 from alambic.evaluation import flops as flops_mod
 from alambic.evaluation import speed as speed_mod
+from alambic.students import count_parameters
+from alambic.teachers import vocabulary_hash
 
 SCHEMA_VERSION = 1
 # The keys of report.json, pinned by the tests: adding one is a compatible change, renaming or removing one bumps
@@ -112,13 +113,8 @@ def parameter_counts(model: torch.nn.Module) -> dict:
         if id(weight) not in seen:
             seen.add(id(weight))
             embedding += weight.numel()
-    total = sum(p.numel() for p in model.parameters())
+    total = count_parameters(model)
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    items = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def _tasks():
@@ -202,7 +198,7 @@ def _prepare(models: list[str], settings: ReportSettings, warn, log) -> list[_Pr
             raise AlambicError(f"{path} has no usable tokenizer ({str(err).strip().splitlines()[0]}); "
                                "save one next to the model")
         prepared.append(_Prepared(str(spec), name, path, config, kind, tokenizer))
-    fingerprints = {p.name: tokenizer_fingerprint(p.tokenizer) for p in prepared}
+    fingerprints = {p.name: vocabulary_hash(p.tokenizer)[:16] for p in prepared}
     if settings.lm_data:  # tokenise (cached) and check the data now: too little text fails before any timing
         built = {}
         for p in prepared:
@@ -328,7 +324,7 @@ def _measure(p: _Prepared, index: int, total: int, settings: ReportSettings, dev
         "name": p.name, "spec": p.spec, "path": str(p.path), "kind": p.kind,
         "architecture": type(model).__name__, "layers": modeling.num_layers(cfg),
         "hidden_size": modeling.hidden_size(cfg), "vocab_size": modeling.vocab_size(cfg),
-        "tokenizer": tokenizer_fingerprint(p.tokenizer), "parameters": params,
+        "tokenizer": vocabulary_hash(p.tokenizer)[:16], "parameters": params,
         "disk_bytes": weights_size_bytes(p.path), "flops": flop_rows, "speed": speed_rows, "quality": quality,
         "ratios": None,
     }
