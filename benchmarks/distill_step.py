@@ -5,14 +5,16 @@
 
 For each setup, two steps run on the same batches of real text, each in its own process (so its peak resident or
 device memory is its own):
-- alambic: teacher under inference_mode (bf16 on GPU), vocabulary projection only on the rows a loss reads (chunked
-  past ``loss.logit_chunk_rows``), host-side row counts (no device synchronisation), SDPA attention;
+- alambic: teacher under inference_mode (bf16 on GPU), vocabulary projection fused with the KL and cross-entropy
+  and run a chunk of rows at a time (gradients from closed forms, nothing vocabulary-sized kept for backward),
+  host-side row counts (no device synchronisation), SDPA attention;
 - naive, as a straightforward script writes it: eager attention, fp32, teacher forward with autograd on (its
   parameters trainable, logits not detached), full ``model(...).logits`` of teacher and student, ``F.kl_div`` over
   every position of the [B, L, V] logits, cross-entropy through ``labels=``.
 Printed per step: tokens/s, FLOPs counted by ``torch.utils.flop_counter`` for that step, achieved FLOP/s and its
 ratio to this machine's dense matmul FLOP/s measured in the same run (fp32 on CPU, bf16 on GPU), peak memory, and
-alambic / naive ratios. The triple-loss weights are DistilBERT's (5, 2, 1, T = 2).
+alambic / naive ratios, and the loss of the first step (same weights, same batch: the two compute one loss; dropout
+draws differ). The triple-loss weights are DistilBERT's (5, 2, 1, T = 2).
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ def measure(args) -> dict:
     def on_device(i):
         return {k: v.to(device) for k, v in batches(i).items()}
 
-    step(on_device(0))  # warm-up
+    first_loss = float(step(on_device(0)))  # also the warm-up
     with FlopCounterMode(display=False) as counter:
         step(on_device(1))
     flops = counter.get_total_flops()
@@ -168,7 +170,7 @@ def measure(args) -> dict:
     seconds = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"variant": args.variant, "tokens_per_s": tokens / seconds, "step_s": seconds, "flops_per_step": flops,
-            "achieved_flops": flops / seconds, "peak_mb": peak, "loss": float(loss)}
+            "achieved_flops": flops / seconds, "peak_mb": peak, "first_loss": first_loss}
 
 
 def main() -> None:
@@ -187,7 +189,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"dense matmul: {peak_flops / 1e9:.1f} GFLOP/s ({'bf16' if torch.cuda.is_available() else 'fp32'})")
     print(f"{'setup':<13}{'step':<9}{'tokens/s':>10}{'s/step':>8}{'GFLOP/step':>12}{'GFLOP/s':>9}{'% of mm':>9}"
-          f"{memory:>13}")
+          f"{memory:>13}{'1st loss':>10}")
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for setup in args.setups.split(","):
         results = {}
@@ -198,7 +200,8 @@ def main() -> None:
                 sys.exit(f"{setup} {variant} failed:\n{out.stderr[-3000:]}")
             r = results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{setup:<13}{variant:<9}{r['tokens_per_s']:>10.0f}{r['step_s']:>8.2f}{r['flops_per_step'] / 1e9:>12.1f}"
-                  f"{r['achieved_flops'] / 1e9:>9.1f}{100 * r['achieved_flops'] / peak_flops:>8.0f}%{r['peak_mb']:>13.0f}")
+                  f"{r['achieved_flops'] / 1e9:>9.1f}{100 * r['achieved_flops'] / peak_flops:>8.0f}%{r['peak_mb']:>13.0f}"
+                  f"{r['first_loss']:>10.4f}")
         a, n = results["alambic"], results["naive"]
         print(f"{setup:<13}alambic / naive: {a['tokens_per_s'] / n['tokens_per_s']:.2f}x tokens/s, "
               f"{a['peak_mb'] / n['peak_mb']:.2f}x peak memory, {a['flops_per_step'] / n['flops_per_step']:.2f}x FLOPs")

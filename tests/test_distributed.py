@@ -1,4 +1,5 @@
-"""DDP through torch.distributed (gloo on CPU): two processes with batch B equal one process with 2 x B accumulated."""
+"""DDP through torch.distributed (gloo on CPU): two processes with batch B equal one process with 2 x B accumulated,
+and a DDP run interrupted and resumed equals one run straight through."""
 
 import json
 import os
@@ -12,7 +13,12 @@ from safetensors.torch import load_file
 from tiny import bpe_tokenizer, sample_texts, tiny_llama
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="torchrun missing")
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+needs_torchrun = pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
+                                    reason="torchrun missing")
+
+
+@needs_torchrun
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "teacher")
     bpe_tokenizer().save_pretrained(tmp_path / "teacher")
@@ -23,8 +29,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
               "--batch-size", "2", "--no-progress", "--set", "training.log_every=1", "--set", "data.max_length=32",
               "--set", "training.save_every=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "alambic", *common, "--out", str(tmp_path / "ddp")],
+    subprocess.run([TORCHRUN, "--nproc_per_node", "2", "-m", "alambic", *common, "--out", str(tmp_path / "ddp")],
                    check=True, env=env, capture_output=True)
     subprocess.run([sys.executable, "-m", "alambic", *common, "--grad-accum", "2", "--out", str(tmp_path / "one")],
                    check=True, env=env, capture_output=True)
@@ -38,3 +43,23 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     for a, b in zip(logs["ddp"], logs["one"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["latest", "step-0000002", "step-0000003"]
+
+
+@needs_torchrun
+def test_ddp_run_interrupted_and_resumed_equals_the_straight_run(tmp_path):
+    (tmp_path / "text").mkdir()
+    for i, text in enumerate(sample_texts(10)):  # documents of many lengths: the processes draw unequal dropout masks
+        (tmp_path / "text" / f"{i}.txt").write_text(" ".join(text.split()[: 6 + 5 * i]))
+    worker = os.path.join(os.path.dirname(__file__), "ddp_resume_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([TORCHRUN, "--nproc_per_node", "2", worker, str(tmp_path / "text"), str(tmp_path)], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def final(run):
+        return load_file(str(tmp_path / run / "checkpoints" / "step-0000004" / "student" / "model.safetensors"))
+
+    straight, resumed = final("straight"), final("resumed")
+    assert all((straight[k] == resumed[k]).all() for k in straight), "the resumed DDP run differs"
+    steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

@@ -133,27 +133,71 @@ def test_empty_selection_gives_zero_not_nan():
         value.backward()
 
 
-def test_chunked_vocabulary_losses_equal_the_plain_ones_in_value_and_gradient():
+def _direct_vocabulary_loss(x, w, b, xt, wt, bt, targets, T, kd_weight, ce_weight):
+    """The fused loss written with the plain functions on full logits."""
+    logits = F.linear(x, w, b)
+    kd = soft_target_kl(logits, F.linear(xt, wt, bt), T, num_items=1) if xt is not None else logits.new_zeros(())
+    ce = logits.new_zeros(())
+    if targets is not None:
+        kept = targets != -100
+        ce = token_cross_entropy(logits[kept], targets[kept], num_items=1)
+    return kd_weight * kd + ce_weight * ce, kd, ce
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 7, 100])
+@pytest.mark.parametrize("terms", ["both", "kd", "ce"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_vocabulary_loss_equals_the_direct_formulas_in_value_and_gradients(chunk, terms, with_bias):
+    from alambic.losses.vocabulary import fused_vocabulary_loss
+
     g = torch.Generator().manual_seed(3)
-    N, d, V, T = 37, 8, 50, 2.0
-    hs, ht = torch.randn(N, d, generator=g), torch.randn(N, d, generator=g)
+    N, d, d_t, V, T = 37, 8, 12, 50, 2.0  # teacher wider than the student: each has its own projection
+    x0, xt = torch.randn(N, d, generator=g), torch.randn(N, d_t, generator=g)
+    w0, wt = torch.randn(V, d, generator=g), torch.randn(V, d_t, generator=g)
+    b0, bt = (torch.randn(V, generator=g), torch.randn(V, generator=g)) if with_bias else (None, None)
     targets = torch.randint(0, V, (N,), generator=g)
     targets[::3] = -100  # rows with soft targets only
-    student_head, teacher_head = torch.nn.Linear(d, V), torch.nn.Linear(d, V)
-    from alambic.losses.chunked import vocabulary_losses
+    targets[-8:] = -100  # a whole chunk without hard targets
+    xt, wt, bt = (xt, wt, bt) if terms != "ce" else (None, None, None)
+    targets = targets if terms != "kd" else None
+    kd_weight, ce_weight = torch.tensor(5.0 / N), 2.0 / 20
 
-    results = {}
-    for chunk in (0, 8):
-        head = torch.nn.Linear(d, V)
-        head.load_state_dict(student_head.state_dict())
-        h = hs.clone().requires_grad_()
-        kd, ce = vocabulary_losses(h, ht, targets, head, teacher_head, T, chunk_rows=chunk)
-        (kd / N + 0.5 * ce / N).backward()
-        results[chunk] = (kd.detach(), ce.detach(), h.grad, head.weight.grad)
-    for plain, chunked in zip(results[0], results[8]):
-        torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
-    with torch.no_grad():
-        kept = targets != -100
-        assert results[0][0].item() == pytest.approx(soft_target_kl(student_head(hs), teacher_head(ht), T).item() * N, rel=1e-5)
-        assert results[0][1].item() == pytest.approx(
-            token_cross_entropy(student_head(hs)[kept], targets[kept]).item() * int(kept.sum()), rel=1e-5)
+    results = []
+    for fn in ("direct", "fused"):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        b = b0.clone().requires_grad_() if with_bias else None
+        if fn == "direct":
+            loss, kd, ce = _direct_vocabulary_loss(x, w, b, xt, wt, bt, targets, T, kd_weight, ce_weight)
+        else:
+            loss, kd, ce = fused_vocabulary_loss(x, w, b, xt, wt, bt, targets, T, kd_weight, ce_weight, chunk)
+            assert not kd.requires_grad and not ce.requires_grad  # sums are for logging
+        (3 * loss).backward()  # a scaled upstream gradient flows through
+        results.append([loss, kd, ce, x.grad, w.grad] + ([b.grad] if with_bias else []))
+    for direct, fused in zip(*results):
+        torch.testing.assert_close(fused.detach(), direct.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_vocabulary_loss_on_no_rows_is_zero():
+    from alambic.losses.vocabulary import fused_vocabulary_loss
+
+    x, w = torch.zeros(0, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
+    loss, kd, ce = fused_vocabulary_loss(x, w, None, torch.zeros(0, 4), torch.randn(9, 4), None,
+                                         torch.zeros(0, dtype=torch.long), 2.0, 1.0, 1.0)
+    loss.backward()
+    assert loss.item() == kd.item() == ce.item() == 0.0 and w.grad.abs().sum() == 0
+
+
+def test_fused_vocabulary_loss_under_bf16_autocast_stays_close_to_fp32():
+    from alambic.losses.vocabulary import fused_vocabulary_loss
+
+    g = torch.Generator().manual_seed(0)
+    x, xt = torch.randn(16, 32, generator=g, requires_grad=True), torch.randn(16, 32, generator=g)
+    w, wt = torch.randn(64, 32, generator=g, requires_grad=True), torch.randn(64, 32, generator=g)
+    targets = torch.randint(0, 64, (16,), generator=g)
+    args = (x, w, None, xt, wt, None, targets, 2.0, 1 / 16, 1 / 16)
+    reference = fused_vocabulary_loss(*args)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = fused_vocabulary_loss(*args)[0]
+    low.backward()
+    assert low.dtype == torch.float32 and w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    assert low.item() == pytest.approx(reference.item(), rel=0.05)

@@ -30,6 +30,17 @@ def test_head_of_body_equals_model_logits(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_split_head_is_features_then_the_output_projection(family):
+    model = FAMILIES[family]()
+    rows = torch.randn(5, modeling.hidden_size(model.config))
+    features, projection = modeling.split_lm_head(model)
+    with torch.no_grad():
+        assert projection is model.get_output_embeddings()
+        torch.testing.assert_close(projection(features(rows)), modeling.lm_head(model)(rows))
+    assert "forward" not in vars(projection)  # the bypass is undone
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_architecture_facts(family):
     model = FAMILIES[family]()
     kind = "causal" if family in DECODERS else "masked"

@@ -5,6 +5,7 @@ Hugging Face models name the same things differently (``num_hidden_layers`` / ``
 """
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -157,3 +158,42 @@ def lm_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     if len(heads) != 1:
         raise AlambicError(f"cannot tell the LM head of {name} apart from its other parts; alambic does not support it")
     return heads[0]
+
+
+def split_lm_head(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Linear]:
+    """The LM head as ``(features, projection)`` with ``lm_head(model)(h) == projection(features(h))``: whatever runs
+    before the vocabulary projection (BERT's dense + GELU + LayerNorm; nothing for Llama or GPT-2), and the
+    projection itself, so a fused loss can run the projection chunk by chunk. Checked once on random rows."""
+    head, projection = lm_head(model), model.get_output_embeddings()
+    if not isinstance(projection, nn.Linear):
+        raise AlambicError(f"the output projection of {type(model).__name__} is a {type(projection).__name__}, not a "
+                           "Linear layer; alambic does not support it")
+    if head is projection:
+        return _identity, projection
+
+    def features(hidden: torch.Tensor) -> torch.Tensor:
+        with _bypassed(projection):
+            return head(hidden)
+
+    with torch.no_grad():
+        weight = projection.weight
+        generator = torch.Generator(weight.device).manual_seed(0)  # leaves the global RNG (and resumes) untouched
+        probe = torch.randn(2, projection.in_features, generator=generator, device=weight.device).to(weight.dtype)
+        if not torch.allclose(projection(features(probe)).float(), head(probe).float(), rtol=1e-2, atol=1e-3):
+            raise AlambicError(f"the LM head of {type(model).__name__} does more than a projection after its "
+                               "features; alambic's fused vocabulary loss does not support it")
+    return features, projection
+
+
+def _identity(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
+
+
+@contextmanager
+def _bypassed(module: nn.Module):
+    """Run ``module`` as the identity (an instance attribute shadows the class's ``forward``)."""
+    module.forward = _identity
+    try:
+        yield
+    finally:
+        del module.forward

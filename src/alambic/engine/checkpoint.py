@@ -3,7 +3,8 @@
 A checkpoint is a folder ``RUN/checkpoints/step-NNNNNNN`` holding
 - ``student/``: the student as a plain Hugging Face model (usable on its own, e.g. with ``alambic eval-lm``);
 - ``objective-extra.safetensors``: trainable parameters that are not the student's (projections of later recipes);
-- ``trainer-state.pt``: optimiser, scheduler, step and every RNG state, so a resumed run continues bit for bit.
+- ``trainer-state.pt``: optimiser, scheduler, step and every RNG state of every process, so a resumed run (on the
+  same number of processes) continues bit for bit.
 It is written to a temporary folder and renamed into place, then ``checkpoints/latest`` is rewritten atomically:
 an interrupted save leaves the previous checkpoint as the latest.
 """
@@ -24,7 +25,8 @@ from alambic.errors import AlambicError
 LATEST = "latest"
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
+    """This process's RNG states (Python, NumPy, torch CPU and CUDA)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -57,9 +59,10 @@ def save_model_folder(model, tokenizer, path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, objective, student, optimizer, scheduler, tokenizer, keep: int,
-                    loop_state: dict | None = None) -> Path:
+                    loop_state: dict | None = None, rng_states: list[dict] | None = None) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it, and prune all but the ``keep`` newest.
-    ``loop_state`` is whatever else the loop must restore (e.g. the best evaluation so far)."""
+    ``loop_state`` is whatever else the loop must restore (e.g. the best evaluation so far); ``rng_states`` holds
+    every process's :func:`rng_state` in process order (default: this process's only)."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:07d}"
     with atomic_directory(final) as tmp:
@@ -68,7 +71,7 @@ def save_checkpoint(run_dir: Path, step: int, objective, student, optimizer, sch
             tokenizer.save_pretrained(tmp / "student")
         save_file(_extra_parameters(objective, student), str(tmp / "objective-extra.safetensors"))
         torch.save(
-            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states or [rng_state()],
              "loop": loop_state or {}},
             tmp / "trainer-state.pt",
         )
@@ -86,8 +89,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_checkpoint(path: Path, objective, student, optimizer, scheduler) -> tuple[int, dict]:
-    """Restore everything :func:`save_checkpoint` wrote; returns the step to continue from and the loop state."""
+def load_checkpoint(path: Path, objective, student, optimizer, scheduler, process_index: int = 0) -> tuple[int, dict]:
+    """Restore everything :func:`save_checkpoint` wrote, with process ``process_index``'s RNG states; returns the
+    step to continue from and the loop state."""
     path = Path(path)
     trained = type(student).from_pretrained(path / "student", dtype=next(student.parameters()).dtype)
     student.load_state_dict(trained.state_dict())
@@ -100,5 +104,6 @@ def load_checkpoint(path: Path, objective, student, optimizer, scheduler) -> tup
     state = torch.load(path / "trainer-state.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+    rng_states = state["rng"]
+    _set_rng_state(rng_states[process_index % len(rng_states)])
     return int(state["step"]), state.get("loop", {})

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from alambic.cache import atomic_write_text
 from alambic.config import TrainingConfig
-from alambic.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_folder
+from alambic.engine.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_model_folder
 from alambic.errors import AlambicError
 
 
@@ -209,7 +210,8 @@ def train(
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             raise AlambicError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
-        step, loop_state = load_checkpoint(checkpoint, accelerator.unwrap_model(objective), student, optimizer, scheduler)
+        step, loop_state = load_checkpoint(checkpoint, accelerator.unwrap_model(objective), student, optimizer, scheduler,
+                                           rank)
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     log = MetricsLog(run_dir, accelerator.is_main_process, step if resume else None)
     evaluator = Evaluator(evaluate, cfg, run_dir, tokenizer, log, accelerator.is_main_process)
@@ -293,10 +295,13 @@ def train(
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             term_sums, window_tokens, window_steps, window_start = {}, 0, 0, time.perf_counter()
             if step % cfg.save_every == 0 or last:
+                # Each process's RNG (dropout) goes into the checkpoint, so every process resumes where it stopped.
+                rng_states = gather_object([rng_state()]) if processes > 1 else [rng_state()]
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     save_checkpoint(run_dir, step, accelerator.unwrap_model(objective), student, optimizer,
-                                    scheduler, tokenizer, cfg.keep_checkpoints, {"evaluation": evaluator.state_dict()})
+                                    scheduler, tokenizer, cfg.keep_checkpoints, {"evaluation": evaluator.state_dict()},
+                                    rng_states)
                 accelerator.wait_for_everyone()
             if stopping:
                 break

@@ -17,8 +17,8 @@ from torch import nn
 
 from alambic.errors import AlambicError
 from alambic.losses import cosine_distance
-from alambic.losses.chunked import vocabulary_losses
-from alambic.modeling import has_lm_head, hidden_size, lm_body, lm_head
+from alambic.losses.vocabulary import fused_vocabulary_loss
+from alambic.modeling import has_lm_head, hidden_size, lm_body, split_lm_head
 
 
 @dataclass
@@ -37,9 +37,9 @@ class DistilBERTLossConfig:
     """Share of tokens masked (encoders)."""
     mlm_smoothing: float | None = None
     """Mask tokens with probability proportional to count^-s (DistilBERT used 0.7); empty for uniform masking."""
-    logit_chunk_rows: int = 4096
-    """Past this many rows per micro-batch, vocabulary logits are computed in checkpointed chunks of this size
-    (bounded memory for long sequences and large vocabularies; 0: never chunk)."""
+    logit_chunk_rows: int = 0
+    """Rows of vocabulary logits computed at once by the fused KL + cross-entropy (memory for logits stays bounded
+    whatever the sequence length and vocabulary); 0: about 2^23 logits per chunk on CPU, 2^26 on GPU."""
 
     def validate(self):
         for name in ("alpha_kd", "alpha_lm", "alpha_cos"):
@@ -72,32 +72,40 @@ class DistilBERTObjective(nn.Module):
         super().__init__()
         self.student = student
         self.cfg = loss
+        self.head = split_lm_head(student)  # (features, projection); a tuple, so not registered twice
 
     def forward(self, batch: dict, teacher: dict, num_items: dict) -> tuple[torch.Tensor, dict]:
         c = self.cfg
         hidden = _token_hidden_states(self.student, batch)
         lm_rows, lm_targets = batch["lm_token_rows"], batch["lm_targets"]
         zero = hidden.new_zeros((), dtype=torch.float32)
-        kd = lm = cos = zero
+        loss = kd = lm = cos = zero
         if c.alpha_kd > 0 or c.alpha_lm > 0:
             # One vocabulary projection serves both terms: on every token when soft targets cover all tokens (hard
             # targets placed on their rows), else on the masked / next-token rows only.
             if c.alpha_kd > 0 and c.kd_rows == "tokens":
-                rows, teacher_rows = hidden, teacher["hidden"]
+                rows, teacher_rows = hidden, teacher["features"]
                 targets = torch.full((len(hidden),), -100, dtype=torch.long, device=hidden.device)
                 targets = targets.index_copy(0, lm_rows, lm_targets)
             else:
                 rows = hidden.index_select(0, lm_rows)
-                teacher_rows = teacher["hidden"].index_select(0, lm_rows) if c.alpha_kd > 0 else None
+                teacher_rows = teacher["features"].index_select(0, lm_rows) if c.alpha_kd > 0 else None
                 targets = lm_targets
-            kd_sum, ce_sum = vocabulary_losses(
-                rows, teacher_rows, targets, lm_head(self.student), teacher.get("head"), c.temperature, c.logit_chunk_rows
+            features, projection = self.head
+            teacher_projection = teacher.get("projection")  # absent when alpha_kd = 0
+            teacher_weight, teacher_bias = (
+                (teacher_projection.weight, teacher_projection.bias) if teacher_projection is not None else (None, None))
+            loss, kd_sum, ce_sum = fused_vocabulary_loss(
+                features(rows), projection.weight, projection.bias, teacher_rows, teacher_weight, teacher_bias,
+                targets if c.alpha_lm > 0 else None, c.temperature,
+                kd_weight=c.alpha_kd / num_items["kd"].clamp(min=1), ce_weight=c.alpha_lm / num_items["lm"].clamp(min=1),
+                chunk_rows=c.logit_chunk_rows,
             )
             kd = kd_sum / num_items["kd"].clamp(min=1)
             lm = ce_sum / num_items["lm"].clamp(min=1)
         if c.alpha_cos > 0:
             cos = cosine_distance(hidden, teacher["hidden"], num_items["cos"])
-        loss = c.alpha_kd * kd + c.alpha_lm * lm + c.alpha_cos * cos
+            loss = loss + c.alpha_cos * cos
         return loss, {"kd": kd, "lm": lm, "cos": cos}
 
 
@@ -121,6 +129,8 @@ class DistilBERTRecipe:
         self.student = student
         self.cfg = loss
         self.objective = DistilBERTObjective(student, loss)
+        if loss.alpha_kd > 0:
+            self.teacher_head_features, self.teacher_projection = split_lm_head(teacher)
 
     def row_counts(self, batch: dict) -> dict[str, int]:
         tokens, masked = len(batch["token_positions"]), len(batch["lm_positions"])
@@ -131,9 +141,10 @@ class DistilBERTRecipe:
             return {}  # hard labels only: the teacher is not consulted
         with torch.inference_mode():
             hidden = _token_hidden_states(self.teacher, batch)
+            features = self.teacher_head_features(hidden) if self.cfg.alpha_kd > 0 else None
         # Leave inference mode: the student's losses save these for backward, which inference tensors forbid.
-        # The teacher's head runs inside the loss, on the rows (and chunks) that need it.
+        # The teacher's vocabulary projection runs inside the fused loss, a chunk of rows at a time.
         targets = {"hidden": hidden.clone()}
-        if self.cfg.alpha_kd > 0:
-            targets["head"] = lm_head(self.teacher)
+        if features is not None:
+            targets["features"], targets["projection"] = features.clone(), self.teacher_projection
         return targets
