@@ -2,6 +2,7 @@
 
     python benchmarks/distill_step.py                      # decoder (SmolLM2 -> 15 layers) and encoder setups
     python benchmarks/distill_step.py --setups decoder-128 --steps 3
+    python benchmarks/distill_step.py --compile            # alambic's step with torch.compile'd bodies
 
 For each setup, two steps run on the same batches of real text, each in its own process (so its peak resident or
 device memory is its own):
@@ -124,6 +125,7 @@ def measure(args) -> dict:
 
     from alambic.config import DataConfig
     from alambic.data.pipeline import training_batches
+    from alambic.modeling import lm_body
     from alambic.recipes.distilbert import DistilBERTLossConfig, DistilBERTRecipe
 
     teacher_name, layers, batch_size, seq_len = SETUPS[args.setup]
@@ -143,6 +145,9 @@ def measure(args) -> dict:
         if cuda:
             teacher = teacher.to(torch.bfloat16)
         recipe = DistilBERTRecipe(teacher, student, loss_cfg)
+        if args.compile:  # as training.compile does
+            for model in (student, teacher):
+                lm_body(model).compile()
 
         def autocast():
             return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
@@ -177,6 +182,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated, from: {', '.join(SETUPS)}")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median) after one warm-up and one counted")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer bodies in alambic's step "
+                        "(compilation happens in the untimed warm-up step)")
     parser.add_argument("--setup", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=["alambic", "naive"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -195,6 +202,7 @@ def main() -> None:
         results = {}
         for variant in ("naive", "alambic"):
             cmd = [sys.executable, __file__, "--setup", setup, "--variant", variant, "--steps", str(args.steps)]
+            cmd += ["--compile"] if args.compile and variant == "alambic" else []
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 sys.exit(f"{setup} {variant} failed:\n{out.stderr[-3000:]}")

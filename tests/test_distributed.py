@@ -63,3 +63,16 @@ def test_ddp_run_interrupted_and_resumed_equals_the_straight_run(tmp_path):
     assert all((straight[k] == resumed[k]).all() for k in straight), "the resumed DDP run differs"
     steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_sharding_engines_are_refused_in_words():
+    from accelerate.utils import DistributedType
+
+    from alambic.engine.loop import check_engine
+    from alambic.errors import AlambicError
+
+    for engine in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        check_engine(engine)
+    for engine in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(AlambicError, match="multi-GPU"):
+            check_engine(engine)

@@ -271,9 +271,7 @@ def test_without_quality_data_the_plot_shows_size(files, tmp_path):
 
 
 def test_task_metric_through_the_task_package(files, tmp_path):
-    pytest.importorskip("alambic.tasks")
-    from alambic.cli_tasks import evaluate_models
-    from alambic.tasks.workflow import DataOptions
+    from alambic.tasks.workflow import DataOptions, evaluate_models
 
     labels = ["business", "sport"]
     for name, seed in (("task-teacher", 0), ("task-student", 1)):
@@ -311,12 +309,3 @@ def test_task_metric_through_the_task_package(files, tmp_path):
     with pytest.raises(AlambicError, match="unknown task 'sst2'"):
         build_report([str(tmp_path / "task-teacher")], ReportSettings(seq_lens=[16], task="sst2",
                                                                       data=[str(tmp_path / "eval.csv")]))
-
-
-def test_task_without_the_task_package_is_not_available_yet(files, monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "alambic.cli_tasks", None)  # as in an alambic without task evaluation
-    settings = ReportSettings(seq_lens=[8], task="classification", data=[str(files / "heldout.jsonl")])
-    with pytest.raises(AlambicError, match="not available yet"):
-        build_report([str(files / "teacher")], settings, log=None, warn=None)

@@ -152,28 +152,9 @@ def add_eval_task(sub) -> None:
     p.set_defaults(run=run_eval_task)
 
 
-def evaluate_models(task: str, models: list[str], data_path, options) -> list[dict]:
-    from alambic.students import count_parameters
-    from alambic.tasks.data import check_labels
-    from alambic.tasks.evaluate import evaluate_task
-    from alambic.tasks.features import encode
-    from alambic.tasks.models import load_task_model, model_labels
-    from alambic.tasks.workflow import read_examples
-
-    examples = read_examples(task, data_path, options)
-    rows = []
-    for spec in models:
-        model, tokenizer, _ = load_task_model(spec, task, role="model", need_head=True)
-        labels = model_labels(model) if task != "qa" else []
-        check_labels(task, examples, labels, str(data_path), f"the labels of model {spec}")
-        features = encode(task, examples, tokenizer, labels, max_length=options.max_length,
-                          doc_stride=options.doc_stride)
-        metrics = evaluate_task(model, task, examples, features, tokenizer, labels, options.eval_batch_size)
-        rows.append({"model": spec, "parameters": count_parameters(model), "examples": len(examples), **metrics})
-    return rows
-
-
 def run_eval_task(args) -> int:
+    from alambic.tasks.workflow import evaluate_models
+
     rows = evaluate_models(args.task, args.models, args.data, _data(args))
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -1,4 +1,4 @@
-"""The one training loop every recipe runs on (accelerate: one process, DDP or FSDP with no code change).
+"""The one training loop every recipe runs on (accelerate: one process or DDP over many, with no code change).
 
 Reads top to bottom as one optimiser step:
 1. take this process's ``grad_accum`` micro-batches of the global batch (indexed, so resume is exact);
@@ -91,7 +91,21 @@ def make_accelerator(cfg: TrainingConfig):
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     # cpu=True is what makes accelerate honour torchrun's WORLD_SIZE on a machine without GPUs (DDP over gloo).
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    check_engine(accelerator.distributed_type)
+    return accelerator
+
+
+def check_engine(distributed_type) -> None:
+    """Refuse engines that shard the student: checkpoints are written from the main process's full copy of the
+    student and optimiser, which FSDP and DeepSpeed ZeRO split across processes (the files would be incomplete)."""
+    name = getattr(distributed_type, "value", str(distributed_type))
+    if name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise AlambicError(
+            f"accelerate is configured for {name}, which alambic does not support yet (its checkpoints need the "
+            "whole student on the main process): run `accelerate config` and choose multi-GPU (DDP), or launch "
+            "with `accelerate launch --multi_gpu`"
+        )
 
 
 class MetricsLog:

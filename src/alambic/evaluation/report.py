@@ -25,6 +25,10 @@ from alambic.errors import AlambicError
 from alambic.evaluation import flops as flops_mod
 from alambic.evaluation import speed as speed_mod
 from alambic.students import count_parameters
+from alambic.tasks import MAIN_METRIC
+from alambic.tasks.data import check_task
+from alambic.tasks.models import head_task, resolve_task_model
+from alambic.tasks.workflow import DataOptions, evaluate_models, read_examples
 from alambic.teachers import vocabulary_hash
 
 SCHEMA_VERSION = 1
@@ -34,9 +38,6 @@ REPORT_KEYS = ("schema_version", "kind", "created", "command", "machine", "setti
                "warnings")
 MODEL_KEYS = ("name", "spec", "path", "kind", "architecture", "layers", "hidden_size", "vocab_size", "tokenizer",
               "parameters", "disk_bytes", "flops", "speed", "quality", "ratios")
-TASK_PACKAGE = "alambic.tasks"
-"""``--task`` measures through this package (classification, NER, extractive QA: ``alambic eval-task``'s metrics);
-without it, ``--task`` says task evaluation is not available."""
 
 
 @dataclass
@@ -117,26 +118,8 @@ def parameter_counts(model: torch.nn.Module) -> dict:
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
 
-def _tasks():
-    """The task package's entry points, or a clear error when this alambic has none."""
-    try:
-        from alambic.cli_tasks import evaluate_models
-        from alambic.tasks import MAIN_METRIC
-        from alambic.tasks.data import check_task
-        from alambic.tasks.models import head_task, resolve_task_model
-        from alambic.tasks.workflow import DataOptions, read_examples
-    except ModuleNotFoundError as err:
-        if err.name and (err.name.startswith(TASK_PACKAGE) or err.name == "alambic.cli_tasks"):
-            raise AlambicError("task evaluation (--task) is not available yet in this alambic version: "
-                               "measure held-out language-model quality with --lm-data FILE instead") from None
-        raise
-    return {"evaluate_models": evaluate_models, "MAIN_METRIC": MAIN_METRIC, "check_task": check_task,
-            "head_task": head_task, "resolve": resolve_task_model, "DataOptions": DataOptions,
-            "read_examples": read_examples}
-
-
 def _task_options(settings: "ReportSettings"):
-    return _tasks()["DataOptions"](max_length=settings.eval_length, text_field=settings.text_field,
+    return DataOptions(max_length=settings.eval_length, text_field=settings.text_field,
                                    eval_batch_size=settings.eval_batch_size)
 
 
@@ -165,26 +148,25 @@ def _prepare(models: list[str], settings: ReportSettings, warn, log) -> list[_Pr
 
         describe_sources(settings.lm_data)
     if settings.task:
-        tasks = _tasks()
-        tasks["check_task"](settings.task)
+        check_task(settings.task)
         if len(settings.data) != 1:
             raise AlambicError(f"--task {settings.task} takes one --data FILE (its evaluation set), "
                                f"got {len(settings.data)}")
-        tasks["read_examples"](settings.task, settings.data[0], _task_options(settings))  # format errors now
+        read_examples(settings.task, settings.data[0], _task_options(settings))  # format errors now
     names = settings.names or list(models)
     if len(set(names)) != len(names):
         raise AlambicError(f"two models share the name {next(n for n in names if names.count(n) > 1)!r}: "
                            "give distinct --names")
     prepared = []
     for spec, name in zip(models, names):
-        path = _tasks()["resolve"](spec) if settings.task else resolve_model_path(spec)
+        path = resolve_task_model(spec) if settings.task else resolve_model_path(spec)
         try:
             config = AutoConfig.from_pretrained(path)
         except (ValueError, KeyError, OSError) as err:
             raise AlambicError(f"{path}/config.json is not a model configuration this transformers can read "
                                f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})")
         kind = modeling.model_kind(config)
-        if settings.task and _tasks()["head_task"](config) != settings.task:
+        if settings.task and head_task(config) != settings.task:
             raise AlambicError(f"{name} has no {settings.task} head: give a model fine-tuned for the task "
                                f"(`alambic finetune --task {settings.task} ...` or `alambic distill-task`)")
         limit = speed_mod.max_positions(config)
@@ -257,9 +239,8 @@ def _lm_quality(model, p: _Prepared, settings: ReportSettings) -> dict:
 
 def _task_quality(p: _Prepared, settings: ReportSettings) -> dict:
     """The task's main metric (accuracy / entity F1 / SQuAD F1) with the others, as ``alambic eval-task`` gives."""
-    tasks = _tasks()
-    row = tasks["evaluate_models"](settings.task, [p.spec], settings.data[0], _task_options(settings))[0]
-    metric = tasks["MAIN_METRIC"][settings.task]
+    row = evaluate_models(settings.task, [p.spec], settings.data[0], _task_options(settings))[0]
+    metric = MAIN_METRIC[settings.task]
     scores = {k: v for k, v in row.items() if k not in ("model", "parameters", "examples")}
     return {"metric": metric, "value": scores[metric], "higher_is_better": True, "source": "task",
             "task": settings.task, "data": list(settings.data), "examples": row["examples"], "scores": scores,
