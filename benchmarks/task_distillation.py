@@ -35,7 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from alambic.cli_tasks import evaluate_models  # noqa: E402
+from alambic.tasks.workflow import evaluate_models  # noqa: E402
 from alambic.distill_task import distill_task  # noqa: E402
 from alambic.evaluation.speed import machine_info, time_forward  # noqa: E402
 from alambic.finetune import finetune  # noqa: E402

@@ -14,7 +14,7 @@ import textwrap
 from alambic import __version__
 from alambic.errors import AlambicError
 from alambic.cli_report import add_plot_run, add_plot_temperature, add_report
-from alambic.cli_tasks import add_distill_task, add_eval_task, add_finetune
+from alambic.cli_tasks import add_augment, add_distill_task, add_eval_task, add_finetune
 
 TEACHER_HELP = "a local Hugging Face model folder, a .gguf file, or a packaged teacher (smollm2-135m, minilm-l6)"
 DATA_HELP = "text files, folders, globs (.txt .jsonl .json .csv .parquet) or packaged corpora (bbc-news, bbc-news:train, bbc-news:heldout, kolaw)"
@@ -267,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune(sub)
     add_distill_task(sub)
     add_eval_task(sub)
+    add_augment(sub)
     return parser
 
 

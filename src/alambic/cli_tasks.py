@@ -138,6 +138,61 @@ def run_distill_task(args) -> int:
     return 0
 
 
+# --- augment ------------------------------------------------------------------------------------------------------
+
+def add_augment(sub) -> None:
+    p = sub.add_parser("augment", help="TinyBERT data augmentation: task data with words replaced by model substitutes",
+                       description="Write each example followed by N copies in which every word is replaced, with "
+                       "probability P, by one of its K best substitutes: the masked-LM predictions of --model for "
+                       "one-token words, nearest neighbours in its embedding space otherwise (TinyBERT, Jiao et al. "
+                       "2020). Train distill-task on the output. Classification and NER; not QA.")
+    p.add_argument("--task", required=True, choices=("classification", "ner"))
+    p.add_argument("--data", required=True, metavar="FILE", help=FORMATS)
+    p.add_argument("--model", required=True, metavar="MODEL",
+                   help="a masked LM (HF folder or packaged name); a model without MLM head (e.g. minilm-l6) gives "
+                   "embedding neighbours only")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="output: JSONL records (classification) or a CoNLL file (NER)")
+    p.add_argument("--copies", type=int, default=20, help="augmented copies per example, N (default 20)")
+    p.add_argument("--probability", type=float, default=0.4, help="chance a word is replaced, p_t (default 0.4)")
+    p.add_argument("--candidates", type=int, default=15, help="substitutes per word, K (default 15)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-field", default="text", help="classification records: field of the text")
+    p.add_argument("--pair-field", default="text_pair", help="classification records: field of the optional pair")
+    p.add_argument("--label-field", default="label", help="classification records: field of the label")
+    p.set_defaults(run=run_augment)
+
+
+def run_augment(args) -> int:
+    from pathlib import Path
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from alambic.tasks.augment import AugmentConfig, Substitutes, augment_examples, write_examples
+    from alambic.tasks.data import read_task_data
+    from alambic.teachers import load_model
+
+    cfg = AugmentConfig(copies=args.copies, probability=args.probability, candidates=args.candidates, seed=args.seed)
+    cfg.validate()
+    out = Path(args.out)
+    if out.is_dir():
+        raise AlambicError(f"--out {out} is a folder: give a file name (e.g. {out / 'augmented.jsonl'})")
+    examples = read_task_data(args.task, args.data, text_field=args.text_field, pair_field=args.pair_field,
+                              label_field=args.label_field)
+    model, tokenizer = load_model(args.model)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    substitutes = Substitutes(model, tokenizer, cfg.candidates)
+    source = "masked-LM predictions and embedding neighbours" if substitutes.uses_mlm else "embedding neighbours only"
+    print(f"{len(examples)} examples, {cfg.copies} copies each, substitutes from {source} of {args.model}")
+    with tqdm(total=len(examples), unit="example", desc="augment") as bar:
+        augmented = augment_examples(args.task, examples, substitutes, cfg, progress=lambda n: bar.update(1))
+    write_examples(args.task, augmented, out)
+    print(f"{len(augmented)} examples written to {out}")
+    return 0
+
+
 # --- eval-task ----------------------------------------------------------------------------------------------------
 
 def add_eval_task(sub) -> None:
@@ -169,4 +224,4 @@ def run_eval_task(args) -> int:
     return 0
 
 
-__all__ = ["AlambicError", "add_distill_task", "add_eval_task", "add_finetune"]
+__all__ = ["AlambicError", "add_augment", "add_distill_task", "add_eval_task", "add_finetune"]

@@ -8,7 +8,7 @@ by one of its ``candidates`` best substitutes:
 - a word of several tokens, or any word when the model has no MLM head (e.g. MiniLM): its nearest neighbours by
   cosine in the model's input-embedding space (mean of its tokens), where the reference used GloVe vectors.
 Substitutes are whole words of the model's vocabulary, in any script (the reference keeps ASCII words only and skips
-a stopword list); only alphabetic words are replaced. Both texts of a sentence pair are augmented and stay paired (the
+a stopword list); only words made of letters are replaced, in place, so punctuation, numbers and spacing stay. Both texts of a sentence pair are augmented and stay paired (the
 reference mis-pairs them). NER words are replaced one for one, so tags stay aligned. QA is not augmented: a replaced
 word inside or around the answer would move or break its span.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from alambic.errors import AlambicError
+from alambic.evaluation.speed import max_positions
 from alambic.modeling import has_lm_head, lm_head, model_kind
 from alambic.tasks.data import ClassificationExample, TokenExample
 
@@ -64,31 +66,30 @@ class Substitutes:
                                f"{k} substitutes per word: lower --candidates")
         embeddings = model.get_input_embeddings().weight.detach().float()
         self.embeddings = embeddings
+        self.vocab_ids = self.vocab_ids.to(embeddings.device)
         self.vocab_vectors = F.normalize(embeddings[self.vocab_ids], dim=-1)
+        # Longer texts are cut here: their later words keep no substitutes. RoBERTa-style position ids start after
+        # the padding index, so those models take two positions fewer than their table holds.
+        positions = max_positions(model.config) or 512
+        if getattr(model.config, "model_type", "").endswith("roberta"):
+            positions -= 2
+        self.max_length = min(positions, 512, tokenizer.model_max_length)
 
     @torch.no_grad()
-    def __call__(self, words: list[str]) -> list[list[str]]:
-        """Substitutes per word (empty for words that are not alphabetic or fall past the model's length)."""
-        result: list[list[str]] = [[] for _ in words]
-        text = " ".join(words)
-        starts, position = [], 0
-        for word in words:
-            starts.append(position)
-            position += len(word) + 1
-        encoding = self.tokenizer(text, return_offsets_mapping=True, truncation=True,
-                                  max_length=min(self.tokenizer.model_max_length, 512))
+    def __call__(self, text: str, spans: list[tuple[int, int]]) -> list[list[str]]:
+        """Substitutes for the words at character ``spans`` of ``text`` (empty for a word whose tokens do not line
+        up with it, or past the model's length)."""
+        result: list[list[str]] = [[] for _ in spans]
+        encoding = self.tokenizer(text, return_offsets_mapping=True, truncation=True, max_length=self.max_length)
         ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
-        pieces: list[list[int]] = [[] for _ in words]  # token positions of each word
-        word = 0
-        for position, (begin, end) in enumerate(offsets):
-            if end <= begin:
-                continue  # special tokens
-            while word + 1 < len(words) and begin >= starts[word + 1]:
-                word += 1
-            pieces[word].append(position)
-        replaceable = [i for i, w in enumerate(words) if w.isalpha() and pieces[i]]
-        by_mlm = [i for i in replaceable if self.uses_mlm and len(pieces[i]) == 1]
-        by_embedding = [i for i in replaceable if i not in set(by_mlm)]
+        pieces: list[list[int]] = []  # token positions of each word
+        for begin, end in spans:
+            inside = [p for p, (b, e) in enumerate(offsets) if e > b and b >= begin and e <= end]
+            aligned = inside and offsets[inside[0]][0] == begin and offsets[inside[-1]][1] == end
+            pieces.append(inside if aligned else [])
+        by_mlm = [i for i, p in enumerate(pieces) if self.uses_mlm and len(p) == 1]
+        by_embedding = [i for i, p in enumerate(pieces) if p and not (self.uses_mlm and len(p) == 1)]
+        words = [text[b:e] for b, e in spans]
         if by_mlm:
             for i, found in zip(by_mlm, self._mlm(ids, [pieces[i][0] for i in by_mlm])):
                 result[i] = self._keep(found, words[i])
@@ -115,9 +116,13 @@ class Substitutes:
         return found
 
     def _keep(self, ranked: list[int], word: str) -> list[str]:
-        """The first ``k`` ranked vocabulary words other than ``word`` itself."""
+        """The first ``k`` ranked vocabulary words other than ``word`` itself, in ``word``'s capitalisation (an
+        uncased model proposes lower-case words)."""
         same = word.lower()
-        return [self.vocab_words[j] for j in ranked if self.vocab_words[j].lower() != same][: self.k]
+        kept = [self.vocab_words[j] for j in ranked if self.vocab_words[j].lower() != same][: self.k]
+        if len(word) > 1 and word.isupper():
+            return [w.upper() for w in kept]
+        return [w[:1].upper() + w[1:] for w in kept] if word[:1].isupper() else kept
 
 
 def whole_word_vocabulary(tokenizer) -> tuple[torch.Tensor, list[str]]:
@@ -132,9 +137,33 @@ def whole_word_vocabulary(tokenizer) -> tuple[torch.Tensor, list[str]]:
     return torch.tensor([i for i, _ in kept], dtype=torch.long), [w for _, w in kept]
 
 
-def _replace(words: list[str], substitutes: list[list[str]], probability: float, rng: random.Random) -> list[str]:
-    return [rng.choice(options) if options and rng.random() < probability else word
-            for word, options in zip(words, substitutes)]
+WORD = re.compile(r"(?<!\w)[^\W\d_]+(?!\w)")  # a word of letters only, in any script ("bn" of "$1.13bn" is not)
+
+
+def _augment_text(text: str, substitutes: Substitutes, cfg: AugmentConfig, rng: random.Random) -> list[str]:
+    """``cfg.copies`` versions of ``text``, words replaced in place (punctuation and spacing kept)."""
+    spans = [m.span() for m in WORD.finditer(text)]
+    options = substitutes(text, spans)
+    copies = []
+    for _ in range(cfg.copies):
+        parts, last = [], 0
+        for (begin, end), choices in zip(spans, options):
+            if choices and rng.random() < cfg.probability:
+                parts += [text[last:begin], rng.choice(choices)]
+                last = end
+        copies.append("".join(parts) + text[last:])
+    return copies
+
+
+def _augment_words(words: list[str], substitutes: Substitutes, cfg: AugmentConfig, rng: random.Random):
+    """``cfg.copies`` versions of a word list (NER), alphabetic words replaced one for one."""
+    text, spans, position = " ".join(words), [], 0
+    for word in words:
+        spans.append((position, position + len(word)))
+        position += len(word) + 1
+    options = substitutes(text, spans)
+    return [[rng.choice(choices) if choices and WORD.fullmatch(word) and rng.random() < cfg.probability else word
+             for word, choices in zip(words, options)] for _ in range(cfg.copies)]
 
 
 def augment_examples(task: str, examples: list, substitutes: Substitutes, cfg: AugmentConfig, progress=None) -> list:
@@ -146,19 +175,15 @@ def augment_examples(task: str, examples: list, substitutes: Substitutes, cfg: A
     rng = random.Random(cfg.seed)
     out = []
     for n, example in enumerate(examples):
+        out.append(example)
         if task == "ner":
-            options = substitutes(example.words)
-            out.append(example)
-            out += [TokenExample(_replace(example.words, options, cfg.probability, rng), list(example.tags))
-                    for _ in range(cfg.copies)]
+            out += [TokenExample(words, list(example.tags)) for words in _augment_words(example.words, substitutes,
+                                                                                         cfg, rng)]
         else:
-            texts = [example.text] + ([example.text_pair] if example.text_pair is not None else [])
-            split = [t.split() for t in texts]
-            options = [substitutes(words) for words in split]
-            out.append(example)
-            for _ in range(cfg.copies):
-                new = [" ".join(_replace(w, o, cfg.probability, rng)) for w, o in zip(split, options)]
-                out.append(ClassificationExample(new[0], example.label, new[1] if len(new) > 1 else None))
+            texts = _augment_text(example.text, substitutes, cfg, rng)
+            pairs = (_augment_text(example.text_pair, substitutes, cfg, rng) if example.text_pair is not None
+                     else [None] * cfg.copies)
+            out += [ClassificationExample(t, example.label, pair) for t, pair in zip(texts, pairs)]
         if progress is not None:
             progress(n + 1)
     return out
