@@ -2,8 +2,8 @@
 
 import pytest
 
-from alambic.tasks.metrics import (accuracy, entities, entity_scores, exact_match, macro_f1, normalize_answer,
-                                   squad_f1, squad_scores)
+from alambic.tasks.metrics import (accuracy, entities, entity_scores, exact_match, korquad_exact_match, korquad_f1,
+                                   macro_f1, normalize_answer, normalize_korquad, squad_f1, squad_scores)
 
 
 def test_accuracy_and_macro_f1_by_hand():
@@ -65,3 +65,17 @@ def test_squad_em_and_f1_by_hand():
 def test_squad_f1_on_korean_answers():
     assert exact_match("서울", "서울") == 1.0
     assert squad_f1("약 천만 명", "천만 명") == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
+
+
+def test_korquad_normalisation_and_character_f1_by_hand():
+    assert normalize_korquad("《서울》 (특별시)") == "서울 특별시"  # CJK and ASCII brackets to spaces
+    assert normalize_korquad("The  Tower!") == "the tower"  # no English articles removed, unlike SQuAD
+    assert korquad_exact_match("‘서울’", "서울") == 1.0 and exact_match("‘서울’", "서울") == 0.0
+    # "서울에서" vs "서울": characters 서 울 에 서 vs 서 울: common 2, P 2/4, R 1 -> 2/3; SQuAD's word F1 gives 0
+    assert korquad_f1("서울에서", "서울") == pytest.approx(2 / 3)
+    assert squad_f1("서울에서", "서울") == 0.0
+    # spaces do not count: "천만 명" vs "약 천만 명": pred 천 만 명, gold 약 천 만 명 -> P 1, R 3/4 -> 6/7
+    assert korquad_f1("천만 명", "약 천만 명") == pytest.approx(6 / 7)
+    assert korquad_f1("부산", "서울") == 0.0
+    scores = squad_scores(["서울에서", "부산"], [["서울"], ["부산", "대구"]], style="korquad")
+    assert scores["exact_match"] == pytest.approx(50.0) and scores["f1"] == pytest.approx(100 * (2 / 3 + 1) / 2)

@@ -123,3 +123,22 @@ def test_bad_input_errors_are_one_line(teachers, tmp_path, capsys):
     assert "--stages 'pred,trm' is not one of" in error(
         ["distill-task", "--task", "ner", "--teacher", str(teachers / "ner"), "--student-layers", "0",
          "--train", str(DATA / "ner.conll"), "--stages", "pred,trm", *base])
+
+
+def test_eval_task_scores_qa_the_korquad_way_on_request(teachers, capsys):
+    from alambic.tasks import encode, read_task_data
+    from alambic.tasks.evaluate import predict
+    from alambic.tasks.metrics import korquad_exact_match, korquad_f1
+    from alambic.tasks.models import load_task_model
+
+    capsys.readouterr()
+    assert main(["eval-task", str(teachers / "qa"), "--task", "qa", "--data", str(DATA / "squad.json"),
+                 "--max-length", "96", "--doc-stride", "16", "--qa-metric", "korquad", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    model, tokenizer, _ = load_task_model(teachers / "qa", "qa", need_head=True)
+    examples = read_task_data("qa", DATA / "squad.json")
+    predictions = predict(model, "qa", examples, encode("qa", examples, tokenizer, [], max_length=96, doc_stride=16),
+                          tokenizer, [])
+    f1 = sum(max(korquad_f1(p, g) for g in e.answers) for p, e in zip(predictions, examples)) / len(examples)
+    em = sum(max(korquad_exact_match(p, g) for g in e.answers) for p, e in zip(predictions, examples)) / len(examples)
+    assert row["f1"] == pytest.approx(100 * f1) and row["exact_match"] == pytest.approx(100 * em)

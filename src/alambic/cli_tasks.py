@@ -19,6 +19,8 @@ def _data_options(p, eval_only: bool = False) -> None:
     g.add_argument("--pair-field", default="text_pair", help="classification records: field of the optional pair")
     g.add_argument("--label-field", default="label", help="classification records: field of the label")
     g.add_argument("--eval-batch-size", type=int, default=32, help="examples per evaluation batch")
+    g.add_argument("--qa-metric", choices=("squad", "korquad"), default="squad",
+                   help="QA exact match / F1: SQuAD v1.1 (word F1) or KorQuAD 1.0 (character F1, for Korean)")
 
 
 def _training_options(p) -> None:
@@ -56,7 +58,8 @@ def _data(args):
     from alambic.tasks.workflow import DataOptions
 
     return DataOptions(max_length=args.max_length, doc_stride=args.doc_stride, text_field=args.text_field,
-                       pair_field=args.pair_field, label_field=args.label_field, eval_batch_size=args.eval_batch_size)
+                       pair_field=args.pair_field, label_field=args.label_field, eval_batch_size=args.eval_batch_size,
+                       qa_metric=args.qa_metric)
 
 
 # --- finetune -----------------------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
     tinybert = replace(tinybert, alpha_prediction=0.0)
     tinybert.validate()
     batches = TaskBatches(task, prepared.train_features, tokenizer, training.batch_size, training.seed)
-    evaluate = validation_callback(prepared, tokenizer, data.eval_batch_size)
+    evaluate = validation_callback(prepared, tokenizer, data)
 
     name = training.best_metric
     best, run_dir = None, out

@@ -34,7 +34,7 @@ def finetune(task: str, model: str, train_data, out, *, validation=None, trainin
     recipe = TaskRecipe(None, student, task, TaskLossConfig(alpha_kd=0.0, alpha_ce=1.0))
     batches = TaskBatches(task, prepared.train_features, tokenizer, training.batch_size, training.seed)
     result = train(recipe, batches, training, out, tokenizer=tokenizer, resume=resume, progress=progress,
-                   evaluate=validation_callback(prepared, tokenizer, data.eval_batch_size))
+                   evaluate=validation_callback(prepared, tokenizer, data))
     name = training.best_metric
     summary = {"task": task, "model": str(model), "labels": prepared.labels, "steps": result.step,
                "parameters": count_parameters(student), f"best_validation_{name}": result.metrics.get(

@@ -76,16 +76,17 @@ def predict(model, task: str, examples: list, features: list[Feature], tokenizer
     return [b[1] if b is not None else "" for b in best]
 
 
-def score(task: str, examples: list, predictions: list) -> dict[str, float]:
+def score(task: str, examples: list, predictions: list, qa_metric: str = "squad") -> dict[str, float]:
     if task == "classification":
         golds = [e.label for e in examples]
         return {"accuracy": metrics.accuracy(predictions, golds), "macro_f1": metrics.macro_f1(predictions, golds)}
     if task == "ner":
         return metrics.entity_scores(predictions, [e.tags for e in examples])
-    return metrics.squad_scores(predictions, [e.answers for e in examples])
+    return metrics.squad_scores(predictions, [e.answers for e in examples], qa_metric)
 
 
 def evaluate_task(model, task: str, examples: list, features: list[Feature], tokenizer, labels: list[str],
-                  batch_size: int = 32) -> dict[str, float]:
-    """accuracy and macro_f1 / precision, recall and f1 (entities) / exact_match and f1 (SQuAD, percent)."""
-    return score(task, examples, predict(model, task, examples, features, tokenizer, labels, batch_size))
+                  batch_size: int = 32, qa_metric: str = "squad") -> dict[str, float]:
+    """accuracy and macro_f1 / precision, recall and f1 (entities) / exact_match and f1 (percent; SQuAD's or
+    KorQuAD's definitions, ``qa_metric``)."""
+    return score(task, examples, predict(model, task, examples, features, tokenizer, labels, batch_size), qa_metric)

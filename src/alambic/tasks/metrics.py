@@ -87,11 +87,42 @@ def squad_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def squad_scores(predictions: list[str], answers: list[list[str]]) -> dict[str, float]:
-    """Exact match and F1 in percent, each the max over an example's gold answers, averaged over examples."""
+_KORQUAD_SYMBOLS = str.maketrans({c: " " for c in "'\"《》<>〈〉()‘’"})
+
+
+def normalize_korquad(text: str) -> str:
+    """The official KorQuAD 1.0 normalisation: quotes and brackets (ASCII and CJK) to spaces, lower case, ASCII
+    punctuation removed, whitespace collapsed; no English articles removed."""
+    text = text.translate(_KORQUAD_SYMBOLS).lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    return " ".join(text.split())
+
+
+def korquad_exact_match(prediction: str, gold: str) -> float:
+    return float(normalize_korquad(prediction) == normalize_korquad(gold))
+
+
+def korquad_f1(prediction: str, gold: str) -> float:
+    """KorQuAD 1.0's F1 over characters (spaces excluded), where SQuAD's counts words: Korean words carry particles
+    (조사), so a word-level F1 would score "서울에서" against "서울" as 0."""
+    p, g = normalize_korquad(prediction).replace(" ", ""), normalize_korquad(gold).replace(" ", "")
+    common = sum((Counter(p) & Counter(g)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+QA_METRICS = {"squad": (exact_match, squad_f1), "korquad": (korquad_exact_match, korquad_f1)}
+
+
+def squad_scores(predictions: list[str], answers: list[list[str]], style: str = "squad") -> dict[str, float]:
+    """Exact match and F1 in percent, each the max over an example's gold answers, averaged over examples;
+    ``style``: SQuAD v1.1's definitions (word F1) or KorQuAD 1.0's (character F1)."""
+    match, overlap = QA_METRICS[style]
     em = f1 = 0.0
     for prediction, golds in zip(predictions, answers, strict=True):
-        em += max(exact_match(prediction, g) for g in golds)
-        f1 += max(squad_f1(prediction, g) for g in golds)
+        em += max(match(prediction, g) for g in golds)
+        f1 += max(overlap(prediction, g) for g in golds)
     n = max(len(predictions), 1)
     return {"exact_match": 100 * em / n, "f1": 100 * f1 / n}

@@ -27,6 +27,8 @@ class DataOptions:
     label_field: str = "label"
     holdout_fraction: float = 0.1
     eval_batch_size: int = 32
+    qa_metric: str = "squad"
+    """QA exact match / F1: squad (SQuAD v1.1, word F1) or korquad (KorQuAD 1.0, character F1)."""
 
 
 @dataclass
@@ -88,10 +90,10 @@ def task_training_config(task: str, **overrides) -> TrainingConfig:
     return cfg
 
 
-def validation_callback(data: TaskData, tokenizer, batch_size: int):
+def validation_callback(data: TaskData, tokenizer, options: DataOptions):
     def evaluate(model) -> dict:
         return evaluate_task(model, data.task, data.validation_examples, data.validation_features, tokenizer,
-                             data.labels, batch_size)
+                             data.labels, options.eval_batch_size, options.qa_metric)
 
     return evaluate
 
@@ -121,6 +123,7 @@ def evaluate_models(task: str, models: list[str], data_path, options: DataOption
         check_labels(task, examples, labels, str(data_path), f"the labels of model {spec}")
         features = encode(task, examples, tokenizer, labels, max_length=options.max_length,
                           doc_stride=options.doc_stride)
-        metrics = evaluate_task(model, task, examples, features, tokenizer, labels, options.eval_batch_size)
+        metrics = evaluate_task(model, task, examples, features, tokenizer, labels, options.eval_batch_size,
+                                options.qa_metric)
         rows.append({"model": spec, "parameters": count_parameters(model), "examples": len(examples), **metrics})
     return rows
