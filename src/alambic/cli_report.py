@@ -49,6 +49,8 @@ def add_report(sub) -> None:
     quality.add_argument("--max-tokens", type=int, default=8192, help="cap on held-out tokens evaluated (default 8192)")
     quality.add_argument("--eval-batch-size", type=int, default=8, help="sequences per evaluation batch (default 8)")
     quality.add_argument("--text-field", default="text", help="field or column with the text in .jsonl/.csv/.parquet")
+    quality.add_argument("--qa-metric", choices=("squad", "korquad"), default="squad",
+                         help="--task qa: SQuAD v1.1 F1 over words, or KorQuAD 1.0 F1 over characters (Korean)")
     timing = p.add_argument_group("speed")
     timing.add_argument("--seq-lens", default="64,128,256", help="sequence lengths timed (default 64,128,256)")
     timing.add_argument("--batch-size", type=int, default=8, help="batch of the throughput measurement (default 8)")
@@ -70,6 +72,8 @@ def _command(args) -> str:
         parts += ["--lm-data", *args.lm_data]
     if args.task:
         parts += ["--task", args.task, "--data", *(args.data or [])]
+        if args.qa_metric != "squad":
+            parts += ["--qa-metric", args.qa_metric]
     for flag, value in (("--max-length", args.max_length), ("--max-tokens", args.max_tokens),
                         ("--seq-lens", args.seq_lens), ("--batch-size", args.batch_size), ("--warmup", args.warmup),
                         ("--repeats", args.repeats), ("--threads", args.threads), ("--devices", args.devices),
@@ -106,6 +110,7 @@ def run_report(args) -> int:
         devices=[d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None,
         lm_data=list(args.lm_data or []), max_length=args.max_length, max_tokens=args.max_tokens,
         eval_batch_size=args.eval_batch_size, text_field=args.text_field, task=args.task, data=list(args.data or []),
+        qa_metric=args.qa_metric,
         names=[n.strip() for n in args.names.split(",")] if args.names else None)
     check_out_dir(args.out)
     cards = _card_indices(args.models, args.card)

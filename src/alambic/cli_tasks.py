@@ -11,13 +11,17 @@ FORMATS = ("classification: .csv/.tsv/.jsonl/.json records (text, optional text_
            "<label>/*.txt; ner: CoNLL columns (token ... BIO tag); qa: SQuAD JSON")
 
 
-def _data_options(p, eval_only: bool = False) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--max-length", type=int, default=128, help="tokens per sequence (QA: per context window)")
-    g.add_argument("--doc-stride", type=int, default=32, help="QA: tokens of overlap between context windows")
+def _record_fields(g) -> None:
     g.add_argument("--text-field", default="text", help="classification records: field of the text")
     g.add_argument("--pair-field", default="text_pair", help="classification records: field of the optional pair")
     g.add_argument("--label-field", default="label", help="classification records: field of the label")
+
+
+def _data_options(p) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--max-length", type=int, default=128, help="tokens per sequence (QA: per context window)")
+    g.add_argument("--doc-stride", type=int, default=32, help="QA: tokens of overlap between context windows")
+    _record_fields(g)
     g.add_argument("--eval-batch-size", type=int, default=32, help="examples per evaluation batch")
     g.add_argument("--qa-metric", choices=("squad", "korquad"), default="squad",
                    help="QA exact match / F1: SQuAD v1.1 (word F1) or KorQuAD 1.0 (character F1, for Korean)")
@@ -160,9 +164,7 @@ def add_augment(sub) -> None:
     p.add_argument("--probability", type=float, default=0.4, help="chance a word is replaced, p_t (default 0.4)")
     p.add_argument("--candidates", type=int, default=15, help="substitutes per word, K (default 15)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--text-field", default="text", help="classification records: field of the text")
-    p.add_argument("--pair-field", default="text_pair", help="classification records: field of the optional pair")
-    p.add_argument("--label-field", default="label", help="classification records: field of the label")
+    _record_fields(p)
     p.set_defaults(run=run_augment)
 
 

@@ -59,6 +59,8 @@ class ReportSettings:
     eval_batch_size: int = 8
     text_field: str = "text"
     task: str | None = None
+    qa_metric: str = "squad"
+    """--task qa: squad (word F1) or korquad (KorQuAD 1.0, character F1)."""
     data: list[str] = field(default_factory=list)
     names: list[str] | None = None
 
@@ -120,7 +122,7 @@ def parameter_counts(model: torch.nn.Module) -> dict:
 
 def _task_options(settings: "ReportSettings"):
     return DataOptions(max_length=settings.eval_length, text_field=settings.text_field,
-                                   eval_batch_size=settings.eval_batch_size)
+                       eval_batch_size=settings.eval_batch_size, qa_metric=settings.qa_metric)
 
 
 @dataclass

@@ -52,6 +52,8 @@ def fused_vocabulary_loss(
     the caller's normalisation (``alpha / num_items``), plain numbers or tensors. Softmax math is fp32; under
     autocast the projections run in the autocast dtype. ``chunk_rows=0`` picks a chunk size from V and the device.
     """
+    if teacher_features is None and targets is None:
+        raise ValueError("fused_vocabulary_loss needs teacher features (KL), targets (cross-entropy) or both")
     return _FusedVocabularyLoss.apply(
         student_features, student_weight, student_bias, teacher_features, teacher_weight, teacher_bias, targets,
         float(temperature), torch.as_tensor(kd_weight, dtype=torch.float32, device=student_features.device),

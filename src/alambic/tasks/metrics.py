@@ -15,6 +15,8 @@ import re
 import string
 from collections import Counter
 
+from alambic.errors import AlambicError
+
 
 def accuracy(predictions, golds) -> float:
     if len(predictions) != len(golds):
@@ -119,6 +121,8 @@ QA_METRICS = {"squad": (exact_match, squad_f1), "korquad": (korquad_exact_match,
 def squad_scores(predictions: list[str], answers: list[list[str]], style: str = "squad") -> dict[str, float]:
     """Exact match and F1 in percent, each the max over an example's gold answers, averaged over examples;
     ``style``: SQuAD v1.1's definitions (word F1) or KorQuAD 1.0's (character F1)."""
+    if style not in QA_METRICS:
+        raise AlambicError(f"unknown QA metric {style!r}; use one of: {', '.join(QA_METRICS)}")
     match, overlap = QA_METRICS[style]
     em = f1 = 0.0
     for prediction, golds in zip(predictions, answers, strict=True):
