@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -84,3 +86,27 @@ def test_loss_section_follows_the_recipe():
         load_config(None, BASE + [{"recipe": "minilm"}, parse_override("loss.alpha_kd=1")])
     with pytest.raises(AlambicError, match="attention_target must be scores or probs"):
         load_config(None, BASE + [{"recipe": "tinybert"}, parse_override("loss.attention_target=logits")])
+
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+SHIPPED = sorted(CONFIGS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    overrides = [parse_override(o) for o in ("teacher=t", "out=o", "data.train=[x.txt]")]
+    cfg = load_config(path, overrides)  # the command line supplies what a shipped config leaves out
+    assert cfg.recipe in RECIPES
+
+
+@pytest.mark.parametrize("name", ["multi-gpu.yaml", "multi-node.yaml"])
+def test_shipped_accelerate_configs_load_as_ddp(name):
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    from alambic.engine.loop import check_engine
+
+    config = ClusterConfig.from_yaml_file(CONFIGS / "accelerate" / name)
+    assert config.distributed_type == DistributedType.MULTI_GPU and config.mixed_precision == "bf16"
+    assert config.num_processes == 8 * config.num_machines
+    check_engine(config.distributed_type)

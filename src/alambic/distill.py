@@ -109,7 +109,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
 
     _, recipe_class = recipe_parts(cfg.recipe)
     masking = cfg.loss if recipe_class.masks_inputs else None
-    with accelerator.main_process_first():  # one process tokenises, the others read its cache
+    with accelerator.local_main_process_first():  # one process per machine tokenises, the others read its cache
         batches = training_batches(
             cfg.data.train, tokenizer, kind, cfg.data, masking, cfg.training.batch_size, cfg.training.seed
         )
