@@ -148,6 +148,35 @@ def test_resume_restores_the_projections(text_dir, tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_prediction_term_equals_the_soft_target_kl_on_full_logits(family, text_dir):
+    import torch.nn.functional as F
+
+    teacher, tokenizer, kind = ((tiny_bert(), wordpiece_tokenizer(), "masked") if family == "bert"
+                                else (tiny_llama(), bpe_tokenizer(), "causal"))
+    student = init_student(teacher, layers=[1, 3], hidden_size=16).model.eval()
+    cfg = TinyBERTLossConfig(alpha_embedding=0, alpha_hidden=0, alpha_attention=0, alpha_prediction=3.0, temperature=2.0)
+    recipe, batch = TinyBERTRecipe(teacher, student, cfg), first_batch(text_dir, tokenizer, kind)
+    loss, terms = loss_of(recipe, batch)
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad(set_to_none=True)
+
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[mask]
+    s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[mask]
+    direct = F.kl_div(F.log_softmax(s_logits / 2, -1), F.log_softmax(t_logits / 2, -1), reduction="batchmean",
+                      log_target=True) * 4
+    torch.testing.assert_close(terms["prediction"], direct.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss.detach(), 3 * direct.detach(), rtol=1e-4, atol=1e-6)
+    (3 * direct).backward()
+    assert fused.keys() == {n for n, p in student.named_parameters() if p.grad is not None}
+    for name, p in student.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_decoder_teacher_and_student(text_dir, tmp_path):
     teacher = tiny_llama()
     student = init_student(teacher, layers=[1, 3], hidden_size=16).model.train()

@@ -19,8 +19,9 @@ from torch import nn
 
 from alambic.capture import LayerTaps, Projections, count_valid_pairs, valid_pairs
 from alambic.errors import AlambicError
-from alambic.losses import attention_mse, hidden_mse, soft_target_kl
-from alambic.modeling import has_lm_head, hidden_size, lm_head, model_kind, num_heads, num_layers
+from alambic.losses import attention_mse, hidden_mse
+from alambic.losses.vocabulary import fused_vocabulary_loss
+from alambic.modeling import has_lm_head, hidden_size, model_kind, num_heads, num_layers, split_lm_head
 from alambic.students.layer_map import parse_layer_map
 from alambic.students.projections import HiddenProjections
 
@@ -75,6 +76,7 @@ class TinyBERTObjective(nn.Module):
         self.projections = HiddenProjections(
             hidden_size(student.config), teacher_width, [m for m, _ in pairs], shared=cfg.share_projection
         )
+        self.head = split_lm_head(student) if cfg.alpha_prediction > 0 else None  # a tuple: not registered twice
 
     def forward(self, batch: dict, teacher: dict, num_items: dict) -> tuple[torch.Tensor, dict]:
         c, rows, causal = self.cfg, batch["token_positions"], model_kind(self.student) == "causal"
@@ -97,11 +99,18 @@ class TinyBERTObjective(nn.Module):
                     student_attention = _attention(taps.attention(m), valid, c.attention_target)
                     attention = attention + attention_mse(student_attention, teacher["attention"][g], valid,
                                                           num_items["pairs"])
-        if c.alpha_prediction > 0:
-            student_logits = lm_head(self.student)(final.flatten(0, 1).index_select(0, rows))
-            prediction = soft_target_kl(student_logits, teacher["logits"], c.temperature, num_items["tokens"])
+        weighted_prediction = zero
+        if c.alpha_prediction > 0:  # soft targets on the LM logits, through the fused vocabulary loss
+            (features, projection), tokens = self.head, num_items["tokens"].clamp(min=1)
+            teacher_projection = teacher["projection"]
+            weighted_prediction, prediction_sum, _ = fused_vocabulary_loss(
+                features(final.flatten(0, 1).index_select(0, rows)), projection.weight, projection.bias,
+                teacher["features"], teacher_projection.weight, teacher_projection.bias, None, c.temperature,
+                kd_weight=c.alpha_prediction / tokens, ce_weight=0.0,
+            )
+            prediction = prediction_sum / tokens
         loss = (c.alpha_embedding * embedding + c.alpha_hidden * hidden + c.alpha_attention * attention
-                + c.alpha_prediction * prediction)
+                + weighted_prediction)
         return loss, {"embedding": embedding, "hidden": hidden, "attention": attention, "prediction": prediction}
 
 
@@ -127,6 +136,8 @@ class TinyBERTRecipe:
         self.student = student
         self.causal = model_kind(teacher) == "causal"
         self.objective = TinyBERTObjective(student, loss, self.pairs, hidden_size(teacher.config))
+        if loss.alpha_prediction > 0:
+            self.teacher_head_features, self.teacher_projection = split_lm_head(teacher)
 
     def row_counts(self, batch: dict) -> dict[str, int]:
         return {"tokens": len(batch["token_positions"]), "pairs": count_valid_pairs(batch["attention_mask"], self.causal)}
@@ -138,7 +149,8 @@ class TinyBERTRecipe:
         with torch.inference_mode(), LayerTaps(self.teacher, teacher_layers, attention_layers) as taps:
             final = taps.run(batch["input_ids"], batch["attention_mask"])
             hidden = {g: taps.hidden[g].flatten(0, 1).index_select(0, rows) for g in teacher_layers}
-            final = final.flatten(0, 1).index_select(0, rows) if c.alpha_prediction > 0 else None
+            features = (self.teacher_head_features(final.flatten(0, 1).index_select(0, rows))
+                        if c.alpha_prediction > 0 else None)
             projections = {g: taps.attention(g) for g in attention_layers}
         # Leave inference mode (the student's losses save these for backward), then derive the rest without autograd.
         targets = {"hidden": {g: h.clone() for g, h in hidden.items()}}
@@ -149,6 +161,6 @@ class TinyBERTRecipe:
                     g: _attention(Projections(p.query.clone(), p.key.clone(), p.value), valid, c.attention_target)
                     for g, p in projections.items()
                 }
-            if c.alpha_prediction > 0:
-                targets["logits"] = lm_head(self.teacher)(final.clone())
+        if features is not None:  # the teacher's vocabulary projection runs inside the fused loss
+            targets["features"], targets["projection"] = features.clone(), self.teacher_projection
         return targets
