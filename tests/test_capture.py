@@ -26,7 +26,7 @@ def test_hidden_states_match_output_hidden_states(family):
     ids, mask = batch(model.config.vocab_size, family in ("llama", "gpt2", "qwen2"))
     n = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.n_layers
     with LayerTaps(model, tuple(range(n))) as taps:
-        taps.run(ids, mask)
+        taps.run({"input_ids": ids, "attention_mask": mask})
     reference = model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
     for m in range(n):  # the last entry of hidden_states may be after a final norm; taps give raw layer outputs
         torch.testing.assert_close(taps.hidden[m], reference[m])
@@ -40,7 +40,7 @@ def test_attention_scores_reproduce_the_models_own_attention_probabilities(famil
     causal = family in ("llama", "gpt2", "qwen2")
     ids, mask = batch(model.config.vocab_size, causal)
     with LayerTaps(model, attention_layers=(1, 3)) as taps:
-        taps.run(ids, mask)
+        taps.run({"input_ids": ids, "attention_mask": mask})
     eager = model.base_model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
     valid = valid_pairs(mask, causal)
     for m in (1, 3):

@@ -71,6 +71,25 @@ def test_token_types_dropped_without_changing_outputs():
     assert any("token types dropped" in note for note in result.notes)
 
 
+def test_task_teachers_keep_their_token_types_so_sentence_pairs_still_differ():
+    torch.manual_seed(0)
+    teacher = transformers.BertForSequenceClassification(tiny_bert().config).eval()
+    batch = _batch(teacher.config.vocab_size)
+    segments = torch.zeros_like(batch["input_ids"])
+    segments[:, 4:] = 1  # a second segment, as a sentence pair gets
+    with torch.no_grad():
+        expected = teacher(**batch, token_type_ids=segments).logits
+    kept = init_student(teacher, layers="all").model  # auto: a task teacher keeps its types
+    assert kept.config.type_vocab_size == 2
+    with torch.no_grad():
+        torch.testing.assert_close(kept(**batch, token_type_ids=segments).logits, expected)
+    dropped = init_student(teacher, layers="all", token_types="drop").model
+    assert dropped.config.type_vocab_size == 1
+    assert init_student(tiny_bert(), layers="all", token_types="keep").model.config.type_vocab_size == 2
+    with pytest.raises(AlambicError, match="token types must be one of"):
+        init_student(teacher, token_types="both")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_saved_student_reloads_with_plain_transformers(family, tmp_path):
     teacher = FAMILIES[family]()

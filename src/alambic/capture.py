@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from alambic.errors import AlambicError
-from alambic.modeling import lm_body, transformer_layers
+from alambic.modeling import lm_body, model_inputs, transformer_layers
 
 # (attention module inside a layer, query, key, value): one row per family of Hugging Face layer layouts.
 SEPARATE_PROJECTIONS = (
@@ -93,12 +93,13 @@ class LayerTaps:
             handle.remove()
         self._handles.clear()
 
-    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """One forward of the model's transformer body (no LM head) with the taps recording; returns the body's
-        ``last_hidden_state`` (after any final norm: what the LM head reads)."""
+    def run(self, batch: dict) -> torch.Tensor:
+        """One forward of the model's transformer body (no LM head) on ``batch`` (ids, mask and, for models with
+        token types, segments) with the taps recording; returns the body's ``last_hidden_state`` (after any final
+        norm: what the LM head reads)."""
         self.hidden.clear()
         self._raw.clear()
-        return lm_body(self.model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return lm_body(self.model)(**model_inputs(self.model, batch)).last_hidden_state
 
     # -- hidden states ------------------------------------------------------------------------------------------
     def _embedding_hook(self, module, args, kwargs):

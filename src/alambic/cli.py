@@ -35,7 +35,8 @@ def add_init_student(sub) -> None:
         "init-student",
         help="build a shallower (or narrower) student from a teacher, copying its layers",
         description="Build a student from a teacher: a subset of its layers (copied), embeddings, norms and LM head "
-        "copied; token-type embeddings and pooler dropped. Writes a plain Hugging Face model folder.",
+        "(or task head) copied; pooler dropped; token-type embeddings dropped unless the teacher is a fine-tuned task "
+        "model (--token-types). Writes a plain Hugging Face model folder.",
     )
     p.add_argument("--teacher", required=True, help=TEACHER_HELP)
     p.add_argument("--out", required=True, help="folder to write the student to")
@@ -46,6 +47,9 @@ def add_init_student(sub) -> None:
     p.add_argument("--intermediate-size", type=int, help="narrower feed-forward width (fresh initialisation)")
     p.add_argument("--num-heads", type=int, help="fewer attention heads (fresh initialisation)")
     p.add_argument("--seed", type=int, default=0, help="seed of any fresh initialisation (and of calibration masks)")
+    p.add_argument("--token-types", choices=("auto", "keep", "drop"), default="auto",
+                   help="BERT-style segment embeddings: drop (DistilBERT, type 0 only), keep (sentence-pair tasks, "
+                   "QA), auto (default): keep for a fine-tuned task teacher, drop otherwise")
     auto = p.add_argument_group(
         "layer selection (--layers auto)",
         "greedy (default): drop, one at a time, the layer whose removal raises the calibration loss least; "
@@ -100,7 +104,7 @@ def run_init_student(args) -> int:
     built = init_student(teacher, layers=args.layers, hidden_size=args.hidden_size,
                          intermediate_size=args.intermediate_size, num_heads=args.num_heads, seed=args.seed,
                          depth=args.depth, calibration_data=calibration, selection_budget=args.budget,
-                         tokenizer=tokenizer, log=lambda line: print(line, flush=True))
+                         tokenizer=tokenizer, log=lambda line: print(line, flush=True), token_types=args.token_types)
     if built.selection is not None:
         built.selection.calibration = ", ".join(args.calibration_data)
     print(built.summary())

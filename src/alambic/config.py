@@ -41,8 +41,12 @@ class StudentConfig:
     """Seconds for the greedy layer search; after that the remaining removals follow the influence ranking."""
     calibration_tokens: int = 4096
     """Tokens of calibration_data measured by layers=auto (at least 256)."""
+    token_types: str = "auto"
+    """BERT-style segment embeddings: drop (DistilBERT: type 0 only), keep, or auto (keep for task teachers only)."""
 
     def validate(self):
+        if self.token_types not in ("auto", "keep", "drop"):
+            raise AlambicError(f"student.token_types must be auto, keep or drop, got {self.token_types!r}")
         for name in ("hidden_size", "intermediate_size", "num_heads"):
             value = getattr(self, name)
             if value is not None and value < 1:

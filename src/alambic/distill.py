@@ -90,6 +90,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
             hidden_size=cfg.student.hidden_size,
             intermediate_size=cfg.student.intermediate_size,
             num_heads=cfg.student.num_heads,
+            token_types=cfg.student.token_types,
             seed=cfg.training.seed,
             depth=cfg.student.depth if calibration is not None else None,
             calibration_data=calibration,

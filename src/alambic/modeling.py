@@ -119,6 +119,15 @@ def model_kind(config_or_model) -> str:
                        "and encoder-only transformers")
 
 
+def model_inputs(model: nn.Module, batch: dict) -> dict:
+    """The batch's ``input_ids`` and ``attention_mask``, and its ``token_type_ids`` (sentence-pair segments) only for
+    models with more than one token type: a student built with one type would index past its table."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if getattr(_config(model), "type_vocab_size", 0) > 1 and batch.get("token_type_ids") is not None:
+        inputs["token_type_ids"] = batch["token_type_ids"]
+    return inputs
+
+
 def lm_body(model: nn.Module) -> nn.Module:
     """The base model (``model.bert``, ``model.model`` ...), or the model itself when it is a bare encoder."""
     return model.base_model

@@ -54,7 +54,7 @@ class MiniLMObjective(nn.Module):
     def forward(self, batch: dict, teacher: dict, num_items: dict) -> tuple[torch.Tensor, dict]:
         c = self.cfg
         with LayerTaps(self.student, attention_layers=tuple(m for m, _ in self.pairs)) as taps:
-            taps.run(batch["input_ids"], batch["attention_mask"])
+            taps.run(batch)
         valid = teacher["valid"]
         zero = valid.new_zeros((), dtype=torch.float32)
         terms = {"query": zero, "key": zero, "value": zero}
@@ -92,7 +92,7 @@ class MiniLMRecipe:
     def teacher_targets(self, batch: dict) -> dict:
         layers = tuple(g for _, g in self.pairs)
         with torch.inference_mode(), LayerTaps(self.teacher, attention_layers=layers) as taps:
-            taps.run(batch["input_ids"], batch["attention_mask"])
+            taps.run(batch)
             states = {g: taps.attention(g).merged() for g in layers}
         return {
             "states": {g: tuple(x.clone() for x in qkv) for g, qkv in states.items()},

@@ -82,7 +82,7 @@ class TinyBERTObjective(nn.Module):
         c, rows, causal = self.cfg, batch["token_positions"], model_kind(self.student) == "causal"
         attention_layers = [m for m, _ in self.pairs if m > 0] if c.alpha_attention > 0 else []
         with LayerTaps(self.student, tuple(m for m, _ in self.pairs), tuple(attention_layers)) as taps:
-            final = taps.run(batch["input_ids"], batch["attention_mask"])
+            final = taps.run(batch)
         zero = rows.new_zeros((), dtype=torch.float32)
         embedding = hidden = attention = prediction = zero
         for m, g in self.pairs:
@@ -147,7 +147,7 @@ class TinyBERTRecipe:
         teacher_layers = tuple(g for _, g in self.pairs)
         attention_layers = tuple(g for m, g in self.pairs if m > 0) if c.alpha_attention > 0 else ()
         with torch.inference_mode(), LayerTaps(self.teacher, teacher_layers, attention_layers) as taps:
-            final = taps.run(batch["input_ids"], batch["attention_mask"])
+            final = taps.run(batch)
             hidden = {g: taps.hidden[g].flatten(0, 1).index_select(0, rows) for g in teacher_layers}
             features = (self.teacher_head_features(final.flatten(0, 1).index_select(0, rows))
                         if c.alpha_prediction > 0 else None)

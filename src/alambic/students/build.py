@@ -122,7 +122,10 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _student_config(teacher, layers, hidden, ffn, heads, notes):
+TOKEN_TYPES = ("auto", "keep", "drop")
+
+
+def _student_config(teacher, layers, hidden, ffn, heads, keep_token_types, notes):
     config = copy.deepcopy(teacher.config)
     n = modeling.num_layers(config)
     for name, value in list(vars(config).items()):  # per-layer settings (Qwen2's layer_types) follow their layers
@@ -131,7 +134,7 @@ def _student_config(teacher, layers, hidden, ffn, heads, notes):
     modeling.set_num_layers(config, len(layers))
     config.__dict__.pop("quantization_config", None)
     config.architectures = None
-    if getattr(config, "type_vocab_size", 1) > 1:
+    if getattr(config, "type_vocab_size", 1) > 1 and not keep_token_types:
         notes.append(f"token types dropped (type_vocab_size {config.type_vocab_size} -> 1): the teacher's type-0 "
                      "embedding is kept, so outputs are unchanged for token_type_ids=0")
         config.type_vocab_size = 1
@@ -228,12 +231,14 @@ def _copy_weights(teacher, student, layers, notes):
 
 def init_student(teacher, *, layers="every-other", hidden_size=None, intermediate_size=None, num_heads=None,
                  seed=0, depth=None, calibration_data=None, selection_budget=None,
-                 calibration_tokens=None, tokenizer=None, log=None) -> StudentInit:
+                 calibration_tokens=None, tokenizer=None, log=None, token_types="auto") -> StudentInit:
     """A float32 *ForMaskedLM / *ForCausalLM student of ``teacher`` (a model, or a spec ``load_model`` understands).
 
     ``layers="auto"`` / ``"auto:greedy"`` / ``"auto:influence"`` chooses ``depth`` layers (default ceil(N/2)) by
     measuring on ``calibration_data`` (data specs, tokenised with ``tokenizer`` or the teacher's, or ready batches);
     see :func:`alambic.students.selection.select_layers`. ``log`` receives its progress lines.
+    ``token_types`` (BERT-style segment embeddings): ``drop`` keeps type 0 only (DistilBERT), ``keep`` keeps them
+    all (sentence-pair tasks), ``auto`` keeps them for a fine-tuned task teacher and drops them otherwise.
     The student comes back in eval mode, like a freshly loaded model; the training loop switches it to train.
     """
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
@@ -241,6 +246,8 @@ def init_student(teacher, *, layers="every-other", hidden_size=None, intermediat
     from alambic.students import selection as sel
     from alambic.teachers import load_model
 
+    if token_types not in TOKEN_TYPES:
+        raise AlambicError(f"token types must be one of {', '.join(TOKEN_TYPES)}, got {token_types!r}")
     method = sel.parse_auto_spec(layers)
     if method is None and (depth is not None or calibration_data is not None or selection_budget is not None):
         raise AlambicError("depth, calibration data and a selection budget apply to layers='auto[:METHOD]'; "
@@ -261,9 +268,10 @@ def init_student(teacher, *, layers="every-other", hidden_size=None, intermediat
     else:
         chosen = parse_layer_spec(layers, n)
     notes = []
-    config = _student_config(teacher, chosen, hidden_size, intermediate_size, num_heads, notes)
-    kind = modeling.model_kind(teacher)
     task_head = type(teacher).__name__.endswith(TASK_HEADS)
+    keep_token_types = token_types == "keep" or (token_types == "auto" and task_head)
+    config = _student_config(teacher, chosen, hidden_size, intermediate_size, num_heads, keep_token_types, notes)
+    kind = modeling.model_kind(teacher)
     if not modeling.has_lm_head(teacher) and not task_head:
         notes.append(f"{type(teacher).__name__} has no LM head: the student's head is freshly initialised "
                      "(train it, e.g. with the MLM loss, before using the student's logits)")

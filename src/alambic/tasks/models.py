@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from alambic.errors import AlambicError
+from alambic.modeling import model_inputs
 
 HEAD_SUFFIX = {"classification": "ForSequenceClassification", "ner": "ForTokenClassification",
                "qa": "ForQuestionAnswering"}
@@ -106,12 +107,9 @@ def load_task_model(spec, task: str, labels: list[str] | None = None, *, role: s
 def task_logits(model: torch.nn.Module, task: str, batch: dict) -> torch.Tensor:
     """``(B, C)`` class logits, ``(B, L, C)`` token logits, or ``(2, B, L)`` start / end logits.
 
-    ``token_type_ids`` are passed only to models that have more than one token type (students built by
-    ``init-student`` keep type 0 only)."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if getattr(model.config, "type_vocab_size", 0) > 1 and "token_type_ids" in batch:
-        inputs["token_type_ids"] = batch["token_type_ids"]
-    output = model(**inputs)
+    ``token_type_ids`` are passed only to models that have more than one token type (see
+    :func:`alambic.modeling.model_inputs`)."""
+    output = model(**model_inputs(model, batch))
     if task == "qa":
         return torch.stack([output.start_logits, output.end_logits])
     return output.logits
