@@ -76,3 +76,22 @@ def test_sharding_engines_are_refused_in_words():
     for engine in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         with pytest.raises(AlambicError, match="multi-GPU"):
             check_engine(engine)
+
+
+@needs_torchrun
+def test_measured_layer_selection_under_ddp_builds_one_student(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "teacher")
+    bpe_tokenizer().save_pretrained(tmp_path / "teacher")
+    (tmp_path / "text").mkdir()
+    for i, text in enumerate(sample_texts(10)):
+        (tmp_path / "text" / f"{i}.txt").write_text(text)
+    args = ["distill", "--teacher", str(tmp_path / "teacher"), "--data", str(tmp_path / "text"), "--max-steps", "2",
+            "--batch-size", "2", "--no-progress", "--set", "data.max_length=32", "--layers", "auto:influence",
+            "--set", f"student.calibration_data=[{tmp_path / 'text'}]", "--set", "student.calibration_tokens=256",
+            "--out", str(tmp_path / "ddp")]
+    done = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "-m", "alambic", *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("layers kept") == 1  # one student summary: the main process built and measured it
+    card = (tmp_path / "ddp" / "student" / "README.md").read_text()
+    assert "influence" in card  # the main process's selection is recorded with the student

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from accelerate.utils import broadcast_object_list
 
 from alambic.config import DistillConfig
 from alambic.data.pipeline import heldout_batches, training_batches
@@ -69,6 +70,24 @@ def _check_inputs(cfg: DistillConfig, resume: bool) -> list[dict] | None:
     return calibration
 
 
+def _build_student(cfg: DistillConfig, teacher, calibration, accelerator):
+    """``init_student`` from the config. With measured layers (``layers=auto``) on several processes, the main
+    process measures and the others build the student it chose: a greedy search may stop on its time budget, so
+    processes measuring on their own could disagree, and the measurement need not run N times."""
+    shape = dict(hidden_size=cfg.student.hidden_size, intermediate_size=cfg.student.intermediate_size,
+                 num_heads=cfg.student.num_heads, token_types=cfg.student.token_types, seed=cfg.training.seed)
+    if calibration is None:
+        return init_student(teacher, layers=cfg.student.layers, **shape)
+    built, chosen = None, [None]
+    if accelerator.is_main_process:
+        built = init_student(teacher, layers=cfg.student.layers, depth=cfg.student.depth, calibration_data=calibration,
+                             selection_budget=cfg.student.selection_budget, log=accelerator.print, **shape)
+        chosen = [list(built.layers)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(chosen)
+    return built if built is not None else init_student(teacher, layers=chosen[0], **shape)
+
+
 def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) -> DistillResult:
     cfg.validate()
     calibration = _check_inputs(cfg, resume)
@@ -84,19 +103,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
         student, student_tokenizer = load_model(cfg.student.init, kind=kind, for_training=True)
         check_same_vocabulary(tokenizer, student_tokenizer, teacher.config, student.config)
     else:
-        built = init_student(
-            teacher,
-            layers=cfg.student.layers,
-            hidden_size=cfg.student.hidden_size,
-            intermediate_size=cfg.student.intermediate_size,
-            num_heads=cfg.student.num_heads,
-            token_types=cfg.student.token_types,
-            seed=cfg.training.seed,
-            depth=cfg.student.depth if calibration is not None else None,
-            calibration_data=calibration,
-            selection_budget=cfg.student.selection_budget if calibration is not None else None,
-            log=say,
-        )
+        built = _build_student(cfg, teacher, calibration, accelerator)
         if built.selection is not None:
             built.selection.calibration = ", ".join(cfg.student.calibration_data)
         card = built.model_card(cfg.teacher)
