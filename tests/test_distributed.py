@@ -18,6 +18,14 @@ needs_torchrun = pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirnam
                                     reason="torchrun missing")
 
 
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """Two processes on this machine; --standalone picks a free rendezvous port, so runs never collide."""
+    done = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @needs_torchrun
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "teacher")
@@ -29,8 +37,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
               "--batch-size", "2", "--no-progress", "--set", "training.log_every=1", "--set", "data.max_length=32",
               "--set", "training.save_every=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([TORCHRUN, "--nproc_per_node", "2", "-m", "alambic", *common, "--out", str(tmp_path / "ddp")],
-                   check=True, env=env, capture_output=True)
+    torchrun("-m", "alambic", *common, "--out", str(tmp_path / "ddp"))
     subprocess.run([sys.executable, "-m", "alambic", *common, "--grad-accum", "2", "--out", str(tmp_path / "one")],
                    check=True, env=env, capture_output=True)
 
@@ -42,7 +49,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert [r["step"] for r in logs["ddp"]] == [1, 2, 3]  # only the main process writes
     for a, b in zip(logs["ddp"], logs["one"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
-    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["latest", "step-0000002", "step-0000003"]
+    checkpoints = sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir())
+    assert checkpoints == ["latest", "step-0000002", "step-0000003"]
 
 
 @needs_torchrun
@@ -51,10 +59,7 @@ def test_ddp_run_interrupted_and_resumed_equals_the_straight_run(tmp_path):
     for i, text in enumerate(sample_texts(10)):  # documents of many lengths: the processes draw unequal dropout masks
         (tmp_path / "text" / f"{i}.txt").write_text(" ".join(text.split()[: 6 + 5 * i]))
     worker = os.path.join(os.path.dirname(__file__), "ddp_resume_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([TORCHRUN, "--nproc_per_node", "2", worker, str(tmp_path / "text"), str(tmp_path)], env=env,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(worker, str(tmp_path / "text"), str(tmp_path))
 
     def final(run):
         return load_file(str(tmp_path / run / "checkpoints" / "step-0000004" / "student" / "model.safetensors"))
@@ -89,9 +94,7 @@ def test_measured_layer_selection_under_ddp_builds_one_student(tmp_path):
             "--batch-size", "2", "--no-progress", "--set", "data.max_length=32", "--layers", "auto:influence",
             "--set", f"student.calibration_data=[{tmp_path / 'text'}]", "--set", "student.calibration_tokens=256",
             "--out", str(tmp_path / "ddp")]
-    done = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "-m", "alambic", *args], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun("-m", "alambic", *args)
     assert done.stdout.count("layers kept") == 1  # one student summary: the main process built and measured it
     card = (tmp_path / "ddp" / "student" / "README.md").read_text()
     assert "influence" in card  # the main process's selection is recorded with the student
