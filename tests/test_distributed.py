@@ -26,13 +26,20 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return done
 
 
-@needs_torchrun
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+@pytest.fixture
+def llama_and_text(tmp_path):
+    """A tiny Llama teacher folder and a folder of text files, in tmp_path."""
     tiny_llama().save_pretrained(tmp_path / "teacher")
     bpe_tokenizer().save_pretrained(tmp_path / "teacher")
     (tmp_path / "text").mkdir()
     for i, text in enumerate(sample_texts(10)):
         (tmp_path / "text" / f"{i}.txt").write_text(text)
+    return tmp_path
+
+
+@needs_torchrun
+def test_two_processes_match_one_process_with_the_same_global_batch(llama_and_text):
+    tmp_path = llama_and_text
     common = ["distill", "--teacher", str(tmp_path / "teacher"), "--data", str(tmp_path / "text"), "--max-steps", "3",
               "--batch-size", "2", "--no-progress", "--set", "training.log_every=1", "--set", "data.max_length=32",
               "--set", "training.save_every=2"]
@@ -84,12 +91,8 @@ def test_sharding_engines_are_refused_in_words():
 
 
 @needs_torchrun
-def test_measured_layer_selection_under_ddp_builds_one_student(tmp_path):
-    tiny_llama().save_pretrained(tmp_path / "teacher")
-    bpe_tokenizer().save_pretrained(tmp_path / "teacher")
-    (tmp_path / "text").mkdir()
-    for i, text in enumerate(sample_texts(10)):
-        (tmp_path / "text" / f"{i}.txt").write_text(text)
+def test_measured_layer_selection_under_ddp_builds_one_student(llama_and_text):
+    tmp_path = llama_and_text
     args = ["distill", "--teacher", str(tmp_path / "teacher"), "--data", str(tmp_path / "text"), "--max-steps", "2",
             "--batch-size", "2", "--no-progress", "--set", "data.max_length=32", "--layers", "auto:influence",
             "--set", f"student.calibration_data=[{tmp_path / 'text'}]", "--set", "student.calibration_tokens=256",

@@ -80,7 +80,16 @@ def _project(out: torch.Tensor, features: torch.Tensor, weight: torch.Tensor, bi
 class _FusedVocabularyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, x_t, weight_t, bias_t, targets, temperature, kd_weight, ce_weight, chunk_rows):
+        # Autocast's choice is applied by hand (matmuls in its dtype, softmax math in fp32) and autocast is then
+        # switched off, so no reduction below (the KL's dot products) silently runs in bf16.
         dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return _FusedVocabularyLoss._forward(ctx, dtype, x, weight, bias, x_t, weight_t, bias_t, targets,
+                                                 temperature, kd_weight, ce_weight, chunk_rows)
+
+    @staticmethod
+    def _forward(ctx, dtype, x, weight, bias, x_t, weight_t, bias_t, targets, temperature, kd_weight, ce_weight,
+                 chunk_rows):
         x_c, w_c = x.to(dtype), weight.to(dtype)
         b_c = bias.to(dtype) if bias is not None else None
         rows, vocab = x.shape[0], weight.shape[0]
