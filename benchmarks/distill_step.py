@@ -36,6 +36,7 @@ import torch.nn.functional as F
 SETUPS = {  # name: (teacher, student layers, batch size, sequence length)
     "decoder-128": ("smollm2-135m", "every-other", 4, 128),
     "decoder-256": ("smollm2-135m", "every-other", 2, 256),
+    "decoder-1024": ("smollm2-135m", "every-other", 1, 1024),  # long sequence: logits memory stays bounded
     "encoder-128": ("minilm-l6", "linspace:3", 8, 128),
 }
 
