@@ -136,3 +136,26 @@ def test_best_student_kept_and_early_stopping(text_dir, tmp_path):
     evals = [(r["step"], r["eval/score"], r["eval/best_score"]) for r in log if "eval/score" in r]
     assert evals == [(0, 1.0, 1.0), (2, 3.0, 3.0), (4, 2.0, 3.0), (6, 2.5, 3.0)]
     assert latest_checkpoint(tmp_path / "run").name == "step-0000006"
+
+
+def _reset_accelerate():
+    """accelerate keeps one process-wide state, whose mixed precision cannot change once set: start a new one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("family", ["causal", "masked"])
+def test_bf16_mixed_precision_puts_the_teacher_in_bf16_and_trains_an_fp32_student(family, text_dir, tmp_path):
+    """The GPU recipe (bf16 autocast, bf16 teacher, fp32 master weights), run on the CPU's bf16 autocast."""
+    losses = {}
+    for precision in ("no", "bf16"):
+        _reset_accelerate()
+        recipe, batches, cfg, tok = make_run(family, text_dir, max_steps=2, mixed_precision=precision)
+        result = train(recipe, batches, cfg, tmp_path / precision, tokenizer=tok, progress=False)
+        losses[precision] = result.metrics["loss"]
+        assert {p.dtype for p in recipe.student.parameters()} == {torch.float32}
+        expected = torch.bfloat16 if precision == "bf16" else torch.float32
+        assert {p.dtype for p in recipe.teacher.parameters()} == {expected}
+    _reset_accelerate()  # the tests that follow get a fresh state, without bf16
+    assert losses["bf16"] == pytest.approx(losses["no"], rel=0.05)

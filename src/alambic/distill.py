@@ -124,9 +124,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
         held_out = heldout_batches(cfg.data.eval, tokenizer, kind, cfg.data, cfg.training.batch_size) if cfg.data.eval else None
     evaluate = (lambda model: evaluate_lm(model, held_out)) if held_out else None
 
-    if accelerator.mixed_precision == "bf16":
-        teacher = teacher.to(torch.bfloat16)
-    recipe = recipe_class(teacher.to(accelerator.device), student, cfg.loss)
+    recipe = recipe_class(teacher, student, cfg.loss)  # the engine places the teacher (and casts it for bf16)
     if cfg.training.compile:
         # Compile the transformer bodies in place: the modules (and the exported state dict) stay the same.
         for model in (student, teacher):

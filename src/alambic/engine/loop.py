@@ -41,6 +41,9 @@ class Recipe(Protocol):
     objective: torch.nn.Module
     """Holds the student (and any trainable projection); ``forward(batch, targets, num_items) -> (loss, terms)``."""
     student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    """Frozen, outside the objective (DDP does not wrap it); the loop puts it on the training device, in bf16 when
+    training in bf16 (it only runs forward)."""
 
     def row_counts(self, batch: dict) -> dict[str, int]:
         """Rows each loss term averages over in this micro-batch, read from the batch on the host."""
@@ -216,6 +219,10 @@ def train(
     optimizer = build_optimizer(recipe.objective, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     objective, optimizer = accelerator.prepare(recipe.objective, optimizer)
+    if getattr(recipe, "teacher", None) is not None:
+        recipe.teacher.to(accelerator.device)
+        if accelerator.mixed_precision == "bf16":
+            recipe.teacher.to(torch.bfloat16)
     student = recipe.student
     processes, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.grad_accum
 
