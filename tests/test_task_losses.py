@@ -70,13 +70,17 @@ def test_qa_prediction_loss_is_the_mean_of_start_and_end_over_context_tokens():
     assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
 
 
-def test_ner_rows_are_first_sub_words_and_mse_matches():
-    tokenizer = wordpiece_tokenizer()
+def _ner_setup():
+    """Four CoNLL sentences as features and one batch, their label list, and a tiny token-classification teacher."""
     sentences = read_conll(DATA / "ner.conll")
     labels = label_list("ner", sentences)
-    features = encode("ner", sentences[:4], tokenizer, labels)
+    features = encode("ner", sentences[:4], wordpiece_tokenizer(), labels)
     batch = collate("ner", features, [0, 1, 2, 3], 0)
-    teacher = _tiny(transformers.BertForTokenClassification, num_labels=len(labels))
+    return features, batch, labels, _tiny(transformers.BertForTokenClassification, num_labels=len(labels))
+
+
+def test_ner_rows_are_first_sub_words_and_mse_matches():
+    features, batch, labels, teacher = _ner_setup()
     torch.manual_seed(2)
     student = _tiny(transformers.BertForTokenClassification, num_labels=len(labels))
     recipe = TaskRecipe(teacher, student, "ner", TaskLossConfig("mse", alpha_kd=1.0))
@@ -92,12 +96,7 @@ def test_ner_rows_are_first_sub_words_and_mse_matches():
 
 
 def test_teacher_logit_cache_runs_the_teacher_once(tmp_path):
-    tokenizer = wordpiece_tokenizer()
-    sentences = read_conll(DATA / "ner.conll")
-    labels = label_list("ner", sentences)
-    features = encode("ner", sentences[:4], tokenizer, labels)
-    batch = collate("ner", features, [0, 1, 2, 3], 0)
-    teacher = _tiny(transformers.BertForTokenClassification, num_labels=len(labels))
+    features, batch, labels, teacher = _ner_setup()
     calls = []
     teacher.register_forward_hook(lambda *a: calls.append(1))
     cache = TeacherLogitCache("ner", "key", folder=tmp_path)
