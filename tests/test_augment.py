@@ -148,3 +148,25 @@ def test_words_past_the_model_length_keep_no_substitutes(substitutes):
     text = " ".join(["market"] * 300)  # tiny BERT takes 128 positions
     found = substitutes(text, spans(text))
     assert all(found[:100]) and not any(found[-100:])
+
+
+def test_a_long_text_shows_the_masked_lm_a_window_around_each_word(tokenizer):
+    model = tiny_bert()
+    text = " ".join(["the market rose as shares of the firm gained"] * 6)  # 54 words, 56 tokens with specials
+    context = 16
+    found = Substitutes(model, tokenizer, k=3, context=context)(text, spans(text))
+    ids = tokenizer(text)["input_ids"]
+    vocab_ids, vocab_words = whole_word_vocabulary(tokenizer)
+    for word_index in (0, 30, 53):  # start, middle and end of the text: windows clamped at both ends
+        position = word_index + 1  # one token per word, after [CLS]
+        inner = ids[1:-1]
+        start = min(max(position - 1 - (context - 2) // 2, 0), len(inner) - (context - 2))
+        window = [ids[0], *inner[start:start + context - 2], ids[-1]]
+        at = position - start
+        assert len(window) == context and window[at] == ids[position]
+        window[at] = tokenizer.mask_token_id
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([window])).logits[0, at]
+        word = text.split()[word_index]
+        ranked = [vocab_words[j] for j in logits[vocab_ids].topk(10).indices.tolist()]
+        assert found[word_index] == [w for w in ranked if w != word][:3]

@@ -163,6 +163,8 @@ def add_augment(sub) -> None:
     p.add_argument("--copies", type=int, default=20, help="augmented copies per example, N (default 20)")
     p.add_argument("--probability", type=float, default=0.4, help="chance a word is replaced, p_t (default 0.4)")
     p.add_argument("--candidates", type=int, default=15, help="substitutes per word, K (default 15)")
+    p.add_argument("--context", type=int, default=128,
+                   help="tokens the masked LM sees around each word of a longer text (default 128)")
     p.add_argument("--seed", type=int, default=0)
     _record_fields(p)
     p.set_defaults(run=run_augment)
@@ -178,7 +180,8 @@ def run_augment(args) -> int:
     from alambic.tasks.data import read_task_data
     from alambic.teachers import load_model
 
-    cfg = AugmentConfig(copies=args.copies, probability=args.probability, candidates=args.candidates, seed=args.seed)
+    cfg = AugmentConfig(copies=args.copies, probability=args.probability, candidates=args.candidates, seed=args.seed,
+                        context=args.context)
     cfg.validate()
     out = Path(args.out)
     if out.is_dir():
@@ -188,7 +191,7 @@ def run_augment(args) -> int:
     model, tokenizer = load_model(args.model)
     if torch.cuda.is_available():
         model = model.cuda()
-    substitutes = Substitutes(model, tokenizer, cfg.candidates)
+    substitutes = Substitutes(model, tokenizer, cfg.candidates, cfg.batch_size, cfg.context)
     source = "masked-LM predictions and embedding neighbours" if substitutes.uses_mlm else "embedding neighbours only"
     print(f"{len(examples)} examples, {cfg.copies} copies each, substitutes from {source} of {args.model}")
     with tqdm(total=len(examples), unit="example", desc="augment") as bar:

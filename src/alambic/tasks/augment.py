@@ -3,8 +3,8 @@
 Each example gets ``copies`` augmented versions; in each, every word is replaced with probability ``probability``
 by one of its ``candidates`` best substitutes:
 - a word that is one token of the model: the model's masked-LM predictions at its position, with the word masked in
-  its sentence (all words of a sentence in one batched forward pass, shared by every copy: the reference runs one
-  pass per word);
+  its sentence, or in a window of ``context`` tokens around it in a longer text (all words of a text in batched
+  forward passes, shared by every copy: the reference runs one pass per word and copy);
 - a word of several tokens, or any word when the model has no MLM head (e.g. MiniLM): its nearest neighbours by
   cosine in the model's input-embedding space (mean of its tokens), where the reference used GloVe vectors.
 Substitutes are whole words of the model's vocabulary, in any script (the reference keeps ASCII words only and skips
@@ -41,6 +41,8 @@ class AugmentConfig:
     seed: int = 0
     batch_size: int = 64
     """Sequences per masked-LM forward pass."""
+    context: int = 128
+    """Tokens the masked LM sees around each word of a longer text (special tokens included)."""
 
     def validate(self) -> None:
         if self.copies < 1:
@@ -49,15 +51,18 @@ class AugmentConfig:
             raise AlambicError(f"--probability must be between 0 and 1, got {self.probability}")
         if self.candidates < 1:
             raise AlambicError(f"--candidates must be >= 1, got {self.candidates}")
+        if self.context < 3:
+            raise AlambicError(f"--context must be >= 3 tokens, got {self.context}")
 
 
 class Substitutes:
     """The ``k`` best substitutes of each word of a sentence, from one model and its tokenizer."""
 
-    def __init__(self, model, tokenizer, k: int, batch_size: int = 64):
+    def __init__(self, model, tokenizer, k: int, batch_size: int = 64, context: int = 128):
         if not getattr(tokenizer, "is_fast", False):
             raise AlambicError("augmentation needs a fast (Rust) tokenizer to map words to tokens")
         self.model, self.tokenizer, self.k, self.batch_size = model.eval(), tokenizer, k, batch_size
+        self.context = context  # tokens the masked LM sees around each word, special tokens included
         self.uses_mlm = (has_lm_head(model) and model_kind(model) == "masked"
                          and tokenizer.mask_token_id is not None)
         self.vocab_ids, self.vocab_words = whole_word_vocabulary(tokenizer)
@@ -100,15 +105,29 @@ class Substitutes:
                 result[i] = self._keep(row, words[i])
         return result
 
+    def _windows(self, ids: list[int], positions: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """One sequence per position with that token masked: the whole text, or, past ``context`` tokens, the
+        ``context - 2`` tokens around it between the text's first and last (special) tokens. All of one length."""
+        if len(ids) <= self.context:
+            sequences, where = [list(ids) for _ in positions], list(positions)
+        else:
+            width, inner = self.context - 2, ids[1:-1]
+            sequences, where = [], []
+            for p in positions:
+                start = min(max(p - 1 - width // 2, 0), len(inner) - width)
+                sequences.append([ids[0], *inner[start:start + width], ids[-1]])
+                where.append(p - start)
+        for sequence, p in zip(sequences, where):
+            sequence[p] = self.tokenizer.mask_token_id
+        return torch.tensor(sequences, device=self.embeddings.device), where
+
     def _mlm(self, ids: list[int], positions: list[int]) -> list[list[int]]:
         """Top candidates (indices into the whole-word vocabulary) at each position, masked one at a time."""
         device = self.embeddings.device
-        base = torch.tensor(ids, device=device)
         found = []
         for start in range(0, len(positions), self.batch_size):
-            chunk = torch.tensor(positions[start:start + self.batch_size], device=device)
-            batch = base.repeat(len(chunk), 1)
-            batch[torch.arange(len(chunk), device=device), chunk] = self.tokenizer.mask_token_id
+            batch, where = self._windows(ids, positions[start:start + self.batch_size])
+            chunk = torch.tensor(where, device=device)
             hidden = self.model.base_model(input_ids=batch, attention_mask=torch.ones_like(batch)).last_hidden_state
             rows = hidden[torch.arange(len(chunk), device=device), chunk]
             logits = lm_head(self.model)(rows).float()[:, self.vocab_ids]
