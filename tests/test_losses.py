@@ -133,10 +133,21 @@ def test_empty_selection_gives_zero_not_nan():
         value.backward()
 
 
-def _direct_vocabulary_loss(x, w, b, xt, wt, bt, targets, T, kd_weight, ce_weight):
+def _linear(weight, bias=None):
+    """A Linear layer (a model's output projection) holding copies of ``weight`` and ``bias``."""
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def _direct_vocabulary_loss(x, projection, xt, teacher_projection, targets, T, kd_weight, ce_weight):
     """The fused loss written with the plain functions on full logits."""
-    logits = F.linear(x, w, b)
-    kd = soft_target_kl(logits, F.linear(xt, wt, bt), T, num_items=1) if xt is not None else logits.new_zeros(())
+    logits = projection(x)
+    kd = (soft_target_kl(logits, teacher_projection(xt), T, num_items=1) if xt is not None
+          else logits.new_zeros(()))
     ce = logits.new_zeros(())
     if targets is not None:
         kept = targets != -100
@@ -158,21 +169,22 @@ def test_fused_vocabulary_loss_equals_the_direct_formulas_in_value_and_gradients
     targets = torch.randint(0, V, (N,), generator=g)
     targets[::3] = -100  # rows with soft targets only
     targets[-8:] = -100  # a whole chunk without hard targets
-    xt, wt, bt = (xt, wt, bt) if terms != "ce" else (None, None, None)
+    teacher = _linear(wt, bt).requires_grad_(False)
+    xt = xt if terms != "ce" else None
     targets = targets if terms != "kd" else None
     kd_weight, ce_weight = torch.tensor(5.0 / N), 2.0 / 20
 
     results = []
     for fn in ("direct", "fused"):
-        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-        b = b0.clone().requires_grad_() if with_bias else None
+        x, projection = x0.clone().requires_grad_(), _linear(w0, b0)
         if fn == "direct":
-            loss, kd, ce = _direct_vocabulary_loss(x, w, b, xt, wt, bt, targets, T, kd_weight, ce_weight)
+            loss, kd, ce = _direct_vocabulary_loss(x, projection, xt, teacher, targets, T, kd_weight, ce_weight)
         else:
-            loss, kd, ce = fused_vocabulary_loss(x, w, b, xt, wt, bt, targets, T, kd_weight, ce_weight, chunk)
+            loss, kd, ce = fused_vocabulary_loss(x, projection, xt, teacher, targets, T, kd_weight, ce_weight, chunk)
             assert not kd.requires_grad and not ce.requires_grad  # sums are for logging
         (3 * loss).backward()  # a scaled upstream gradient flows through
-        results.append([loss, kd, ce, x.grad, w.grad] + ([b.grad] if with_bias else []))
+        results.append([loss, kd, ce, x.grad, projection.weight.grad]
+                       + ([projection.bias.grad] if with_bias else []))
     for direct, fused in zip(*results):
         torch.testing.assert_close(fused.detach(), direct.detach(), rtol=1e-5, atol=1e-6)
 
@@ -180,11 +192,11 @@ def test_fused_vocabulary_loss_equals_the_direct_formulas_in_value_and_gradients
 def test_fused_vocabulary_loss_on_no_rows_is_zero():
     from alambic.losses.vocabulary import fused_vocabulary_loss
 
-    x, w = torch.zeros(0, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
-    loss, kd, ce = fused_vocabulary_loss(x, w, None, torch.zeros(0, 4), torch.randn(9, 4), None,
+    x, projection = torch.zeros(0, 4, requires_grad=True), _linear(torch.randn(9, 4))
+    loss, kd, ce = fused_vocabulary_loss(x, projection, torch.zeros(0, 4), _linear(torch.randn(9, 4)),
                                          torch.zeros(0, dtype=torch.long), 2.0, 1.0, 1.0)
     loss.backward()
-    assert loss.item() == kd.item() == ce.item() == 0.0 and w.grad.abs().sum() == 0
+    assert loss.item() == kd.item() == ce.item() == 0.0 and projection.weight.grad.abs().sum() == 0
 
 
 def test_fused_vocabulary_loss_under_bf16_autocast_stays_close_to_fp32():
@@ -192,12 +204,12 @@ def test_fused_vocabulary_loss_under_bf16_autocast_stays_close_to_fp32():
 
     g = torch.Generator().manual_seed(0)
     x, xt = torch.randn(16, 32, generator=g, requires_grad=True), torch.randn(16, 32, generator=g)
-    w, wt = torch.randn(64, 32, generator=g, requires_grad=True), torch.randn(64, 32, generator=g)
+    projection, teacher = _linear(torch.randn(64, 32, generator=g)), _linear(torch.randn(64, 32, generator=g))
     targets = torch.randint(0, 64, (16,), generator=g)
-    args = (x, w, None, xt, wt, None, targets, 2.0, 1 / 16, 1 / 16)
+    args = (x, projection, xt, teacher, targets, 2.0, 1 / 16, 1 / 16)
     reference = fused_vocabulary_loss(*args)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = fused_vocabulary_loss(*args)[0]
     low.backward()
-    assert low.dtype == torch.float32 and w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    assert low.dtype == projection.weight.grad.dtype == x.grad.dtype == torch.float32
     assert low.item() == pytest.approx(reference.item(), rel=0.05)

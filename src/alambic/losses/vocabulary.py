@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 _CHUNK_LOGITS = {"cpu": 2**23, "cuda": 2**26}  # logits per chunk: ~32 MB (cache-sized) on CPU, ~256 MB on GPU
 
@@ -27,11 +28,9 @@ def default_chunk_rows(vocab_size: int, device: torch.device) -> int:
 
 def fused_vocabulary_loss(
     student_features: torch.Tensor,
-    student_weight: torch.Tensor,
-    student_bias: torch.Tensor | None,
+    student_projection: nn.Linear,
     teacher_features: torch.Tensor | None,
-    teacher_weight: torch.Tensor | None,
-    teacher_bias: torch.Tensor | None,
+    teacher_projection: nn.Linear | None,
     targets: torch.Tensor | None,
     temperature: float,
     kd_weight: float | torch.Tensor,
@@ -40,22 +39,25 @@ def fused_vocabulary_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weighted soft-target KL plus hard cross-entropy on projected rows, and each sum for logging.
 
-    With ``z_s = student_features @ student_weight.T + student_bias`` and likewise ``z_t`` for the teacher:
+    With ``z_s = student_projection(student_features)`` and ``z_t = teacher_projection(teacher_features)``:
 
     ``kd_sum = T^2 * sum_rows KL(softmax(z_t / T) || softmax(z_s / T))``   (:func:`soft_target_kl` x ``N``)
     ``ce_sum = sum_{rows with target != -100} -log softmax(z_s)[target]``  (:func:`token_cross_entropy` x rows)
     ``loss = kd_weight * kd_sum + ce_weight * ce_sum``
 
-    Shapes: features ``(N, d_s)`` / ``(N, d_t)``, weights ``(V, d)``, biases ``(V,)``, targets ``(N,)``. Returns
-    ``(loss, kd_sum, ce_sum)``; only ``loss`` carries gradients (to the student's features, weight and bias), the
-    sums are detached. ``teacher_features=None`` skips the KL, ``targets=None`` the cross-entropy. The weights are
+    Shapes: features ``(N, d_s)`` / ``(N, d_t)``, projections ``d -> V`` (the models' output Linear layers, see
+    :func:`alambic.modeling.split_lm_head`), targets ``(N,)``. Returns ``(loss, kd_sum, ce_sum)``; only ``loss``
+    carries gradients (to the student's features and projection), the sums are detached. ``teacher_features=None`` skips the KL, ``targets=None`` the cross-entropy. The weights are
     the caller's normalisation (``alpha / num_items``), plain numbers or tensors. Softmax math is fp32; under
     autocast the projections run in the autocast dtype. ``chunk_rows=0`` picks a chunk size from V and the device.
     """
     if teacher_features is None and targets is None:
         raise ValueError("fused_vocabulary_loss needs teacher features (KL), targets (cross-entropy) or both")
+    teacher_weight, teacher_bias = (
+        (teacher_projection.weight, teacher_projection.bias) if teacher_features is not None else (None, None))
     return _FusedVocabularyLoss.apply(
-        student_features, student_weight, student_bias, teacher_features, teacher_weight, teacher_bias, targets,
+        student_features, student_projection.weight, student_projection.bias, teacher_features, teacher_weight,
+        teacher_bias, targets,
         float(temperature), torch.as_tensor(kd_weight, dtype=torch.float32, device=student_features.device),
         torch.as_tensor(ce_weight, dtype=torch.float32, device=student_features.device), chunk_rows,
     )

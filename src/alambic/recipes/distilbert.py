@@ -92,11 +92,8 @@ class DistilBERTObjective(nn.Module):
                 teacher_rows = teacher["features"].index_select(0, lm_rows) if c.alpha_kd > 0 else None
                 targets = lm_targets
             features, projection = self.head
-            teacher_projection = teacher.get("projection")  # absent when alpha_kd = 0
-            teacher_weight, teacher_bias = (
-                (teacher_projection.weight, teacher_projection.bias) if teacher_projection is not None else (None, None))
             loss, kd_sum, ce_sum = fused_vocabulary_loss(
-                features(rows), projection.weight, projection.bias, teacher_rows, teacher_weight, teacher_bias,
+                features(rows), projection, teacher_rows, teacher.get("projection"),  # no teacher part when alpha_kd = 0
                 targets if c.alpha_lm > 0 else None, c.temperature,
                 kd_weight=c.alpha_kd / num_items["kd"].clamp(min=1), ce_weight=c.alpha_lm / num_items["lm"].clamp(min=1),
                 chunk_rows=c.logit_chunk_rows,

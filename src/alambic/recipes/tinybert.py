@@ -102,10 +102,9 @@ class TinyBERTObjective(nn.Module):
         weighted_prediction = zero
         if c.alpha_prediction > 0:  # soft targets on the LM logits, through the fused vocabulary loss
             (features, projection), tokens = self.head, num_items["tokens"].clamp(min=1)
-            teacher_projection = teacher["projection"]
             weighted_prediction, prediction_sum, _ = fused_vocabulary_loss(
-                features(final.flatten(0, 1).index_select(0, rows)), projection.weight, projection.bias,
-                teacher["features"], teacher_projection.weight, teacher_projection.bias, None, c.temperature,
+                features(final.flatten(0, 1).index_select(0, rows)), projection, teacher["features"],
+                teacher["projection"], None, c.temperature,
                 kd_weight=c.alpha_prediction / tokens, ce_weight=0.0,
             )
             prediction = prediction_sum / tokens
