@@ -68,10 +68,13 @@ def entity_scores(predicted: list[list[str]], gold: list[list[str]]) -> dict[str
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
+_PUNCTUATION = frozenset(string.punctuation)
+
+
 def normalize_answer(text: str) -> str:
     """The official SQuAD v1.1 normalisation."""
     text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
@@ -80,13 +83,17 @@ def exact_match(prediction: str, gold: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(gold))
 
 
-def squad_f1(prediction: str, gold: str) -> float:
-    p, g = normalize_answer(prediction).split(), normalize_answer(gold).split()
-    common = sum((Counter(p) & Counter(g)).values())
+def _overlap_f1(predicted, gold) -> float:
+    """F1 of the multiset overlap of two sequences (words for SQuAD, characters for KorQuAD)."""
+    common = sum((Counter(predicted) & Counter(gold)).values())
     if common == 0:
         return 0.0
-    precision, recall = common / len(p), common / len(g)
+    precision, recall = common / len(predicted), common / len(gold)
     return 2 * precision * recall / (precision + recall)
+
+
+def squad_f1(prediction: str, gold: str) -> float:
+    return _overlap_f1(normalize_answer(prediction).split(), normalize_answer(gold).split())
 
 
 _KORQUAD_SYMBOLS = str.maketrans({c: " " for c in "'\"《》<>〈〉()‘’"})
@@ -96,7 +103,7 @@ def normalize_korquad(text: str) -> str:
     """The official KorQuAD 1.0 normalisation: quotes and brackets (ASCII and CJK) to spaces, lower case, ASCII
     punctuation removed, whitespace collapsed; no English articles removed."""
     text = text.translate(_KORQUAD_SYMBOLS).lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
     return " ".join(text.split())
 
 
@@ -107,12 +114,7 @@ def korquad_exact_match(prediction: str, gold: str) -> float:
 def korquad_f1(prediction: str, gold: str) -> float:
     """KorQuAD 1.0's F1 over characters (spaces excluded), where SQuAD's counts words: Korean words carry particles
     (조사), so a word-level F1 would score "서울에서" against "서울" as 0."""
-    p, g = normalize_korquad(prediction).replace(" ", ""), normalize_korquad(gold).replace(" ", "")
-    common = sum((Counter(p) & Counter(g)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(p), common / len(g)
-    return 2 * precision * recall / (precision + recall)
+    return _overlap_f1(normalize_korquad(prediction).replace(" ", ""), normalize_korquad(gold).replace(" ", ""))
 
 
 QA_METRICS = {"squad": (exact_match, squad_f1), "korquad": (korquad_exact_match, korquad_f1)}
