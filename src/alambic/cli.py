@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 from alambic import __version__
+from alambic.config import TOKEN_TYPES
 from alambic.errors import AlambicError
 from alambic.cli_report import add_plot_run, add_plot_temperature, add_report
 from alambic.cli_tasks import add_augment, add_distill_task, add_eval_task, add_finetune
@@ -47,7 +48,7 @@ def add_init_student(sub) -> None:
     p.add_argument("--intermediate-size", type=int, help="narrower feed-forward width (fresh initialisation)")
     p.add_argument("--num-heads", type=int, help="fewer attention heads (fresh initialisation)")
     p.add_argument("--seed", type=int, default=0, help="seed of any fresh initialisation (and of calibration masks)")
-    p.add_argument("--token-types", choices=("auto", "keep", "drop"), default="auto",
+    p.add_argument("--token-types", choices=TOKEN_TYPES, default="auto",
                    help="BERT-style segment embeddings: drop (DistilBERT, type 0 only), keep (sentence-pair tasks, "
                    "QA), auto (default): keep for a fine-tuned task teacher, drop otherwise")
     auto = p.add_argument_group(

@@ -19,6 +19,10 @@ from alambic.errors import AlambicError, did_you_mean
 SELECTION_METHODS = ("greedy", "influence")
 
 
+TOKEN_TYPES = ("auto", "keep", "drop")
+"""What a student does with BERT-style segment embeddings (see :func:`alambic.students.init_student`)."""
+
+
 @dataclass
 class StudentConfig:
     init: str | None = None
@@ -45,8 +49,8 @@ class StudentConfig:
     """BERT-style segment embeddings: drop (DistilBERT: type 0 only), keep, or auto (keep for task teachers only)."""
 
     def validate(self):
-        if self.token_types not in ("auto", "keep", "drop"):
-            raise AlambicError(f"student.token_types must be auto, keep or drop, got {self.token_types!r}")
+        if self.token_types not in TOKEN_TYPES:
+            raise AlambicError(f"student.token_types must be one of {', '.join(TOKEN_TYPES)}, got {self.token_types!r}")
         for name in ("hidden_size", "intermediate_size", "num_heads"):
             value = getattr(self, name)
             if value is not None and value < 1:

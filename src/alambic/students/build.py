@@ -16,6 +16,7 @@ from torch import nn
 
 from alambic import modeling
 from alambic.cache import atomic_directory
+from alambic.config import TOKEN_TYPES
 from alambic.errors import AlambicError, did_you_mean
 
 LAYER_SPECS = ("every-other", "all", "linspace:K", "0,2,4,...", "auto[:greedy|influence]")
@@ -120,9 +121,6 @@ class StudentInit:
 def count_parameters(model: nn.Module) -> int:
     """Tied weights count once, as they are stored once."""
     return sum(p.numel() for p in model.parameters())
-
-
-TOKEN_TYPES = ("auto", "keep", "drop")
 
 
 def _student_config(teacher, layers, hidden, ffn, heads, keep_token_types, notes):
