@@ -1,13 +1,18 @@
 """Does the teacher help? The same student, data, steps and seed, trained with the triple loss vs next-token (or
-masked-LM) cross-entropy alone, then both evaluated on the same held-out text.
+masked-LM) cross-entropy alone, then both evaluated on the same held-out text; over seeds and layer choices.
 
-    python benchmarks/distill_vs_no_teacher.py --steps 150      # SmolLM2-135M -> 15 layers on BBC News (CPU: ~25 min)
+    # SmolLM2-135M -> 15 layers on BBC News, every-other (first and last kept) and measured (auto:influence)
+    python benchmarks/distill_vs_no_teacher.py --steps 25 --seeds 0 1 2 --layers auto:influence every-other
+
+Results go to OUT/results.json, rewritten after every run (an interrupted benchmark continues where it stopped).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 from pathlib import Path
 
 from alambic.config import load_config
@@ -17,50 +22,92 @@ from alambic.evaluation.lm import evaluate_lm
 from alambic.modeling import model_kind
 from alambic.teachers import load_model
 
+VARIANTS = {
+    "triple": {"loss": {"alpha_kd": 5.0, "alpha_lm": 2.0, "alpha_cos": 1.0}},
+    "ce-only": {"loss": {"alpha_kd": 0.0, "alpha_lm": 1.0, "alpha_cos": 0.0}},
+}
+LABELS = {"triple": "triple loss (kd 5, lm 2, cos 1, T 2)", "ce-only": "next-token cross-entropy only (no teacher)"}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="smollm2-135m")
-    parser.add_argument("--layers", default="every-other")
+    parser.add_argument("--layers", nargs="+", default=["auto:influence", "every-other"])
     parser.add_argument("--data", default="bbc-news:train")
     parser.add_argument("--eval-data", default="bbc-news:heldout")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--out", default="runs/distill-vs-no-teacher")
     args = parser.parse_args()
+    out = Path(args.out)
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
 
-    common = {"teacher": args.teacher, "student": {"layers": args.layers, "save_init": True},
-              "data": {"train": [args.data], "max_length": args.max_length},
-              "training": {"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                           "save_every": args.steps, "log_every": 10, "seed": 0}}
-    variants = {
-        "triple loss (kd 5, lm 2, cos 1, T 2)": {"loss": {"alpha_kd": 5.0, "alpha_lm": 2.0, "alpha_cos": 1.0}},
-        "cross-entropy only (no teacher)": {"loss": {"alpha_kd": 0.0, "alpha_lm": 1.0, "alpha_cos": 0.0}},
-    }
-    results = {}
-    for i, (name, loss) in enumerate(variants.items()):
-        out = Path(args.out) / f"variant-{i}"
-        cfg = load_config(None, [common, loss, {"out": str(out)}])
-        result = distill(cfg, resume=(out / "checkpoints" / "latest").exists())
-        results[name] = {"dir": result.student_dir, "init": out / "student-init"}
+    def save():
+        out.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(results, indent=2) + "\n")
 
-    data_cfg = load_config(None, [common, {"out": "x"}]).data
+    def common(layers, seed):
+        return {"teacher": args.teacher, "student": {"layers": layers, "save_init": True},
+                "data": {"train": [args.data], "max_length": args.max_length},
+                "training": {"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                             "save_every": args.steps, "log_every": 5, "seed": seed}}
+
+    data_cfg = load_config(None, [common("every-other", 0), {"out": "x"}]).data
     data_cfg.max_length, data_cfg.eval_max_tokens = 256, args.eval_tokens
-    rows = []
-    for label, path in [("teacher", args.teacher), ("student at init", str(results[next(iter(results))]["init"]))] + [
-        (name, str(r["dir"])) for name, r in results.items()
-    ]:
+    held_out = {}
+
+    def perplexity(path: str) -> float:
         model, tokenizer = load_model(path)
-        metrics = evaluate_lm(model, heldout_batches([args.eval_data], tokenizer, model_kind(model), data_cfg))
-        rows.append({"model": label, **metrics})
-    print(f"held-out: {args.eval_data}, {rows[0]['tokens']} tokens in 256-token blocks; "
-          f"{args.steps} steps x {args.batch_size} x {args.max_length} tokens, seed 0")
-    for row in rows:
-        print(f"{row['model']:<40} perplexity {row['perplexity']:>12.2f}")
-    Path(args.out, "results.json").write_text(json.dumps(rows, indent=2))
+        if "batches" not in held_out:
+            held_out["batches"] = heldout_batches([args.eval_data], tokenizer, model_kind(model), data_cfg)
+        metrics = evaluate_lm(model, held_out["batches"])
+        held_out["tokens"] = metrics["tokens"]
+        return metrics["perplexity"]
+
+    if "teacher" not in results:
+        results["teacher"] = perplexity(args.teacher)
+        save()
+    for layers in args.layers:
+        for seed in args.seeds:
+            for variant, loss in VARIANTS.items():
+                key = f"{layers}/{variant}/seed{seed}"
+                if key in results:
+                    continue
+                run = out / key.replace(":", "-")
+                cfg = load_config(None, [common(layers, seed), loss, {"out": str(run)}])
+                result = distill(cfg, resume=(run / "checkpoints" / "latest").exists(), progress=False)
+                init_key = f"{layers}/init/seed{seed}"
+                if init_key not in results:
+                    results[init_key] = perplexity(str(run / "student-init"))
+                results[key] = perplexity(str(result.student_dir))
+                save()
+                print(f"{key}: held-out perplexity {results[key]:.2f}", flush=True)
+    print(table(results, args))
+
+
+def table(results: dict, args) -> str:
+    lines = [f"teacher {args.teacher}: held-out perplexity {results['teacher']:.2f}", "",
+             "| layers | student | held-out perplexity (mean ± sd over seeds) | n |", "| --- | --- | ---: | ---: |"]
+    for layers in args.layers:
+        means = {}
+        for variant in ("init", *VARIANTS):
+            values = [v for k, v in results.items() if k.startswith(f"{layers}/{variant}/seed")]
+            if not values:
+                continue
+            logs = [math.log(v) for v in values]
+            means[variant] = math.exp(statistics.mean(logs))
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            lines.append(f"| {layers} | {LABELS.get(variant, 'at initialisation')} | {statistics.mean(values):,.1f} "
+                         f"± {spread:,.1f} | {len(values)} |")
+        if "triple" in means and "ce-only" in means:
+            lines.append(f"| {layers} | ratio distilled / no teacher (geometric means) | "
+                         f"{means['triple'] / means['ce-only']:.3f}x | |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ def test_eager_and_sdpa_models_give_the_same_loss(family, method, text_dir):
     losses = {}
     for implementation in ("eager", "sdpa"):
         teacher = build(attn_implementation=implementation)
-        student = init_student(teacher, layers=[1, 3], hidden_size=16, num_heads=4 if method == "tinybert" else 2).model
+        student = init_student(teacher, layers=[1, 3], hidden_size=16, num_heads=4 if method == "tinybert" else 2,
+                               width_init="random").model
         recipe = (TinyBERTRecipe(teacher, student, TinyBERTLossConfig(layer_map="0:0,1:2,2:4")) if method == "tinybert"
                   else MiniLMRecipe(teacher, student, MiniLMLossConfig(relation_heads=4)))
         assert teacher.config._attn_implementation == implementation
@@ -62,7 +63,8 @@ def test_eager_and_sdpa_models_give_the_same_loss(family, method, text_dir):
 
 def test_narrow_student_learns_through_its_projections(text_dir):
     teacher = tiny_bert()
-    student = init_student(teacher, layers=[1, 3], hidden_size=16, intermediate_size=32).model.train()
+    student = init_student(teacher, layers=[1, 3], hidden_size=16, intermediate_size=32, num_heads=4,
+                           width_init="random").model.train()
     recipe = TinyBERTRecipe(teacher, student, TinyBERTLossConfig(layer_map="uniform"))
     projections = dict(recipe.objective.projections.named_parameters())
     assert set(projections) == {f"per_layer.{m}.{p}" for m in (0, 1, 2) for p in ("weight", "bias")}
@@ -80,7 +82,7 @@ def test_narrow_student_learns_through_its_projections(text_dir):
 
 def test_shared_projection_and_equal_widths():
     teacher = tiny_bert()
-    narrow = init_student(teacher, layers=[1, 3], hidden_size=16).model
+    narrow = init_student(teacher, layers=[1, 3], hidden_size=16, num_heads=4, width_init="random").model
     shared = TinyBERTRecipe(teacher, narrow, TinyBERTLossConfig(share_projection=True))
     assert [n for n, _ in shared.objective.projections.named_parameters()] == ["shared.weight", "shared.bias"]
     same_width = TinyBERTRecipe(teacher, init_student(teacher, layers=[1, 3]).model, TinyBERTLossConfig())
@@ -89,7 +91,7 @@ def test_shared_projection_and_equal_widths():
 
 def test_differing_head_counts(text_dir):
     teacher = tiny_bert()
-    student = init_student(teacher, layers=[1, 3], hidden_size=16, num_heads=2).model
+    student = init_student(teacher, layers=[1, 3], hidden_size=16, num_heads=2, width_init="random").model
     with pytest.raises(AlambicError, match="2 heads and the teacher 4.*--recipe minilm"):
         TinyBERTRecipe(teacher, student, TinyBERTLossConfig())
     TinyBERTRecipe(teacher, student, TinyBERTLossConfig(alpha_attention=0))  # hidden states only: fine
@@ -105,7 +107,8 @@ def test_export_strips_projections_and_resume_restores_them(text_dir, tmp_path, 
     tiny_bert().save_pretrained(teacher_dir)
     wordpiece_tokenizer().save_pretrained(teacher_dir)
     argv = ["distill", "--recipe", "tinybert", "--teacher", str(teacher_dir), "--data", str(text_dir), "--max-steps",
-            "4", "--layers", "1,3", "--no-progress", "--set", "student.hidden_size=16", "--set", "data.max_length=24",
+            "4", "--layers", "1,3", "--no-progress", "--set", "student.hidden_size=16", "--set", "student.num_heads=4",
+            "--set", "data.max_length=24",
             "--set", "training.save_every=2", "--set", "training.log_every=1"]
     assert main(argv + ["--out", str(tmp_path / "straight")]) == 0
     exported = load_file(str(tmp_path / "straight" / "student" / "model.safetensors"))
@@ -126,7 +129,7 @@ class Interrupt(Exception):
 def test_resume_restores_the_projections(text_dir, tmp_path):
     def run(out, stop_at=None, resume=False):
         teacher = tiny_bert()
-        student = init_student(teacher, layers=[1, 3], hidden_size=16).model.train()
+        student = init_student(teacher, layers=[1, 3], hidden_size=16, num_heads=4, width_init="random").model.train()
         recipe = TinyBERTRecipe(teacher, student, TinyBERTLossConfig())
         batches = training_batches([str(text_dir)], wordpiece_tokenizer(), "masked", DataConfig(max_length=24), None,
                                    2, seed=0)
@@ -154,7 +157,7 @@ def test_prediction_term_equals_the_soft_target_kl_on_full_logits(family, text_d
 
     teacher, tokenizer, kind = ((tiny_bert(), wordpiece_tokenizer(), "masked") if family == "bert"
                                 else (tiny_llama(), bpe_tokenizer(), "causal"))
-    student = init_student(teacher, layers=[1, 3], hidden_size=16).model.eval()
+    student = init_student(teacher, layers=[1, 3], hidden_size=16, num_heads=4, width_init="random").model.eval()
     cfg = TinyBERTLossConfig(alpha_embedding=0, alpha_hidden=0, alpha_attention=0, alpha_prediction=3.0, temperature=2.0)
     recipe, batch = TinyBERTRecipe(teacher, student, cfg), first_batch(text_dir, tokenizer, kind)
     loss, terms = loss_of(recipe, batch)
@@ -179,7 +182,7 @@ def test_prediction_term_equals_the_soft_target_kl_on_full_logits(family, text_d
 
 def test_decoder_teacher_and_student(text_dir, tmp_path):
     teacher = tiny_llama()
-    student = init_student(teacher, layers=[1, 3], hidden_size=16).model.train()
+    student = init_student(teacher, layers=[1, 3], hidden_size=16, num_heads=4, width_init="random").model.train()
     batches = training_batches([str(text_dir)], bpe_tokenizer(), "causal", DataConfig(max_length=24), None, 2, seed=0)
     recipe = TinyBERTRecipe(teacher, student, TinyBERTLossConfig(alpha_prediction=1.0, temperature=2.0))
     result = train(recipe, batches, TrainingConfig(max_steps=3, log_every=1, save_every=3), tmp_path, progress=False)

@@ -130,7 +130,7 @@ def test_init_student_auto_records_the_choice_in_a_model_card(text, tmp_path):
     [
         (dict(depth=0), "target depth 0 is out of range: the teacher has 6 layers, give a depth from 1 to 6"),
         (dict(depth=7), "target depth 7 is out of range"),
-        (dict(calibration=None), "auto layer selection needs calibration data"),
+        (dict(calibration=None), "needs calibration data: give --calibration-data PATH"),
         (dict(budget=-1), "budget must be >= 0"),
         (dict(method="greed"), "unknown layer selection method 'greed' \\(did you mean 'greedy'\\?\\)"),
     ],
@@ -144,14 +144,14 @@ def test_bad_selection_inputs(kwargs, message, text):
 
 def test_too_little_calibration_text_says_how_much_is_needed(text):
     teacher, tokenizer = _teacher("bert", harmless=())
-    with pytest.raises(AlambicError, match="too short: layer selection needs at least 256 tokens"):
+    with pytest.raises(AlambicError, match="too short: measuring the teacher needs at least 256 tokens"):
         calibration_batches(str(text / "short.txt"), tokenizer, "masked", max_length=32)
     few = text.parent / "few.txt"
     few.write_text(" ".join(sample_texts(1)[0].split()[:60]))  # one chunk of ~70 tokens
-    with pytest.raises(AlambicError, match="gives only \\d+ tokens: layer selection needs at least 256; give more"):
+    with pytest.raises(AlambicError, match="gives only \\d+ tokens: measuring the teacher needs at least 256; give more"):
         calibration_batches(str(few), tokenizer, "masked", max_length=128)
     llama, bpe = _teacher("llama", harmless=())
-    with pytest.raises(AlambicError, match="too short: layer selection needs at least 256 tokens"):
+    with pytest.raises(AlambicError, match="too short: measuring the teacher needs at least 256 tokens"):
         calibration_batches(str(text / "short.txt"), bpe, "causal", max_length=32)
 
 
@@ -206,7 +206,7 @@ def test_cli_budget_fallback_is_printed(llama_dir, text, tmp_path, capsys):
         (["--layers", "auto", "--calibration-data", "CAL", "--depth", 0], "target depth 0 is out of range"),
         (["--layers", "auto", "--calibration-data", "CAL", "--depth", 9], "the teacher has 6 layers"),
         (["--layers", "auto:best", "--calibration-data", "CAL"], "unknown layer selection method 'best'"),
-        (["--layers", "auto", "--calibration-data", "SHORT"], "layer selection needs at least 256 tokens"),
+        (["--layers", "auto", "--calibration-data", "SHORT"], "measuring the teacher needs at least 256 tokens"),
         (["--layers", "auto", "--calibration-data", "nope.txt"], "nope.txt"),
         (["--depth", 3], "--depth only apply to --layers auto"),
     ],
@@ -224,7 +224,6 @@ BASE = {"teacher": "t", "out": "o", "data": {"train": ["x.txt"]}}
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("student.layers=auto", "student.layers=auto needs calibration text"),
         ("student.layers=auto:fast", "unknown selection method 'fast'"),
         ("student.depth=3", "student.depth only applies to student.layers=auto"),
         ("student.calibration_data=a.txt", "student.calibration_data only applies"),
@@ -251,3 +250,14 @@ def test_distill_with_auto_layers(llama_dir, text, tmp_path, capsys):
     code, _, err = _run(["distill", "--teacher", llama_dir, "--data", text, "--out", tmp_path / "r2", "--layers", "auto",
                          "--set", f"student.calibration_data={text}", "--set", "student.depth=7"], capsys)
     assert code == 2 and "target depth 7 is out of range" in err
+
+
+def test_measured_students_calibrate_on_the_training_data_by_default():
+    from alambic.config import load_config, parse_override
+    from alambic.distill import calibration_specs
+
+    cfg = load_config(None, [BASE, parse_override("student.layers=auto:influence")])
+    assert calibration_specs(cfg) == ["x.txt"]
+    narrow = load_config(None, [BASE, parse_override("student.hidden_size=16"),
+                                parse_override("student.calibration_data=c.txt")])
+    assert calibration_specs(narrow) == ["c.txt"]

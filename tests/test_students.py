@@ -128,8 +128,13 @@ def test_student_from_a_spec_keeps_the_teacher_tokenizer(tmp_path):
 @pytest.mark.parametrize(
     "spec, n, expected",
     [
-        ("every-other", 12, [0, 2, 4, 6, 8, 10]),
+        ("every-other", 12, [0, 2, 4, 7, 9, 11]),  # the first and last layers kept (DistilBERT's choice)
         ("every-other", 5, [0, 2, 4]),
+        ("every-other", 6, [0, 3, 5]),
+        ("every-other", 30, [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27, 29]),
+        ("even", 12, [0, 2, 4, 6, 8, 10]),
+        ("odd", 12, [1, 3, 5, 7, 9, 11]),
+        ("linspace:3", 6, [0, 3, 5]),  # 2.5 rounds half up
         ("linspace:6", 12, [0, 2, 4, 7, 9, 11]),  # DistilBERT's choice
         ("linspace:1", 12, [0]),
         ("linspace:12", 12, list(range(12))),
@@ -168,7 +173,8 @@ def test_layer_spec_errors(spec, message):
 
 @pytest.mark.parametrize("build", [tiny_bert, tiny_distilbert, tiny_gpt2, tiny_llama])
 def test_narrow_student_has_the_requested_shapes(build):
-    result = init_student(build(), layers="every-other", hidden_size=16, intermediate_size=24, num_heads=2)
+    result = init_student(build(), layers="every-other", hidden_size=16, intermediate_size=24, num_heads=2,
+                          width_init="random")
     config, model = result.model.config, result.model
     assert (modeling.hidden_size(config), modeling.intermediate_size(config), modeling.num_heads(config)) == (16, 24, 2)
     assert model.get_input_embeddings().weight.shape == (config.vocab_size, 16)
@@ -181,7 +187,7 @@ def test_narrow_student_has_the_requested_shapes(build):
 
 def test_narrow_ffn_only_keeps_attention_and_embeddings():
     teacher = tiny_llama()
-    result = init_student(teacher, layers=[0, 2], intermediate_size=16)
+    result = init_student(teacher, layers=[0, 2], intermediate_size=16, width_init="random")
     student = result.model
     assert student.model.layers[0].mlp.up_proj.weight.shape == (16, 32)
     assert torch.equal(student.model.layers[1].self_attn.q_proj.weight, teacher.model.layers[2].self_attn.q_proj.weight)
@@ -189,14 +195,20 @@ def test_narrow_ffn_only_keeps_attention_and_embeddings():
     assert "mlp.up_proj" in " ".join(result.notes) and "self_attn" not in " ".join(result.notes)
 
 
-def test_fewer_heads_update_head_dim_and_kv_heads():
-    config = init_student(tiny_llama(), num_heads=2).model.config  # teacher: 4 heads, 2 kv heads, head_dim 8
-    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 2, 16)
+def test_fewer_heads_keep_the_head_size_and_the_grouping():
+    # teacher: 4 heads in 2 key/value groups of 2, head_dim 8: 2 heads keep one whole group
+    config = init_student(tiny_llama(), num_heads=2, width_init="random").model.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 1, 8)
+
+
+def test_narrower_hidden_drops_heads_to_keep_their_size():
+    config = init_student(tiny_bert(), hidden_size=16, width_init="random").model.config  # 4 heads of 8
+    assert (config.hidden_size, config.num_attention_heads) == (16, 2)
 
 
 def test_width_must_divide_into_heads():
     with pytest.raises(AlambicError, match="hidden size 30 is not divisible by 4 attention heads"):
-        init_student(tiny_bert(), hidden_size=30)
+        init_student(tiny_bert(), hidden_size=30, width_init="random")
 
 
 def test_bare_encoder_teacher_gives_masked_lm_with_fresh_head():
@@ -224,8 +236,8 @@ def test_student_is_float32_whatever_the_teacher_dtype():
 
 
 def test_seed_makes_fresh_parts_reproducible():
-    a = init_student(tiny_bert(), hidden_size=16, seed=3).model
-    b = init_student(tiny_bert(), hidden_size=16, seed=3).model
-    c = init_student(tiny_bert(), hidden_size=16, seed=4).model
+    a = init_student(tiny_bert(), hidden_size=16, seed=3, width_init="random").model
+    b = init_student(tiny_bert(), hidden_size=16, seed=3, width_init="random").model
+    c = init_student(tiny_bert(), hidden_size=16, seed=4, width_init="random").model
     assert torch.equal(a.bert.encoder.layer[0].output.dense.weight, b.bert.encoder.layer[0].output.dense.weight)
     assert not torch.equal(a.bert.encoder.layer[0].output.dense.weight, c.bert.encoder.layer[0].output.dense.weight)

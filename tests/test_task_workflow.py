@@ -142,3 +142,90 @@ def test_eval_task_scores_qa_the_korquad_way_on_request(teachers, capsys):
     f1 = sum(max(korquad_f1(p, g) for g in e.answers) for p, e in zip(predictions, examples)) / len(examples)
     em = sum(max(korquad_exact_match(p, g) for g in e.answers) for p, e in zip(predictions, examples)) / len(examples)
     assert row["f1"] == pytest.approx(100 * f1) and row["exact_match"] == pytest.approx(100 * em)
+
+
+def _transfer_files(tmp_path):
+    """Unlabelled copies of the test data: records without labels, CoNLL tokens without tags, questions without
+    answers, and a plain text file."""
+    from alambic.tasks.data import read_conll, read_squad
+
+    records = [json.loads(line) for line in (DATA / FILES["classification"]).read_text().splitlines() if line.strip()]
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text": r["text"]}, ensure_ascii=False) + "\n"
+                                                  for r in records), encoding="utf-8")
+    (tmp_path / "texts.txt").write_text("".join(r["text"].replace("\n", " ") + "\n" for r in records),
+                                        encoding="utf-8")
+    (tmp_path / "tokens.conll").write_text("\n\n".join("\n".join(e.words) for e in read_conll(DATA / "ner.conll"))
+                                           + "\n", encoding="utf-8")
+    squad = json.loads((DATA / "squad.json").read_text())
+    for article in squad["data"]:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                qa.pop("answers")
+    (tmp_path / "questions.json").write_text(json.dumps(squad), encoding="utf-8")
+    assert all(not e.labelled for e in read_squad(tmp_path / "questions.json"))
+    return {"classification": tmp_path / "texts.jsonl", "ner": tmp_path / "tokens.conll",
+            "qa": tmp_path / "questions.json"}
+
+
+@pytest.mark.parametrize("task", list(FILES))
+def test_distill_task_learns_from_an_unlabelled_transfer_set(teachers, tmp_path, task, capsys):
+    transfer = _transfer_files(tmp_path)[task]
+    out = tmp_path / "run"
+    assert main(["distill-task", "--task", task, "--teacher", str(teachers / task), "--student-layers", "0,2",
+                 "--train", str(DATA / FILES[task]), "--unlabelled", str(transfer), "--out", str(out),
+                 "--alpha-ce", "1", *FAST[:-1], "--max-steps", "12"]) == 0
+    summary = json.loads((out / "task.json").read_text())
+    counts = summary["training_examples"]
+    assert counts["unlabelled"] > 0 and counts["labelled"] > 0
+    assert "unlabelled (soft targets only)" in capsys.readouterr().out
+    assert summary["teacher_cache"]["hits"] > 0  # later epochs read the unlabelled rows' logits from the cache
+
+
+def test_transfer_set_as_plain_text_and_augmentation_output(teachers, tmp_path):
+    files = _transfer_files(tmp_path)
+    out = tmp_path / "run"
+    assert main(["distill-task", "--task", "classification", "--teacher", str(teachers / "classification"),
+                 "--student-layers", "0", "--train", str(DATA / FILES["classification"]),
+                 "--unlabelled", str(tmp_path / "texts.txt"), str(DATA / FILES["classification"]),
+                 "--out", str(out), *FAST]) == 0  # a labelled file given as transfer set is used without its labels
+    counts = json.loads((out / "task.json").read_text())["training_examples"]
+    total = len([line for line in (DATA / FILES["classification"]).read_text().splitlines() if line.strip()])
+    assert counts["unlabelled"] == 2 * total  # every line of the text file, and the labelled file once more
+    assert counts["labelled"] < total  # the rest is held out for validation
+    assert files["classification"].is_file()
+
+
+def test_unlabelled_input_errors_are_one_line(teachers, tmp_path, capsys):
+    files = _transfer_files(tmp_path)
+
+    def error(argv):
+        assert main(argv) == 2
+        message = capsys.readouterr().err.strip()
+        assert message.startswith("alambic: error: ") and "\n" not in message
+        return message
+
+    base = ["--out", str(tmp_path / "x"), *FAST]
+    assert "so no example is labelled" in error(
+        ["finetune", "--task", "classification", "--model", str(teachers / "classification"),
+         "--train", str(files["classification"]), *base])
+    assert "has no labelled example (" in error(
+        ["finetune", "--task", "ner", "--model", str(teachers / "ner"), "--train", str(files["ner"]), *base])
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"text": "good", "label": "긍정"}\n{"text": "no label here"}\n', encoding="utf-8")
+    assert "example 2 has no label (1 of 2 examples lack one)" in error(
+        ["finetune", "--task", "classification", "--model", str(teachers / "classification"),
+         "--train", str(mixed), *base])
+    amharic = tmp_path / "amharic.txt"
+    amharic.write_text("ሰላም ለዓለም ሰላም\n" * 20, encoding="utf-8")
+    assert "of its tokens are unknown ([UNK]) to the teacher's tokenizer" in error(
+        ["distill-task", "--task", "classification", "--teacher", str(teachers / "classification"),
+         "--student-layers", "0", "--train", str(DATA / FILES["classification"]), "--unlabelled", str(amharic),
+         *base])
+    assert "alpha_kd is 0" in error(
+        ["distill-task", "--task", "classification", "--teacher", str(teachers / "classification"),
+         "--student-layers", "0", "--train", str(DATA / FILES["classification"]),
+         "--unlabelled", str(files["classification"]), "--alpha-kd", "0", "--alpha-ce", "1", *base])
+    assert "not divisible by 5 attention heads" in error(
+        ["distill-task", "--task", "classification", "--teacher", str(teachers / "classification"),
+         "--student-layers", "0", "--hidden-size", "16", "--num-heads", "5",
+         "--train", str(DATA / FILES["classification"]), *base])

@@ -44,9 +44,18 @@ def add_init_student(sub) -> None:
     p.add_argument("--layers", default="every-other",
                    help="every-other (default), linspace:K, a list such as 0,2,4,7,9,11, or auto[:greedy|influence] "
                    "to choose layers by measuring on --calibration-data")
-    p.add_argument("--hidden-size", type=int, help="narrower hidden width (fresh initialisation)")
-    p.add_argument("--intermediate-size", type=int, help="narrower feed-forward width (fresh initialisation)")
-    p.add_argument("--num-heads", type=int, help="fewer attention heads (fresh initialisation)")
+    width = p.add_argument_group(
+        "narrower students",
+        "Narrower widths are sliced out of the teacher: the channels, heads (key/value groups) and FFN neurons with "
+        "the largest activations on --calibration-data are kept in every matrix that reads or writes them "
+        "(Minitron); --width-init random starts them fresh instead.")
+    width.add_argument("--hidden-size", type=int, help="narrower hidden width")
+    width.add_argument("--intermediate-size", type=int, help="narrower feed-forward width")
+    width.add_argument("--num-heads", type=int,
+                       help="fewer attention heads (default: the teacher's head size is kept, so a narrower hidden "
+                       "width has fewer heads)")
+    width.add_argument("--width-init", choices=("importance", "random"), default="importance",
+                       help="importance (default): slice the teacher by measured importance; random: fresh weights")
     p.add_argument("--seed", type=int, default=0, help="seed of any fresh initialisation (and of calibration masks)")
     p.add_argument("--token-types", choices=TOKEN_TYPES, default="auto",
                    help="BERT-style segment embeddings: drop (DistilBERT, type 0 only), keep (sentence-pair tasks, "
@@ -80,19 +89,26 @@ def run_init_student(args) -> int:
     n = num_layers(config)
     method = sel.parse_auto_spec(args.layers)
     calibration = None
+    narrower = any(v is not None for v in (args.hidden_size, args.intermediate_size, args.num_heads))
+    measured = method is not None or (narrower and args.width_init == "importance")
     if method is None:
-        used = [flag for flag, value in (("--calibration-data", args.calibration_data), ("--depth", args.depth),
-                                         ("--budget", args.budget)) if value is not None]
+        used = [flag for flag, value in (("--depth", args.depth), ("--budget", args.budget)) if value is not None]
+        if args.calibration_data is not None and not measured:
+            used.append("--calibration-data")
         if used:
-            raise AlambicError(f"{', '.join(used)} only apply to --layers auto[:METHOD]; "
+            raise AlambicError(f"{', '.join(used)} only apply to --layers auto[:METHOD]"
+                               f"{' or a narrower student' if '--calibration-data' in used else ''}; "
                                f"add --layers auto or drop {used[0]}")
         parse_layer_spec(args.layers, n)
     else:
         sel.check_depth(args.depth, n)
         sel.check_budget(args.budget)
+    if measured:
         if not args.calibration_data:
-            raise AlambicError("--layers auto needs calibration text: add --calibration-data PATH "
-                               "(a few thousand tokens of your text, e.g. bbc-news:train)")
+            what = "--layers auto" if method is not None else "a narrower student (sliced by importance)"
+            raise AlambicError(f"{what} needs calibration text: add --calibration-data PATH (a few thousand tokens "
+                               "of your text, e.g. bbc-news:train)"
+                               + ("" if method is not None else ", or --width-init random for fresh weights"))
         from transformers import AutoTokenizer
 
         from alambic.data.sources import describe_sources
@@ -105,7 +121,8 @@ def run_init_student(args) -> int:
     built = init_student(teacher, layers=args.layers, hidden_size=args.hidden_size,
                          intermediate_size=args.intermediate_size, num_heads=args.num_heads, seed=args.seed,
                          depth=args.depth, calibration_data=calibration, selection_budget=args.budget,
-                         tokenizer=tokenizer, log=lambda line: print(line, flush=True), token_types=args.token_types)
+                         tokenizer=tokenizer, log=lambda line: print(line, flush=True), token_types=args.token_types,
+                         width_init=args.width_init)
     if built.selection is not None:
         built.selection.calibration = ", ".join(args.calibration_data)
     print(built.summary())

@@ -100,14 +100,22 @@ def add_distill_task(sub) -> None:
                        "first sub-words), optionally after (trm,pred) or with (joint) TinyBERT's intermediate-layer "
                        "losses. Teacher logits are cached on disk and reused by later epochs, stages and students.")
     _common(p)
+    p.add_argument("--unlabelled", nargs="+", metavar="FILE", default=[],
+                   help="transfer set: in-domain examples without labels (same formats, or .txt with one example per "
+                   "line; labels in them are ignored), trained on the teacher's soft targets only. --train may also "
+                   "mix labelled and unlabelled examples")
     p.add_argument("--teacher", required=True, help="a fine-tuned task model (e.g. OUT/best of alambic finetune)")
     s = p.add_argument_group("student (one of)")
     s.add_argument("--student", help="a student folder: built by init-student from the teacher (head copied), or any "
                    "pre-trained / general-distilled model with the teacher's tokenizer (fresh head)")
     s.add_argument("--student-layers", help="build the student from the teacher: layers to copy (linspace:3, 0,2,4)")
-    s.add_argument("--hidden-size", type=int, help="with --student-layers: narrower width (fresh weights)")
+    s.add_argument("--hidden-size", type=int, help="with --student-layers: narrower width (sliced from the teacher "
+                   "by importance measured on the training text)")
     s.add_argument("--intermediate-size", type=int, help="with --student-layers: narrower feed-forward")
-    s.add_argument("--num-heads", type=int, help="with --student-layers: attention heads")
+    s.add_argument("--num-heads", type=int, help="with --student-layers: attention heads (default: the teacher's "
+                   "head size kept)")
+    s.add_argument("--width-init", choices=("importance", "random"), default="importance",
+                   help="narrower widths: importance (default; Minitron) or random (fresh weights)")
     l = p.add_argument_group("loss")  # noqa: E741
     l.add_argument("--stages", default="pred", help="pred (default), trm,pred (intermediate layers then prediction) "
                    "or joint")
@@ -137,8 +145,8 @@ def run_distill_task(args) -> int:
         hidden_size=args.hidden_size, intermediate_size=args.intermediate_size, num_heads=args.num_heads,
         validation=args.validation, stages=args.stages, loss=loss,
         intermediate=TinyBERTLossConfig(layer_map=args.layer_map), training=cfg, trm_steps=args.trm_steps,
-        trm_lr=args.trm_lr, data=_data(args), teacher_cache=not args.no_teacher_cache, resume=args.resume,
-        progress=not args.no_progress)
+        trm_lr=args.trm_lr, data=_data(args), teacher_cache=not args.no_teacher_cache, unlabelled=args.unlabelled,
+        width_init=args.width_init, resume=args.resume, progress=not args.no_progress)
     value = summary[f"best_validation_{cfg.best_metric}"]
     shown = "n/a" if value is None else f"{value:.4f}"
     print(f"best validation {cfg.best_metric}: {shown}; student in {summary['best_model']}")

@@ -17,6 +17,7 @@ from alambic.errors import AlambicError, did_you_mean
 
 
 SELECTION_METHODS = ("greedy", "influence")
+WIDTH_INITS = ("importance", "random")
 
 
 TOKEN_TYPES = ("auto", "keep", "drop")
@@ -30,15 +31,17 @@ class StudentConfig:
     layers: str = "every-other"
     """Teacher layers the student keeps: every-other, linspace:K, a list such as 0,2,4,7,9,11, or auto[:greedy|influence] (chosen by measuring on student.calibration_data)."""
     hidden_size: int | None = None
-    """Narrower hidden width (freshly initialised); empty keeps the teacher's."""
+    """Narrower hidden width; empty keeps the teacher's."""
     intermediate_size: int | None = None
-    """Narrower feed-forward width (freshly initialised); empty keeps the teacher's."""
+    """Narrower feed-forward width; empty keeps the teacher's."""
     num_heads: int | None = None
-    """Fewer attention heads (freshly initialised); empty keeps the teacher's."""
+    """Fewer attention heads; empty keeps the teacher's head size (fewer heads when hidden_size shrinks)."""
+    width_init: str = "importance"
+    """How narrower widths start: importance (the teacher's most important channels, heads and FFN neurons, measured on student.calibration_data or else the training data; Minitron) or random."""
     save_init: bool = False
     """Also save the student as initialised, before training, to OUT/student-init."""
     calibration_data: list[str] = field(default_factory=list)
-    """Text that layers=auto measures layers on (files, folders, globs or packaged corpora such as bbc-news:train)."""
+    """Text that layers=auto and width pruning measure the teacher on (files, folders, globs or packaged corpora such as bbc-news:train); empty: the training data."""
     depth: int | None = None
     """Layers a layers=auto student keeps; empty: ceil(N/2), the every-other count."""
     selection_budget: float | None = None
@@ -62,21 +65,26 @@ class StudentConfig:
             if method not in SELECTION_METHODS:
                 raise AlambicError(f"student.layers={self.layers}: unknown selection method {method!r}"
                                    f"{did_you_mean(method, SELECTION_METHODS)}; use auto:greedy or auto:influence")
-            if not self.calibration_data and not self.init:
-                raise AlambicError("student.layers=auto needs calibration text: set student.calibration_data "
-                                   "(e.g. --set student.calibration_data=bbc-news:train)")
         else:
             used = [name for name in ("depth", "selection_budget") if getattr(self, name) is not None]
-            used += ["calibration_data"] if self.calibration_data else []
+            if self.calibration_data and not self.narrows():
+                used.append("calibration_data")
             if used:
-                raise AlambicError(f"student.{used[0]} only applies to student.layers=auto[:METHOD]; "
+                raise AlambicError(f"student.{used[0]} only applies to student.layers=auto[:METHOD]"
+                                   f"{' or a narrower student' if used[0] == 'calibration_data' else ''}; "
                                    f"set student.layers=auto or drop student.{used[0]}")
+        if self.width_init not in WIDTH_INITS:
+            raise AlambicError(f"student.width_init must be importance or random, got {self.width_init!r}")
         if self.depth is not None and self.depth < 1:
             raise AlambicError(f"student.depth must be at least 1 layer, got {self.depth}")
         if self.selection_budget is not None and self.selection_budget < 0:
             raise AlambicError(f"student.selection_budget must be >= 0 seconds, got {self.selection_budget}")
         if self.calibration_tokens < 256:
             raise AlambicError(f"student.calibration_tokens must be at least 256, got {self.calibration_tokens}")
+
+    def narrows(self) -> bool:
+        """Whether a width option is set (the built student may be narrower than its teacher)."""
+        return any(getattr(self, name) is not None for name in ("hidden_size", "intermediate_size", "num_heads"))
 
 
 @dataclass

@@ -49,15 +49,18 @@ def _check_inputs(cfg: DistillConfig, resume: bool) -> list[dict] | None:
 
         teacher_config = AutoConfig.from_pretrained(teacher_dir)
         n = num_layers(teacher_config)
-        if selection.parse_auto_spec(cfg.student.layers) is None:
-            parse_layer_spec(cfg.student.layers, n)
+        auto = selection.parse_auto_spec(cfg.student.layers) is not None
+        if auto:
+            selection.check_depth(cfg.student.depth, n)
         else:
+            parse_layer_spec(cfg.student.layers, n)
+        if auto or (cfg.student.narrows() and cfg.student.width_init == "importance"):
             from transformers import AutoTokenizer
 
-            selection.check_depth(cfg.student.depth, n)
-            describe_sources(cfg.student.calibration_data)
+            specs = calibration_specs(cfg)
+            describe_sources(specs)
             calibration = selection.calibration_batches(
-                cfg.student.calibration_data, AutoTokenizer.from_pretrained(teacher_dir), model_kind(teacher_config),
+                specs, AutoTokenizer.from_pretrained(teacher_dir), model_kind(teacher_config),
                 max_tokens=cfg.student.calibration_tokens, max_length=cfg.data.max_length,
                 text_field=cfg.data.text_field, split_documents=cfg.data.split_documents, seed=cfg.training.seed)
     run_dir = Path(cfg.out)
@@ -70,12 +73,18 @@ def _check_inputs(cfg: DistillConfig, resume: bool) -> list[dict] | None:
     return calibration
 
 
+def calibration_specs(cfg: DistillConfig) -> list[str]:
+    """What the teacher is measured on (layers=auto, width pruning): student.calibration_data, else the training data."""
+    return list(cfg.student.calibration_data or cfg.data.train)
+
+
 def _build_student(cfg: DistillConfig, teacher, calibration, accelerator):
     """``init_student`` from the config. With measured layers (``layers=auto``) on several processes, the main
     process measures and the others build the student it chose: a greedy search may stop on its time budget, so
     processes measuring on their own could disagree, and the measurement need not run N times."""
     shape = dict(hidden_size=cfg.student.hidden_size, intermediate_size=cfg.student.intermediate_size,
-                 num_heads=cfg.student.num_heads, token_types=cfg.student.token_types, seed=cfg.training.seed)
+                 num_heads=cfg.student.num_heads, token_types=cfg.student.token_types, seed=cfg.training.seed,
+                 width_init=cfg.student.width_init)
     if calibration is None:
         return init_student(teacher, layers=cfg.student.layers, **shape)
     built, chosen = None, [None]
@@ -85,7 +94,10 @@ def _build_student(cfg: DistillConfig, teacher, calibration, accelerator):
         chosen = [list(built.layers)]
     if accelerator.num_processes > 1:
         broadcast_object_list(chosen)
-    return built if built is not None else init_student(teacher, layers=chosen[0], **shape)
+    if built is not None:
+        return built
+    pruned = cfg.student.narrows() and cfg.student.width_init == "importance"
+    return init_student(teacher, layers=chosen[0], calibration_data=calibration if pruned else None, **shape)
 
 
 def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) -> DistillResult:
@@ -105,7 +117,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
     else:
         built = _build_student(cfg, teacher, calibration, accelerator)
         if built.selection is not None:
-            built.selection.calibration = ", ".join(cfg.student.calibration_data)
+            built.selection.calibration = ", ".join(calibration_specs(cfg))
         card = built.model_card(cfg.teacher)
         say(built.summary())
         student = built.model

@@ -23,7 +23,6 @@ from alambic.errors import AlambicError
 from alambic.recipes.task import TaskLossConfig, TaskRecipe
 from alambic.recipes.tinybert import TinyBERTLossConfig, TinyBERTRecipe
 from alambic.students import count_parameters, init_student
-from alambic.students.layer_map import _example as rounded_layer_map
 from alambic.tasks.cache import TeacherLogitCache, teacher_fingerprint
 from alambic.tasks.features import TaskBatches, features_fingerprint
 from alambic.tasks.models import load_task_model, model_labels
@@ -31,6 +30,8 @@ from alambic.tasks.workflow import (DataOptions, check_run_folder, prepare_task_
                                     validation_callback, write_summary)
 from alambic.teachers import check_same_vocabulary
 
+CALIBRATION_BATCHES = 16
+"""Training batches (the first of the seeded order) that width pruning measures the teacher on."""
 STAGES = {"pred": ("pred",), "trm,pred": ("trm", "pred"), "joint": ("joint",), "trm": ("trm",)}
 
 
@@ -41,20 +42,19 @@ def parse_stages(text: str) -> tuple[str, ...]:
     return STAGES[key]
 
 
-def default_layer_map(student_layers: int, teacher_layers: int) -> str:
-    """TinyBERT's uniform map when the depths divide, else the same map rounded (e.g. 0:0,1:2,2:3,3:5,4:6)."""
-    return "uniform" if teacher_layers % student_layers == 0 else rounded_layer_map(student_layers, teacher_layers)
-
-
 def distill_task(task: str, teacher: str, train_data, out, *, student: str | None = None,
                  student_layers: str | None = None, hidden_size: int | None = None,
                  intermediate_size: int | None = None, num_heads: int | None = None, validation=None,
                  stages: str = "pred", loss: TaskLossConfig | None = None,
                  intermediate: TinyBERTLossConfig | None = None, training=None, trm_steps: int | None = None,
                  trm_lr: float | None = None, data: DataOptions | None = None, teacher_cache: bool = True,
-                 resume: bool = False, progress: bool = True, log=print) -> dict:
-    """Distil the fine-tuned ``teacher`` into a student on ``task``; returns the summary in ``OUT/task.json``."""
-    from alambic.modeling import num_layers
+                 unlabelled=(), width_init: str = "importance", resume: bool = False, progress: bool = True,
+                 log=print) -> dict:
+    """Distil the fine-tuned ``teacher`` into a student on ``task``; returns the summary in ``OUT/task.json``.
+
+    ``train_data`` may mix labelled and unlabelled examples; ``unlabelled``: transfer-set files (the teacher's soft
+    targets are their only loss). A narrower student built from ``student_layers`` is sliced from the teacher by
+    importance measured on the training features (``width_init="random"``: fresh weights)."""
 
     out, plan = Path(out), parse_stages(stages)
     loss = (loss or TaskLossConfig()).validate()
@@ -70,13 +70,23 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
     teacher_model, tokenizer, teacher_path = load_task_model(teacher, task, role="teacher", need_head=True)
     labels = model_labels(teacher_model) if task != "qa" else []
     prepared = prepare_task_data(task, train_data, validation, tokenizer, data, seed=training.seed, labels=labels,
-                                 labels_from=f"the labels of teacher {teacher}")
+                                 labels_from=f"the labels of teacher {teacher}", unlabelled=list(unlabelled or ()),
+                                 allow_unlabelled=True)
     log(prepared.describe())
+    if loss.alpha_kd == 0 and any(not f.labelled for f in prepared.train_features):
+        raise AlambicError("unlabelled training examples learn from the teacher's soft targets only, but alpha_kd "
+                           "is 0: raise --alpha-kd or drop the unlabelled examples")
+    batches = TaskBatches(task, prepared.train_features, tokenizer, training.batch_size, training.seed)
 
     torch.manual_seed(training.seed)
     if student_layers is not None:
+        narrower = any(v is not None for v in (hidden_size, intermediate_size, num_heads))
+        calibration = None
+        if narrower and width_init == "importance":
+            calibration = [batches(i) for i in range(min(batches.per_epoch, CALIBRATION_BATCHES))]
         built = init_student(teacher_model, layers=student_layers, hidden_size=hidden_size,
-                             intermediate_size=intermediate_size, num_heads=num_heads, seed=training.seed)
+                             intermediate_size=intermediate_size, num_heads=num_heads, seed=training.seed,
+                             calibration_data=calibration, width_init=width_init)
         student_model = built.model
         log(built.summary())
     else:
@@ -87,13 +97,8 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
     if teacher_cache and loss.alpha_kd > 0 and any(stage != "trm" for stage in plan):
         key = f"{teacher_fingerprint(teacher_path)}-{task}-{features_fingerprint(prepared.train_features)}"
         cache = TeacherLogitCache(task, key)
-    tinybert = intermediate or TinyBERTLossConfig()
-    if tinybert.layer_map == "uniform":
-        tinybert = replace(tinybert, layer_map=default_layer_map(num_layers(student_model.config),
-                                                                 num_layers(teacher_model.config)))
-    tinybert = replace(tinybert, alpha_prediction=0.0)
+    tinybert = replace(intermediate or TinyBERTLossConfig(), alpha_prediction=0.0)
     tinybert.validate()
-    batches = TaskBatches(task, prepared.train_features, tokenizer, training.batch_size, training.seed)
     evaluate = validation_callback(prepared, tokenizer, data)
 
     name = training.best_metric
@@ -133,6 +138,8 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
         shutil.copytree(run_dir / "best", out / "best")
     summary = {"task": task, "teacher": str(teacher), "student": str(student or f"layers {student_layers}"),
                "stages": list(plan), "labels": labels, "loss": vars(loss),
+               "training_examples": {"labelled": sum(e.labelled for e in prepared.train_examples),
+                                     "unlabelled": sum(not e.labelled for e in prepared.train_examples)},
                "teacher_parameters": count_parameters(teacher_model),
                "student_parameters": count_parameters(student_model),
                f"best_validation_{name}": best,

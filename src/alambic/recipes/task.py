@@ -6,7 +6,10 @@
   cross-entropy) or ``logit_mse`` (the Korean RoBERTa study) on the prediction rows: one per example for
   classification, one per word (its first sub-word) for NER, and for extractive QA the start rows then the end rows,
   over context positions only, so that the sum over 2B rows divided by 2B is ``(L_start + L_end) / 2``;
-- ``L_hard``: cross-entropy with the gold labels on the same rows (``alpha_kd = 0`` is plain fine-tuning);
+- ``L_hard``: cross-entropy with the gold labels on the rows of labelled examples (``alpha_kd = 0`` is plain
+  fine-tuning). Unlabelled examples (a transfer set) have prediction rows but no gold label: they count in
+  ``L_kd`` only. Each term is normalised by its own row count over the accumulated batch: ``L_kd`` by every
+  prediction row, ``L_hard`` by the labelled ones;
 - intermediate layers (the ``trm`` stage alone, or the ``joint`` stage together with the prediction loss) reuse
   :class:`alambic.recipes.tinybert.TinyBERTRecipe` as it is: the layer map, projections, hooks and losses.
 
@@ -23,7 +26,7 @@ from torch import nn
 
 from alambic.errors import AlambicError
 from alambic.losses import logit_mse, soft_target_kl, token_cross_entropy
-from alambic.tasks.models import MASKED, hard_targets, prediction_rows, row_count, task_logits
+from alambic.tasks.models import MASKED, hard_targets, labelled_row_count, prediction_rows, row_count, task_logits
 
 PREDICTION_LOSSES = ("kl", "mse")
 
@@ -78,7 +81,9 @@ class TaskObjective(nn.Module):
             else:
                 kd = logit_mse(rows, teacher_rows, num_items["rows"], mask)
         if c.alpha_ce > 0:
-            hard = token_cross_entropy(rows, hard_targets(task, batch), num_items["rows"])
+            labelled = batch["hard_rows"]
+            hard = token_cross_entropy(rows.index_select(0, labelled),
+                                       hard_targets(task, batch).index_select(0, labelled), num_items["hard_rows"])
         loss = c.alpha_ce * hard + c.alpha_kd * kd
         terms = {"kd": kd, "hard": hard}
         if self.intermediate is not None:
@@ -105,7 +110,7 @@ class TaskRecipe:
         self.objective = TaskObjective(student, task, loss, intermediate.objective if intermediate else None)
 
     def row_counts(self, batch: dict) -> dict[str, int]:
-        counts = {"rows": row_count(self.task, batch)}
+        counts = {"rows": row_count(self.task, batch), "hard_rows": labelled_row_count(batch)}
         if self.intermediate is not None:
             counts.update(self.intermediate.row_counts(batch))
         return counts

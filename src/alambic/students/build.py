@@ -19,7 +19,7 @@ from alambic.cache import atomic_directory
 from alambic.config import TOKEN_TYPES
 from alambic.errors import AlambicError, did_you_mean
 
-LAYER_SPECS = ("every-other", "all", "linspace:K", "0,2,4,...", "auto[:greedy|influence]")
+LAYER_SPECS = ("every-other", "even", "odd", "all", "linspace:K", "0,2,4,...", "auto[:greedy|influence]")
 TASK_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
 
 
@@ -39,8 +39,22 @@ def _with_task_head(teacher: nn.Module) -> nn.Module:
     return cls.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
 
 
+def round_half_up(x: float) -> int:
+    """2.5 -> 3 (Python's round() gives 2: halves to even)."""
+    return math.floor(x + 0.5)
+
+
+def linspace_layers(k: int, n: int) -> list[int]:
+    """``k`` of ``n`` layers evenly spaced with both ends kept, rounded half up: 6 of 12 gives DistilBERT's
+    [0, 2, 4, 7, 9, 11], 15 of 30 gives [0, 2, 4, 6, 8, 10, 12, 15, 17, ..., 27, 29]."""
+    return [0] if k == 1 else [round_half_up(i * (n - 1) / (k - 1)) for i in range(k)]
+
+
 def parse_layer_spec(spec, num_teacher_layers: int) -> list[int]:
-    """Teacher layer indices to copy, in order; every mistake is refused with the valid range in the message."""
+    """Teacher layer indices to copy, in order; every mistake is refused with the valid range in the message.
+
+    ``every-other``: ceil(N/2) layers spaced as ``linspace`` (the first and the last kept: the head was trained on
+    the last layer's output); ``even``: 0, 2, 4, ...; ``odd``: 1, 3, ..., N-1."""
     n = num_teacher_layers
     if isinstance(spec, str):
         text = spec.strip().lower()
@@ -50,7 +64,11 @@ def parse_layer_spec(spec, num_teacher_layers: int) -> list[int]:
         if not text:
             layers = []
         elif text == "every-other":
+            layers = linspace_layers(math.ceil(n / 2), n)
+        elif text == "even":
             layers = list(range(0, n, 2))
+        elif text == "odd":
+            layers = list(range(1, n, 2)) or [0]
         elif text == "all":
             layers = list(range(n))
         elif text.startswith("linspace:"):
@@ -62,12 +80,11 @@ def parse_layer_spec(spec, num_teacher_layers: int) -> list[int]:
                 raise AlambicError(f"layer spec {spec!r}: a student needs at least 1 layer")
             if k > n:
                 raise AlambicError(f"layer spec {spec!r}: student deeper than its teacher ({k} > {n} layers)")
-            # endpoints included and rounded half up: linspace:6 of 12 gives DistilBERT's [0, 2, 4, 7, 9, 11]
-            layers = [0] if k == 1 else [math.floor(i * (n - 1) / (k - 1) + 0.5) for i in range(k)]
+            layers = linspace_layers(k, n)
         elif re.fullmatch(r"\s*-?\d+\s*(,\s*-?\d+\s*)*,?\s*", text):
             layers = [int(part) for part in text.split(",") if part.strip()]
         else:
-            hint = did_you_mean(text, ["every-other", "all", "linspace", "auto"])
+            hint = did_you_mean(text, ["every-other", "even", "odd", "all", "linspace", "auto"])
             raise AlambicError(f"unknown layer spec {spec!r}{hint}; use one of: {', '.join(LAYER_SPECS)}")
     else:
         layers = [int(i) for i in spec]
@@ -96,12 +113,27 @@ class StudentInit:
     tokenizer: object = None  # the teacher's, when init_student loaded the teacher itself
     selection: object = None  # a LayerSelection when the layers were chosen by measurement (layers="auto...")
     teacher_name: str = ""
+    pruning: object = None  # a WidthPruning when a narrower student was sliced by importance
 
     def model_card(self, teacher_name: str | None = None) -> str | None:
-        """README.md text recording how the layers were chosen; None when they were not measured."""
-        if self.selection is None:
+        """README.md text recording how the layers were chosen and what width pruning kept; None when neither
+        was measured."""
+        name = teacher_name or self.teacher_name or self.teacher_class
+        if self.selection is None and self.pruning is None:
             return None
-        return self.selection.card(teacher_name or self.teacher_name or self.teacher_class, self.teacher_class)
+        if self.selection is not None:
+            card = self.selection.card(name, self.teacher_class)
+        else:
+            card = "\n".join(["---", "library_name: transformers", "---", "",
+                              f"# A {len(self.layers)}-layer student of {name}", "",
+                              f"Initialised from the teacher `{name}` ({self.teacher_class}, {self.teacher_layers} "
+                              f"layers): layers {', '.join(map(str, self.layers))} sliced to a narrower width. "
+                              "Not yet distilled unless stated elsewhere.", ""]) + "\n"
+        lines = ["", "## Width pruning", "",
+                 "Narrower widths keep the teacher's most important channels, heads and neurons, measured on "
+                 "calibration text (Minitron, Muralidharan et al. 2024):", ""]
+        return card + "\n".join(lines + [f"- {line}" for line in self.pruning.summary()]) + "\n" \
+            if self.pruning is not None else card
 
     def summary(self) -> str:
         share = 100 * self.student_parameters / self.teacher_parameters
@@ -139,27 +171,33 @@ def _student_config(teacher, layers, hidden, ffn, heads, keep_token_types, notes
     if getattr(config, "scale_attn_by_inverse_layer_idx", False):
         notes.append("attention is scaled by layer index, so copied layers at new positions behave differently")
     t_hidden, t_heads = modeling.hidden_size(config), modeling.num_heads(config)
-    hidden, heads = hidden or t_hidden, heads or t_heads
     for name, value in (("hidden_size", hidden), ("intermediate_size", ffn), ("num_heads", heads)):
         if value is not None and value < 1:
             raise AlambicError(f"{name} must be a positive number, got {value}")
-    derived_head_dim = getattr(config, "head_dim", None) in (None, t_hidden // t_heads)
-    if derived_head_dim and hidden % heads:
-        raise AlambicError(f"hidden size {hidden} is not divisible by {heads} attention heads; choose sizes that do")
+    # The student keeps the teacher's head size, so that whole heads can be sliced out of the teacher: a config
+    # with its own head_dim (Llama, Qwen2) keeps it; otherwise a narrower width drops heads (hidden / head size).
+    head_field = getattr(config, "head_dim", None) is not None
+    t_head_dim = getattr(config, "head_dim", None) or t_hidden // t_heads
+    hidden = hidden or t_hidden
+    if heads is None:
+        heads = t_heads if head_field or hidden % t_head_dim else hidden // t_head_dim
+    if not head_field and hidden % heads:
+        raise AlambicError(f"hidden size {hidden} is not divisible by {heads} attention heads; choose sizes that do "
+                           f"(the teacher's heads have {t_head_dim} channels)")
     if hidden != t_hidden:
         modeling.set_hidden_size(config, hidden)
     if heads != t_heads:
         modeling.set_num_heads(config, heads)
-        if hidden == t_hidden:
+        if not head_field and hidden == t_hidden:
             notes.append(f"{t_heads} -> {heads} attention heads: projections copied but regrouped into new heads, "
                          "so attention differs from the teacher's until trained")
-    if getattr(config, "head_dim", None) is not None and derived_head_dim:
-        config.head_dim = hidden // heads
     kv = getattr(config, "num_key_value_heads", None)
     if kv is not None and heads != t_heads:
-        new_kv = heads if kv == t_heads else math.gcd(kv, heads)
-        if new_kv != kv and kv != t_heads:
-            notes.append(f"key/value heads {kv} -> {new_kv} so that they divide {heads} attention heads")
+        group = t_heads // kv
+        new_kv = heads // group if heads % group == 0 else math.gcd(kv, heads)
+        if new_kv * group != heads:
+            notes.append(f"key/value heads {kv} -> {new_kv} so that they divide {heads} attention heads "
+                         f"(groups of {heads // new_kv} instead of {group}: attention is not sliced from the teacher)")
         config.num_key_value_heads = new_kv
     if ffn is not None:
         modeling.set_intermediate_size(config, ffn)
@@ -181,7 +219,9 @@ def _compact(names, layers_prefix):
 
 
 @torch.no_grad()
-def _copy_weights(teacher, student, layers, notes):
+def _copy_weights(teacher, student, layers, notes, resize=None):
+    """Copy every teacher tensor whose shape matches its student place; ``resize(key, tensor)`` (width pruning)
+    may first slice a tensor whose shape does not."""
     t_state = teacher.state_dict()
     t_body = _module_name(teacher, modeling.lm_body(teacher))
     t_layers = _module_name(teacher, modeling.transformer_layers(teacher))
@@ -206,6 +246,8 @@ def _copy_weights(teacher, student, layers, notes):
         sources = [(key, t_state[key]) for key in map(source_key, names) if key in t_state]
         tried.update(key for key, _ in sources)
         for key, src in sources:
+            if resize is not None and src.shape != tensor.shape:
+                src = resize(key, src)
             if key.endswith("token_type_embeddings.weight") and src.shape[1:] == tensor.shape[1:]:
                 src = src[: tensor.shape[0]]  # type 0 only: the student has one token type
             if src.shape == tensor.shape:
@@ -229,26 +271,33 @@ def _copy_weights(teacher, student, layers, notes):
 
 def init_student(teacher, *, layers="every-other", hidden_size=None, intermediate_size=None, num_heads=None,
                  seed=0, depth=None, calibration_data=None, selection_budget=None,
-                 calibration_tokens=None, tokenizer=None, log=None, token_types="auto") -> StudentInit:
+                 calibration_tokens=None, tokenizer=None, log=None, token_types="auto",
+                 width_init="importance") -> StudentInit:
     """A float32 *ForMaskedLM / *ForCausalLM student of ``teacher`` (a model, or a spec ``load_model`` understands).
 
     ``layers="auto"`` / ``"auto:greedy"`` / ``"auto:influence"`` chooses ``depth`` layers (default ceil(N/2)) by
     measuring on ``calibration_data`` (data specs, tokenised with ``tokenizer`` or the teacher's, or ready batches);
     see :func:`alambic.students.selection.select_layers`. ``log`` receives its progress lines.
+    A narrower student (``hidden_size``, ``intermediate_size``, ``num_heads``) is sliced out of the teacher by the
+    importance of its channels, neurons and heads measured on ``calibration_data``
+    (:mod:`alambic.students.pruning`); ``width_init="random"`` initialises what changed width at random instead.
     ``token_types`` (BERT-style segment embeddings): ``drop`` keeps type 0 only (DistilBERT), ``keep`` keeps them
     all (sentence-pair tasks), ``auto`` keeps them for a fine-tuned task teacher and drops them otherwise.
     The student comes back in eval mode, like a freshly loaded model; the training loop switches it to train.
     """
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
+    from alambic.students import pruning
     from alambic.students import selection as sel
     from alambic.teachers import load_model
 
     if token_types not in TOKEN_TYPES:
         raise AlambicError(f"token types must be one of {', '.join(TOKEN_TYPES)}, got {token_types!r}")
+    if width_init not in pruning.WIDTH_INITS:
+        raise AlambicError(f"width init must be one of {', '.join(pruning.WIDTH_INITS)}, got {width_init!r}")
     method = sel.parse_auto_spec(layers)
-    if method is None and (depth is not None or calibration_data is not None or selection_budget is not None):
-        raise AlambicError("depth, calibration data and a selection budget apply to layers='auto[:METHOD]'; "
+    if method is None and (depth is not None or selection_budget is not None):
+        raise AlambicError("depth and a selection budget apply to layers='auto[:METHOD]'; "
                            "for a fixed subset give the layers (e.g. linspace:K)")
     teacher_name = ""
     if not isinstance(teacher, nn.Module):
@@ -257,19 +306,32 @@ def init_student(teacher, *, layers="every-other", hidden_size=None, intermediat
         tokenizer = tokenizer or loaded_tokenizer
     teacher = _with_task_head(teacher)
     n = modeling.num_layers(teacher.config)
+    kind = modeling.model_kind(teacher)
+    tokens = calibration_tokens or sel.DEFAULT_CALIBRATION_TOKENS
+    notes = []
+    task_head = type(teacher).__name__.endswith(TASK_HEADS)
+    keep_token_types = token_types == "keep" or (token_types == "auto" and task_head)
+    # the shape is checked before any measurement, so a size mistake costs no calibration pass
+    config = _student_config(teacher, list(range(n)), hidden_size, intermediate_size, num_heads, keep_token_types,
+                             notes)
+    narrower = _narrower(teacher.config, config)
+    if narrower and width_init == "importance" and calibration_data is None:
+        raise AlambicError(f"a narrower student ({', '.join(narrower)}) is sliced out of the teacher by measured "
+                           "importance: give calibration text (--calibration-data PATH, e.g. the training data), "
+                           "or --width-init random for fresh weights")
+    batches = None
+    if calibration_data is not None:
+        batches = sel.resolve_calibration(calibration_data, tokenizer, kind, max_tokens=tokens, seed=seed)
     selection = None
     if method is not None:
-        selection = sel.select_layers(
-            teacher, method, depth=depth, calibration=calibration_data, tokenizer=tokenizer, budget=selection_budget,
-            calibration_tokens=calibration_tokens or sel.DEFAULT_CALIBRATION_TOKENS, seed=seed, log=log)
+        selection = sel.select_layers(teacher, method, depth=depth, calibration=batches, budget=selection_budget,
+                                      seed=seed, log=log)
+        selection.calibration = sel.describe_calibration(calibration_data)
         chosen = selection.layers
     else:
         chosen = parse_layer_spec(layers, n)
     notes = []
-    task_head = type(teacher).__name__.endswith(TASK_HEADS)
-    keep_token_types = token_types == "keep" or (token_types == "auto" and task_head)
     config = _student_config(teacher, chosen, hidden_size, intermediate_size, num_heads, keep_token_types, notes)
-    kind = modeling.model_kind(teacher)
     if not modeling.has_lm_head(teacher) and not task_head:
         notes.append(f"{type(teacher).__name__} has no LM head: the student's head is freshly initialised "
                      "(train it, e.g. with the MLM loss, before using the student's logits)")
@@ -280,10 +342,25 @@ def init_student(teacher, *, layers="every-other", hidden_size=None, intermediat
             student = type(teacher)(config).to(torch.float32)
         else:
             student = auto.from_config(config, dtype=torch.float32)  # trainable weights, whatever the teacher's dtype
-    copied = _copy_weights(teacher, student, chosen, notes)
+    plan = None
+    if narrower and width_init == "importance":
+        importance = pruning.measure_importance(teacher, batches)
+        plan = pruning.plan_pruning(teacher, config, chosen, importance)
+        notes += [f"sliced from the teacher: {line}" for line in plan.summary()]
+    elif narrower:
+        notes.append(f"width init random: {', '.join(narrower)} freshly initialised")
+    copied = _copy_weights(teacher, student, chosen, notes, resize=plan.slice if plan else None)
     student.eval()
     return StudentInit(student, chosen, type(teacher).__name__, n, count_parameters(teacher),
-                       count_parameters(student), copied, notes, tokenizer, selection, teacher_name)
+                       count_parameters(student), copied, notes, tokenizer, selection, teacher_name, plan)
+
+
+def _narrower(teacher_config, student_config) -> list[str]:
+    """The widths the student shrinks, in words (empty when it keeps the teacher's)."""
+    pairs = (("hidden size", modeling.hidden_size), ("FFN size", modeling.intermediate_size),
+             ("attention heads", modeling.num_heads))
+    return [f"{name} {get(teacher_config)} -> {get(student_config)}" for name, get in pairs
+            if get(student_config) != get(teacher_config)]
 
 
 def save_student(model, tokenizer, out_dir, *, overwrite=False, card: str | None = None) -> Path:

@@ -5,6 +5,8 @@ Layer 0 is the embedding output, layer m >= 1 the output of transformer layer m 
 
 from __future__ import annotations
 
+import math
+
 from alambic.errors import AlambicError
 
 STRATEGIES = ("uniform", "last")
@@ -13,19 +15,18 @@ STRATEGIES = ("uniform", "last")
 def parse_layer_map(spec: str, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
     """``[(m, g(m)), ...]`` for ``spec``:
 
-    - ``uniform``: ``g(m) = m * N / M`` for m = 0..M (TinyBERT), N a multiple of M;
+    - ``uniform``: ``g(m) = m * N / M`` for m = 0..M (TinyBERT), rounded half up when M does not divide N
+      (4 of 6: ``0:0,1:2,2:3,3:5,4:6``);
     - ``last``: the last student layer learns from the last teacher layer (MiniLM);
     - explicit ``0:0,1:4,2:8,3:12``: student:teacher pairs, both increasing.
     """
     M, N = student_layers, teacher_layers
     spec = str(spec).strip()
     if spec == "uniform":
-        if N % M:
-            raise AlambicError(
-                f"a uniform layer map needs the teacher's depth ({N}) to be a multiple of the student's ({M}); "
-                f"give an explicit map such as {_example(M, N)}"
-            )
-        return [(m, m * N // M) for m in range(M + 1)]
+        if M > N:
+            raise AlambicError(f"a uniform layer map needs a student ({M} layers) no deeper than its teacher ({N}); "
+                               "give an explicit map")
+        return uniform_map(M, N)
     if spec == "last":
         return [(M, N)]
     try:
@@ -51,5 +52,9 @@ def parse_layer_map(spec: str, student_layers: int, teacher_layers: int) -> list
     return pairs
 
 
+def uniform_map(M: int, N: int) -> list[tuple[int, int]]:
+    return [(m, math.floor(m * N / M + 0.5)) for m in range(M + 1)]
+
+
 def _example(M: int, N: int) -> str:
-    return ",".join(f"{m}:{round(m * N / M)}" for m in range(M + 1))
+    return ",".join(f"{m}:{g}" for m, g in uniform_map(M, N))

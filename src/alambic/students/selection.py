@@ -93,7 +93,7 @@ def calibration_batches(specs, tokenizer, kind: str, *, max_tokens: int = DEFAUL
     from alambic.data.pipeline import heldout_batches
 
     if not specs:
-        raise AlambicError("auto layer selection needs calibration data: give --calibration-data PATH "
+        raise AlambicError("measuring the teacher (auto layers, width pruning) needs calibration data: give --calibration-data PATH "
                            "(a few thousand tokens of your text, e.g. bbc-news:train)")
     if max_tokens < MIN_CALIBRATION_TOKENS:
         raise AlambicError(f"calibration sample of {max_tokens} tokens is too small: "
@@ -105,17 +105,41 @@ def calibration_batches(specs, tokenizer, kind: str, *, max_tokens: int = DEFAUL
         batches = heldout_batches(specs, tokenizer, kind, data_cfg, batch_size, seed)
     except AlambicError as err:
         if "fewer than one block" in str(err) or "no chunk of the data" in str(err):
-            raise AlambicError(f"calibration data {', '.join(specs)} is too short: layer selection needs at least "
+            raise AlambicError(f"calibration data {', '.join(specs)} is too short: measuring the teacher needs at least "
                                f"{max(MIN_CALIBRATION_TOKENS, max_length)} tokens; give more text") from None
         raise
     _check_enough(batches, ", ".join(specs))
     return batches
 
 
+def _ready(calibration) -> bool:
+    return isinstance(calibration, (list, tuple)) and bool(calibration) and all(isinstance(b, dict)
+                                                                                for b in calibration)
+
+
+def resolve_calibration(calibration, tokenizer, kind: str, *, max_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+                        max_length: int = DEFAULT_MAX_LENGTH, seed: int = 0) -> list[dict]:
+    """Calibration batches from data specs (tokenised with ``tokenizer``) or batches already in the batch contract."""
+    if _ready(calibration):
+        batches = list(calibration)
+        _check_enough(batches)
+        return batches
+    if calibration is not None and tokenizer is None:
+        raise AlambicError("calibration data given as paths needs the teacher's tokenizer (tokenizer=...)")
+    return calibration_batches(calibration, tokenizer, kind, max_tokens=max_tokens, max_length=max_length, seed=seed)
+
+
+def describe_calibration(calibration) -> str:
+    """The data specs in words ('' for ready batches)."""
+    if calibration is None or _ready(calibration):
+        return ""
+    return ", ".join(map(str, calibration)) if isinstance(calibration, (list, tuple)) else str(calibration)
+
+
 def _check_enough(batches, what=""):
     found = sum(len(b["token_positions"]) for b in batches)
     if found < MIN_CALIBRATION_TOKENS:
-        raise AlambicError(f"calibration data{' ' + what if what else ''} gives only {found} tokens: layer selection needs at least "
+        raise AlambicError(f"calibration data{' ' + what if what else ''} gives only {found} tokens: measuring the teacher needs at least "
                            f"{MIN_CALIBRATION_TOKENS}; give more text")
 
 
@@ -353,16 +377,9 @@ def select_layers(teacher, method: str = "greedy", *, depth: int | None = None, 
     depth = check_depth(depth, n)
     kind = modeling.model_kind(teacher)
     criterion = _resolve_criterion(teacher, criterion)
-    described = ""
-    if isinstance(calibration, (list, tuple)) and calibration and all(isinstance(b, dict) for b in calibration):
-        batches = list(calibration)
-        _check_enough(batches)
-    else:
-        if calibration is not None and tokenizer is None:
-            raise AlambicError("calibration data given as paths needs the teacher's tokenizer (tokenizer=...)")
-        batches = calibration_batches(calibration, tokenizer, kind, max_tokens=calibration_tokens,
-                                      max_length=max_length, seed=seed)
-        described = ", ".join(map(str, calibration)) if isinstance(calibration, (list, tuple)) else str(calibration)
+    batches = resolve_calibration(calibration, tokenizer, kind, max_tokens=calibration_tokens,
+                                  max_length=max_length, seed=seed)
+    described = describe_calibration(calibration)
 
     start = time.perf_counter()
     was_training = teacher.training

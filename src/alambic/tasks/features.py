@@ -10,6 +10,9 @@ count. A batch holds ``input_ids``, ``attention_mask``, ``token_type_ids``, ``to
 | ner | ``label_positions`` (N,): flat ``b * L + t`` of each word's first sub-word; ``label_ids`` (N,) | words |
 | qa | ``context_mask`` (B, L) bool; ``start_positions``, ``end_positions`` (B,) | start and end of each example |
 
+``hard_rows`` lists the prediction rows of labelled examples: the hard-label loss averages over those, the
+soft-target loss over every row, so unlabelled (transfer-set) examples add soft targets only.
+
 NER labels only the first sub-word of each word (the others are neither trained nor predicted). QA features are
 windows of the context (``doc_stride`` tokens of overlap); only context tokens are valid start / end positions,
 question, special and padding tokens are masked; training keeps the windows that contain the answer.
@@ -42,6 +45,7 @@ class Feature:
     offsets: list[tuple[int, int]] | None = None  # qa: character span of each token in the context
     start: int = -1  # qa: answer start / end token, -1 when the answer is not in this window
     end: int = -1
+    labelled: bool = True  # False: a transfer-set example, trained on the teacher's soft targets only
 
 
 def _check_fast(tokenizer) -> None:
@@ -76,8 +80,8 @@ def _encode_classification(examples, tokenizer, label_id, max_length):
         raise AlambicError("some examples have a text pair and others not: give every example a text_pair or none")
     pairs = [e.text_pair for e in examples] if all(paired) else None
     encoding = tokenizer(texts, pairs, truncation=True, max_length=max_length)
-    return [Feature(list(ids), _types(encoding, i), i, label_id.get(examples[i].label, -1))
-            for i, ids in enumerate(encoding["input_ids"])]
+    return [Feature(list(ids), _types(encoding, i), i, label_id.get(examples[i].label, -1),
+                    labelled=examples[i].labelled) for i, ids in enumerate(encoding["input_ids"])]
 
 
 def _encode_ner(examples, tokenizer, label_id, max_length):
@@ -90,8 +94,10 @@ def _encode_ner(examples, tokenizer, label_id, max_length):
             if w is not None and (t == 0 or word_ids[t - 1] != w):
                 firsts.append(t)
                 words.append(w)
+        tags = example.tags
         features.append(Feature(list(encoding["input_ids"][i]), _types(encoding, i), i, first_subwords=firsts,
-                                words=words, label_ids=[label_id.get(example.tags[w], -1) for w in words]))
+                                words=words, label_ids=[label_id.get(tags[w], -1) if tags else -1 for w in words],
+                                labelled=example.labelled))
     return features
 
 
@@ -99,6 +105,8 @@ def _encode_qa(examples, tokenizer, max_length, doc_stride, training):
     if 2 * doc_stride > max_length:
         raise AlambicError(f"doc_stride ({doc_stride}) must be well below max_length ({max_length}), e.g. a quarter")
     specials = tokenizer.num_special_tokens_to_add(pair=True)
+    if not examples:
+        return []
     longest = max(range(len(examples)), key=lambda i: len(tokenizer.tokenize(examples[i].question)))
     room = max_length - specials - len(tokenizer.tokenize(examples[longest].question))
     if room <= doc_stride:
@@ -119,6 +127,10 @@ def _encode_qa(examples, tokenizer, max_length, doc_stride, training):
         first, last = context[0], context[-1]
         offsets = [tuple(o) if sequence[t] == 1 else (0, 0) for t, o in enumerate(encoding["offset_mapping"][i])]
         start = end = -1
+        if not example.labelled:  # a transfer-set question: every window, soft targets only
+            features.append(Feature(list(ids), _types(encoding, i), example_index, context=(first, last),
+                                    offsets=offsets, labelled=False))
+            continue
         begin, stop = example.starts[0], example.starts[0] + len(example.answers[0])
         if offsets[first][0] <= begin and offsets[last][1] >= stop:
             start = first
@@ -133,7 +145,7 @@ def _encode_qa(examples, tokenizer, max_length, doc_stride, training):
             continue
         features.append(Feature(list(ids), _types(encoding, i), example_index, context=(first, last),
                                 offsets=offsets, start=start, end=end))
-    if not features:
+    if not features and any(e.labelled for e in examples):
         raise AlambicError("no QA window holds its answer: raise --max-length or check the answers")
     return features
 
@@ -157,6 +169,7 @@ def collate(task: str, features: list[Feature], ids: list[int], pad_id: int) -> 
         "token_type_ids": token_type_ids,
         "token_positions": attention_mask.reshape(-1).nonzero().squeeze(1),
         "feature_ids": torch.tensor(ids, dtype=torch.long),
+        "hard_rows": _labelled_rows(task, features),
     }
     if task == "classification":
         batch["labels"] = torch.tensor([f.label for f in features], dtype=torch.long)
@@ -173,6 +186,23 @@ def collate(task: str, features: list[Feature], ids: list[int], pad_id: int) -> 
         batch["start_positions"] = torch.tensor([f.start for f in features], dtype=torch.long)
         batch["end_positions"] = torch.tensor([f.end for f in features], dtype=torch.long)
     return batch
+
+
+def _labelled_rows(task: str, features: list[Feature]) -> torch.Tensor:
+    """Indices of the prediction rows (see ``prediction_rows``) that have a gold label: the hard loss reads only
+    these, the soft-target loss reads every row."""
+    if task == "classification":
+        rows = [b for b, f in enumerate(features) if f.labelled]
+    elif task == "ner":
+        rows, offset = [], 0
+        for f in features:
+            if f.labelled:
+                rows.extend(range(offset, offset + len(f.first_subwords)))
+            offset += len(f.first_subwords)
+    else:
+        labelled = [b for b, f in enumerate(features) if f.labelled]
+        rows = labelled + [len(features) + b for b in labelled]
+    return torch.tensor(rows, dtype=torch.long)
 
 
 class TaskBatches:

@@ -134,6 +134,11 @@ def hard_targets(task: str, batch: dict) -> torch.Tensor:
     return torch.cat([batch["start_positions"], batch["end_positions"]])
 
 
+def labelled_row_count(batch: dict) -> int:
+    """Rows with a gold label (``hard_rows``): what the hard loss averages over."""
+    return len(batch["hard_rows"])
+
+
 def row_count(task: str, batch: dict) -> int:
     if task == "classification":
         return len(batch["labels"])

@@ -12,6 +12,7 @@ from alambic.config import TrainingConfig
 from alambic.engine.checkpoint import latest_checkpoint
 from alambic.errors import AlambicError
 from alambic.tasks.data import check_labels, check_task, holdout_split, label_list, read_task_data
+from alambic.tasks.data import unlabelled as unlabelled_example
 from alambic.tasks.evaluate import MAIN_METRIC, evaluate_task
 from alambic.tasks.features import encode
 
@@ -44,21 +45,32 @@ class TaskData:
     def describe(self) -> str:
         source = "held out from train (seeded, stratified)" if self.held_out else "from --validation"
         kinds = f", {len(self.labels)} labels" if self.labels else ""
-        return (f"{self.task}: {len(self.train_examples)} training examples ({len(self.train_features)} features), "
-                f"{len(self.validation_examples)} validation examples {source}{kinds}")
+        missing = sum(not e.labelled for e in self.train_examples)
+        mix = f": {len(self.train_examples) - missing} labelled, {missing} unlabelled (soft targets only)" \
+            if missing else ""
+        return (f"{self.task}: {len(self.train_examples)} training examples ({len(self.train_features)} features)"
+                f"{mix}, {len(self.validation_examples)} validation examples {source}{kinds}")
 
 
-def read_examples(task: str, path, options: DataOptions) -> list:
+def read_examples(task: str, path, options: DataOptions, *, allow_unlabelled: bool = False) -> list:
     return read_task_data(task, path, text_field=options.text_field, pair_field=options.pair_field,
-                          label_field=options.label_field)
+                          label_field=options.label_field, allow_unlabelled=allow_unlabelled)
 
 
 def prepare_task_data(task: str, train, validation, tokenizer, options: DataOptions, *, seed: int,
-                      labels: list[str] | None = None, labels_from: str = "") -> TaskData:
-    """Read ``train`` (and ``validation``, else hold out ``options.holdout_fraction`` of train with ``seed``),
-    check the labels and tokenise. ``labels``: a fixed label set (a teacher's), which the data must fit."""
+                      labels: list[str] | None = None, labels_from: str = "", unlabelled=(),
+                      allow_unlabelled: bool = False) -> TaskData:
+    """Read ``train`` (and ``validation``, else hold out ``options.holdout_fraction`` of train's labelled examples
+    with ``seed``), check the labels and tokenise. ``labels``: a fixed label set (a teacher's), which the data must
+    fit. ``unlabelled``: transfer-set files whose examples are trained on without their labels, if they have any;
+    ``allow_unlabelled``: ``train`` may mix labelled and unlabelled examples (task distillation)."""
     check_task(task)
-    examples = read_examples(task, train, options)
+    examples = read_examples(task, train, options, allow_unlabelled=allow_unlabelled or bool(unlabelled))
+    transfer = []
+    for path in unlabelled:
+        part = [unlabelled_example(e) for e in read_examples(task, path, options, allow_unlabelled=True)]
+        check_encodable(part, path, tokenizer, task)
+        transfer += part
     if labels is None:
         labels = label_list(task, examples)
     else:
@@ -70,12 +82,32 @@ def prepare_task_data(task: str, train, validation, tokenizer, options: DataOpti
     else:
         train_examples, held = holdout_split(task, examples, options.holdout_fraction, seed)
         held_out = True
-    data = TaskData(task, list(labels), train_examples, held, held_out=held_out)
-    data.train_features = encode(task, train_examples, tokenizer, labels, max_length=options.max_length,
+    data = TaskData(task, list(labels), train_examples + transfer, held, held_out=held_out)
+    data.train_features = encode(task, data.train_examples, tokenizer, labels, max_length=options.max_length,
                                  doc_stride=options.doc_stride, training=True)
     data.validation_features = encode(task, held, tokenizer, labels, max_length=options.max_length,
                                       doc_stride=options.doc_stride)
     return data
+
+
+MAX_UNKNOWN_SHARE = 0.5
+"""A transfer set with at least this share of unknown tokens is refused (DistilBERT's reference dropped sequences
+that were >= 50% unknown): the teacher's soft targets on [UNK] carry nothing of the text."""
+
+
+def check_encodable(examples: list, path, tokenizer, task: str, sample: int = 200) -> None:
+    """Refuse a transfer set the tokenizer cannot represent (e.g. a script its vocabulary lacks)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not examples:
+        return
+    texts = [e.text if task == "classification" else " ".join(e.words) if task == "ner" else e.context
+             for e in examples[:sample]]
+    ids = [i for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in encoded]
+    share = sum(i == unk for i in ids) / max(len(ids), 1)
+    if share >= MAX_UNKNOWN_SHARE:
+        raise AlambicError(f"{path}: {100 * share:.0f}% of its tokens are unknown ({tokenizer.unk_token}) to the "
+                           "teacher's tokenizer, so the teacher cannot read it: give a transfer set in a language and "
+                           "script the tokenizer covers")
 
 
 def task_training_config(task: str, **overrides) -> TrainingConfig:
