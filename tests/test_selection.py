@@ -231,8 +231,8 @@ BASE = {"teacher": "t", "out": "o", "data": {"train": ["x.txt"]}}
     ],
 )
 def test_config_validation(override, message):
-    with pytest.raises(AlambicError, match=message):
-        load_config(None, [BASE, parse_override(override)])
+    with pytest.raises(AlambicError, match=message):  # (layers=default is checked once the teacher's kind is known)
+        load_config(None, [BASE, parse_override("student.layers=every-other"), parse_override(override)])
     cfg = load_config(None, [BASE, parse_override("student.layers=auto:influence"),
                              parse_override("student.calibration_data=bbc-news:train"), parse_override("student.depth=4")])
     assert cfg.student.calibration_data == ["bbc-news:train"] and cfg.student.depth == 4

@@ -41,9 +41,11 @@ def add_init_student(sub) -> None:
     )
     p.add_argument("--teacher", required=True, help=TEACHER_HELP)
     p.add_argument("--out", required=True, help="folder to write the student to")
-    p.add_argument("--layers", default="every-other",
-                   help="every-other (default), linspace:K, a list such as 0,2,4,7,9,11, or auto[:greedy|influence] "
-                   "to choose layers by measuring on --calibration-data")
+    p.add_argument("--layers", default="default",
+                   help="default (auto:influence for a decoder given --calibration-data, else every-other), "
+                   "every-other (ceil(N/2) evenly spaced, first and last kept), even (0,2,4,...), odd (1,3,...), "
+                   "linspace:K, a list such as 0,2,4,7,9,11, or auto[:greedy|influence] to choose layers by "
+                   "measuring on --calibration-data")
     width = p.add_argument_group(
         "narrower students",
         "Narrower widths are sliced out of the teacher: the channels, heads (key/value groups) and FFN neurons with "
@@ -87,6 +89,8 @@ def run_init_student(args) -> int:
     path = resolve_model_path(args.teacher)
     config = AutoConfig.from_pretrained(path)
     n = num_layers(config)
+    if args.layers.strip().lower() == sel.DEFAULT_SPEC:
+        args.layers = sel.default_layers(model_kind(config), calibration_at_hand=bool(args.calibration_data))
     method = sel.parse_auto_spec(args.layers)
     calibration = None
     narrower = any(v is not None for v in (args.hidden_size, args.intermediate_size, args.num_heads))
@@ -157,7 +161,9 @@ def add_distill(sub) -> None:
     p.add_argument("--eval-data", nargs="+", help="held-out text evaluated before and after training")
     p.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, exported student in OUT/student)")
     p.add_argument("--student", help="an existing student model folder to train instead of building one from the teacher")
-    p.add_argument("--layers", help="teacher layers the built student keeps: every-other, linspace:K, or 0,2,4,...")
+    p.add_argument("--layers", help="teacher layers the built student keeps: default (auto:influence on the training "
+                   "data for decoders, every-other for encoders), every-other, even, odd, linspace:K, 0,2,4,... or "
+                   "auto[:greedy|influence]")
     p.add_argument("--recipe", help="distillation method: distilbert (default), tinybert, minilm")
     p.add_argument("--layer-map", help="tinybert/minilm: student:teacher layer pairs (0 = embeddings), uniform or last")
     p.add_argument("--max-steps", type=int, help="optimiser steps")

@@ -120,9 +120,11 @@ def add_distill_task(sub) -> None:
     l.add_argument("--stages", default="pred", help="pred (default), trm,pred (intermediate layers then prediction) "
                    "or joint")
     l.add_argument("--pred-loss", choices=("kl", "mse"), default="kl", help="kl: soft targets x T^2; mse: on logits")
-    l.add_argument("--temperature", type=float, default=2.0)
-    l.add_argument("--alpha-kd", type=float, default=1.0, help="weight of the soft-target loss")
-    l.add_argument("--alpha-ce", type=float, default=0.0, help="weight of the hard-label cross-entropy")
+    l.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the kl loss (default 1)")
+    l.add_argument("--alpha-kd", type=float, default=1.0, help="weight of the soft-target loss (default 1)")
+    l.add_argument("--alpha-ce", type=float, default=1.0,
+                   help="weight of the hard-label cross-entropy, on labelled examples (default 1; 0: soft targets "
+                   "only)")
     l.add_argument("--layer-map", default="uniform", help="trm / joint: student:teacher layers (0 = embeddings)")
     l.add_argument("--trm-steps", type=int, help="steps of the trm stage (default --max-steps)")
     l.add_argument("--trm-lr", type=float, help="learning rate of the trm stage (default --lr)")

@@ -28,8 +28,8 @@ TOKEN_TYPES = ("auto", "keep", "drop")
 class StudentConfig:
     init: str | None = None
     """An existing student model folder to train; when empty the student is built from the teacher."""
-    layers: str = "every-other"
-    """Teacher layers the student keeps: every-other, linspace:K, a list such as 0,2,4,7,9,11, or auto[:greedy|influence] (chosen by measuring on student.calibration_data)."""
+    layers: str = "default"
+    """Teacher layers the student keeps: default (auto:influence for decoders, every-other for encoders), every-other (ceil(N/2) evenly spaced, first and last kept), even, odd, linspace:K, a list such as 0,2,4,7,9,11, or auto[:greedy|influence] (chosen by measuring on student.calibration_data, else the training data)."""
     hidden_size: int | None = None
     """Narrower hidden width; empty keeps the teacher's."""
     intermediate_size: int | None = None
@@ -60,7 +60,9 @@ class StudentConfig:
                 raise AlambicError(f"student.{name} must be a positive integer, got {value}")
         text = str(self.layers).strip().lower()
         auto = text == "auto" or text.startswith("auto:")
-        if auto:
+        if text == "default":
+            pass  # resolved once the teacher's kind is known (alambic.students.selection.default_layers)
+        elif auto:
             method = text.split(":", 1)[1].strip() if ":" in text else "greedy"
             if method not in SELECTION_METHODS:
                 raise AlambicError(f"student.layers={self.layers}: unknown selection method {method!r}"

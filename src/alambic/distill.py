@@ -49,6 +49,9 @@ def _check_inputs(cfg: DistillConfig, resume: bool) -> list[dict] | None:
 
         teacher_config = AutoConfig.from_pretrained(teacher_dir)
         n = num_layers(teacher_config)
+        if cfg.student.layers.strip().lower() == selection.DEFAULT_SPEC:  # the training data is at hand
+            cfg.student.layers = selection.default_layers(model_kind(teacher_config), calibration_at_hand=True)
+            cfg.student.validate()
         auto = selection.parse_auto_spec(cfg.student.layers) is not None
         if auto:
             selection.check_depth(cfg.student.depth, n)
