@@ -31,7 +31,8 @@ demo: setup
 		--student-layers 0,2,3,5 --hidden-size 192 --intermediate-size 768 \
 		--out $(DEMO_DIR)/student --max-steps 200 --eval-every 50 --lr 3e-4
 	$(VENV)/bin/alambic report $(DEMO_DIR)/teacher/best $(DEMO_DIR)/student/best --task classification \
-		--data bbc-news:heldout --max-length 64 --seq-lens 128 --out $(DEMO_DIR)/report
+		--data bbc-news:heldout --max-length 64 --seq-lens 128 --repeats 10 --names teacher,student \
+		--out $(DEMO_DIR)/report
 
 # The language-model path: SmolLM2-135M -> 15 layers on raw BBC text (configs/demo-lm.yaml), a few CPU minutes.
 demo-lm: setup

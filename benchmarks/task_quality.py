@@ -155,12 +155,17 @@ def main() -> int:
         evaluate(key, folder, {"validation_accuracy": summary.get("best_validation_accuracy"),
                                "seconds": time.perf_counter() - started})
 
+    def started(key):  # an interrupted run continues from its checkpoint
+        return (out / key).is_dir() and any((out / key).glob("**/checkpoints/latest"))
+
     def distil(key, student, steps, lr, seed, loss, train=None, unlabelled=(), stages="pred"):
+        stage_steps = steps if stages == "pred" else steps // 2  # trm,pred: half the steps in each stage
+
         def go():
             summary = distill_task("classification", str(teacher_dir), train or files["train"], out / key,
                                    student=str(student), validation=files["validation"], stages=stages, loss=loss,
-                                   training=cfg(steps, lr, seed), trm_steps=steps // 2 if stages != "pred" else None,
-                                   data=data, unlabelled=unlabelled, progress=False, log=log)
+                                   training=cfg(stage_steps, lr, seed), trm_steps=stage_steps, data=data,
+                                   unlabelled=unlabelled, progress=False, log=log, resume=started(key))
             return out / key / "best", summary
         run(key, go)
 
@@ -168,7 +173,7 @@ def main() -> int:
         def go():
             summary = finetune("classification", str(student), train or files["train"], out / key,
                                validation=files["validation"], training=cfg(steps, lr, seed), data=data,
-                               progress=False, log=log)
+                               progress=False, log=log, resume=started(key))
             return out / key / "best", summary
         run(key, go)
 

@@ -136,3 +136,24 @@ def test_task_teacher_keeps_its_head_sliced_and_the_card_says_what_was_kept():
 def test_narrowing_without_calibration_text_says_what_to_give():
     with pytest.raises(AlambicError, match="sliced out of the teacher by measured importance: give calibration text"):
         init_student(tiny_bert(), hidden_size=16)
+
+
+def test_init_student_cli_slices_a_narrow_student_and_refuses_without_calibration(tmp_path, capsys):
+    from alambic.cli import main
+
+    teacher = tmp_path / "teacher"
+    tiny_bert().save_pretrained(teacher)
+    wordpiece_tokenizer().save_pretrained(teacher)
+    text = tmp_path / "calibration.txt"
+    text.write_text("\n\n".join(sample_texts(6)), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["init-student", "--teacher", str(teacher), "--out", str(tmp_path / "s"), "--hidden-size", "16"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert "needs calibration text: add --calibration-data PATH" in message and "\n" not in message
+    assert main(["init-student", "--teacher", str(teacher), "--out", str(tmp_path / "s"), "--layers", "0,3",
+                 "--hidden-size", "16", "--intermediate-size", "32", "--calibration-data", str(text)]) == 0
+    assert "100.0% of the student's parameters copied" in capsys.readouterr().out
+    card = (tmp_path / "s" / "README.md").read_text()
+    assert "## Width pruning" in card and "FFN neurons: 32 of 64" in card
+    student = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "s")
+    assert (student.config.hidden_size, student.config.num_attention_heads) == (16, 2)

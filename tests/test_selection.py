@@ -261,3 +261,11 @@ def test_measured_students_calibrate_on_the_training_data_by_default():
     narrow = load_config(None, [BASE, parse_override("student.hidden_size=16"),
                                 parse_override("student.calibration_data=c.txt")])
     assert calibration_specs(narrow) == ["c.txt"]
+
+
+def test_default_layers_measure_decoders_when_text_is_at_hand():
+    from alambic.students.selection import default_layers
+
+    assert default_layers("causal", calibration_at_hand=True) == "auto:influence"
+    assert default_layers("causal", calibration_at_hand=False) == "every-other"
+    assert default_layers("masked", calibration_at_hand=True) == "every-other"

@@ -96,12 +96,17 @@ def test_distill_task_with_a_student_folder_and_resume(teachers, encoder, tmp_pa
     assert main(argv + ["--resume"]) == 0  # both stages already finished: nothing to redo
 
 
+def one_line_error(argv, capsys) -> str:
+    """Run the CLI, expect exit 2 with a single 'alambic: error:' line, and return it."""
+    assert main(argv) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("alambic: error: ") and "\n" not in message
+    return message
+
+
 def test_bad_input_errors_are_one_line(teachers, tmp_path, capsys):
     def error(argv):
-        assert main(argv) == 2
-        message = capsys.readouterr().err.strip()
-        assert message.startswith("alambic: error: ") and "\n" not in message
-        return message
+        return one_line_error(argv, capsys)
 
     base = ["--out", str(tmp_path / "x"), *FAST]
     assert "fine-tuned for ner, not qa" in error(
@@ -185,9 +190,10 @@ def test_transfer_set_as_plain_text_and_augmentation_output(teachers, tmp_path):
     files = _transfer_files(tmp_path)
     out = tmp_path / "run"
     assert main(["distill-task", "--task", "classification", "--teacher", str(teachers / "classification"),
-                 "--student-layers", "0", "--train", str(DATA / FILES["classification"]),
+                 "--student-layers", "0", "--hidden-size", "16", "--train", str(DATA / FILES["classification"]),
                  "--unlabelled", str(tmp_path / "texts.txt"), str(DATA / FILES["classification"]),
                  "--out", str(out), *FAST]) == 0  # a labelled file given as transfer set is used without its labels
+    assert "## Width pruning" in (out / "best" / "README.md").read_text()  # sliced on the training text
     counts = json.loads((out / "task.json").read_text())["training_examples"]
     total = len([line for line in (DATA / FILES["classification"]).read_text().splitlines() if line.strip()])
     assert counts["unlabelled"] == 2 * total  # every line of the text file, and the labelled file once more
@@ -199,10 +205,7 @@ def test_unlabelled_input_errors_are_one_line(teachers, tmp_path, capsys):
     files = _transfer_files(tmp_path)
 
     def error(argv):
-        assert main(argv) == 2
-        message = capsys.readouterr().err.strip()
-        assert message.startswith("alambic: error: ") and "\n" not in message
-        return message
+        return one_line_error(argv, capsys)
 
     base = ["--out", str(tmp_path / "x"), *FAST]
     assert "so no example is labelled" in error(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from alambic.cache import atomic_write_text
 from alambic.engine.loop import train
 from alambic.errors import AlambicError
 from alambic.recipes.task import TaskLossConfig, TaskRecipe
@@ -79,6 +80,7 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
     batches = TaskBatches(task, prepared.train_features, tokenizer, training.batch_size, training.seed)
 
     torch.manual_seed(training.seed)
+    card = None  # what a student built here kept of its teacher (layers, width pruning), for OUT/best/README.md
     if student_layers is not None:
         narrower = any(v is not None for v in (hidden_size, intermediate_size, num_heads))
         calibration = None
@@ -88,6 +90,7 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
                              intermediate_size=intermediate_size, num_heads=num_heads, seed=training.seed,
                              calibration_data=calibration, width_init=width_init)
         student_model = built.model
+        card = built.model_card(str(teacher))
         log(built.summary())
     else:
         student_model, student_tokenizer, _ = load_task_model(student, task, labels or None, role="student")
@@ -136,6 +139,8 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
         if (out / "best").exists():
             shutil.rmtree(out / "best")
         shutil.copytree(run_dir / "best", out / "best")
+    if card and (out / "best").is_dir():
+        atomic_write_text(out / "best" / "README.md", card)
     summary = {"task": task, "teacher": str(teacher), "student": str(student or f"layers {student_layers}"),
                "stages": list(plan), "labels": labels, "loss": vars(loss),
                "training_examples": {"labelled": sum(e.labelled for e in prepared.train_examples),

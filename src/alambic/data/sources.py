@@ -131,26 +131,23 @@ def packaged_labelled_texts(spec: str) -> list[tuple[str, str]] | None:
     if not PACKAGED_CORPORA[name].labelled:
         raise AlambicError(f"packaged corpus {name!r} has no labels; labelled ones: "
                            f"{', '.join(n for n, c in PACKAGED_CORPORA.items() if c.labelled)}")
-    seen, pairs = set(), []
+    return [(text, path.parent.name) for path, text in _packaged_files(name, split)]
+
+
+def _packaged_files(name: str, split):
+    """``(path, text)`` of each file of the split, identical texts once (the split is decided per whole file, before
+    any line split, so one article never lands in both splits)."""
+    seen = set()
     for path in PACKAGED_CORPORA[name].files():
         text = path.read_text(encoding="utf-8", errors="replace")
         if text in seen or (split is not None and is_heldout(text) != (split == "heldout")):
             continue
         seen.add(text)
-        pairs.append((text, path.parent.name))
-    return pairs
+        yield path, text
 
 
 def _read_packaged(name: str, split, split_documents: str) -> list[str]:
-    """Deduplicated whole files (before any line split, so one article never lands in both splits)."""
-    seen, documents = set(), []
-    for path in PACKAGED_CORPORA[name].files():
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if text in seen or (split is not None and is_heldout(text) != (split == "heldout")):
-            continue
-        seen.add(text)
-        documents += _split_text(text, split_documents)
-    return documents
+    return [part for _, text in _packaged_files(name, split) for part in _split_text(text, split_documents)]
 
 
 def _resolve_files(spec: str) -> list[Path]:
