@@ -241,3 +241,14 @@ def test_seed_makes_fresh_parts_reproducible():
     c = init_student(tiny_bert(), hidden_size=16, seed=4, width_init="random").model
     assert torch.equal(a.bert.encoder.layer[0].output.dense.weight, b.bert.encoder.layer[0].output.dense.weight)
     assert not torch.equal(a.bert.encoder.layer[0].output.dense.weight, c.bert.encoder.layer[0].output.dense.weight)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_other_keeps_the_teachers_first_and_last_layers_in_every_family(family):
+    depth = {"gpt2": "n_layer", "distilbert": "n_layers"}.get(family, "num_hidden_layers")
+    teacher = FAMILIES[family](**{depth: 5})
+    result = init_student(teacher, layers="every-other")
+    assert result.layers == [0, 2, 4]
+    last_t, last_s = modeling.transformer_layers(teacher)[4], modeling.transformer_layers(result.model)[2]
+    for (name, t), (_, s) in zip(last_t.state_dict().items(), last_s.state_dict().items()):
+        assert torch.equal(t, s), name
