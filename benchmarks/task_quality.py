@@ -43,6 +43,7 @@ from alambic.distill_task import distill_task  # noqa: E402
 from alambic.evaluation.speed import machine_info, time_forward  # noqa: E402
 from alambic.finetune import finetune  # noqa: E402
 from alambic.recipes.task import TaskLossConfig  # noqa: E402
+from alambic.recipes.tinybert import TinyBERTLossConfig  # noqa: E402
 from alambic.students import count_parameters, init_student, save_student  # noqa: E402
 from alambic.tasks import holdout_split, read_task_data  # noqa: E402
 from alambic.tasks.features import TaskBatches, encode  # noqa: E402
@@ -158,13 +159,13 @@ def main() -> int:
     def started(key):  # an interrupted run continues from its checkpoint
         return (out / key).is_dir() and any((out / key).glob("**/checkpoints/latest"))
 
-    def distil(key, student, steps, lr, seed, loss, train=None, unlabelled=(), stages="pred"):
+    def distil(key, student, steps, lr, seed, loss, train=None, unlabelled=(), stages="pred", intermediate=None):
         stage_steps = steps if stages == "pred" else steps // 2  # trm,pred: half the steps in each stage
 
         def go():
             summary = distill_task("classification", str(teacher_dir), train or files["train"], out / key,
                                    student=str(student), validation=files["validation"], stages=stages, loss=loss,
-                                   training=cfg(stage_steps, lr, seed), trm_steps=stage_steps, data=data,
+                                   intermediate=intermediate, training=cfg(stage_steps, lr, seed), trm_steps=stage_steps, data=data,
                                    unlabelled=unlabelled, progress=False, log=log, resume=started(key))
             return out / key / "best", summary
         run(key, go)
@@ -190,9 +191,9 @@ def main() -> int:
                 student = build(name, seed)
                 plain(f"main/{name}/finetune/seed{seed}", student, args.steps, LRS[name], seed)
                 distil(f"main/{name}/distill/seed{seed}", student, args.steps, LRS[name], seed, TaskLossConfig())
-                if name == "narrow-pruned":
+                if name == "narrow-pruned":  # 6 heads against 12: hidden states only, no attention term
                     distil(f"main/{name}/trm,pred/seed{seed}", student, args.steps, LRS[name], seed,
-                           TaskLossConfig(), stages="trm,pred")
+                           TaskLossConfig(), stages="trm,pred", intermediate=TinyBERTLossConfig(alpha_attention=0.0))
     elif args.phase == "low-resource":
         pretrained, _ = load_model("minilm-l6")
         folder = out / "init/minilm-layers-0-2-4"

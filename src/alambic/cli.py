@@ -63,12 +63,13 @@ def add_init_student(sub) -> None:
                    help="BERT-style segment embeddings: drop (DistilBERT, type 0 only), keep (sentence-pair tasks, "
                    "QA), auto (default): keep for a fine-tuned task teacher, drop otherwise")
     auto = p.add_argument_group(
-        "layer selection (--layers auto)",
+        "measuring the teacher (--layers auto, narrower widths)",
         "greedy (default): drop, one at a time, the layer whose removal raises the calibration loss least; "
         "influence: keep the layers that change the hidden state most (one forward pass). The loss is next-token "
         "cross-entropy (decoders), masked-LM cross-entropy (encoders), or the distance to the teacher's final hidden "
         "states (encoders without an MLM head).")
-    auto.add_argument("--calibration-data", nargs="+", metavar="PATH", help="calibration text: " + DATA_HELP)
+    auto.add_argument("--calibration-data", nargs="+", metavar="PATH",
+                      help="calibration text for layer selection and width pruning: " + DATA_HELP)
     auto.add_argument("--depth", type=int, help="layers the student keeps (default: ceil(N/2), the every-other count)")
     auto.add_argument("--budget", type=float, metavar="SECONDS",
                       help="time limit of the greedy search; the remaining removals then follow the influence ranking")
