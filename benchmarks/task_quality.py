@@ -18,6 +18,7 @@ Python API as the CLI verbs (finetune, init_student, distill_task, evaluate_mode
     python benchmarks/task_quality.py --out runs/quality --phase sweep        # loss weights, on validation only
     python benchmarks/task_quality.py --out runs/quality --phase main --seeds 0 1 2
     python benchmarks/task_quality.py --out runs/quality --phase low-resource --seeds 0 1 2
+    python benchmarks/task_quality.py --out runs/quality --phase low-resource --seeds 0 1 2 --label-share 0.05
     python benchmarks/task_quality.py --out runs/quality --phase table        # the Markdown table of docs/benchmarks.md
 
 Results go to OUT/results.json, rewritten after every run, so an interrupted benchmark keeps what it measured and
@@ -85,6 +86,8 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the speed measurement")
+    parser.add_argument("--label-share", type=float, default=0.2,
+                        help="low-resource: share of the training set that keeps its labels")
     args = parser.parse_args()
     out = Path(args.out)
     results_file = out / "results.json"
@@ -200,15 +203,17 @@ def main() -> int:
         if not (folder / "config.json").is_file():
             save_student(init_student(pretrained, layers="0,2,4").model, tokenizer, folder, overwrite=True)
         examples = read_task_data("classification", files["train"])
+        share = round(100 * args.label_share)
+        name = "low-resource" if share == 20 else f"low-resource-{share}pct"
         for seed in args.seeds:
-            rest, labelled = holdout_split("classification", examples, 0.2, seed=seed)  # 20% keep their labels
-            labelled_file, unlabelled_file = out / f"data/labelled20-seed{seed}.jsonl", out / f"data/unlabelled80-seed{seed}.jsonl"
+            rest, labelled = holdout_split("classification", examples, args.label_share, seed=seed)  # keep labels
+            labelled_file = out / f"data/labelled{share}-seed{seed}.jsonl"
+            unlabelled_file = out / f"data/unlabelled{100 - share}-seed{seed}.jsonl"
             write_jsonl(labelled_file, labelled)
             write_jsonl(unlabelled_file, rest, labelled=False)
-            plain(f"low-resource/finetune/seed{seed}", folder, args.steps, LRS["low-resource"], seed,
-                  train=labelled_file)
-            distil(f"low-resource/distill/seed{seed}", folder, args.steps, LRS["low-resource"], seed,
-                   TaskLossConfig(), train=labelled_file, unlabelled=[unlabelled_file])
+            plain(f"{name}/finetune/seed{seed}", folder, args.steps, LRS["low-resource"], seed, train=labelled_file)
+            distil(f"{name}/distill/seed{seed}", folder, args.steps, LRS["low-resource"], seed, TaskLossConfig(),
+                   train=labelled_file, unlabelled=[unlabelled_file])
     if args.phase in ("main", "speed"):
         torch.set_num_threads(args.threads)
         speed = results.setdefault("speed_cpu", {})

@@ -13,7 +13,7 @@ from tiny import bpe_tokenizer, sample_texts, tiny_llama
 
 def test_card_records_teacher_recipe_losses_data_and_steps():
     cfg = load_config(None, [{"teacher": "smollm2-135m", "out": "runs/x", "data": {"train": ["bbc-news:train"]},
-                              "training": {"max_steps": 150, "batch_size": 4}}])
+                              "student": {"layers": "every-other"}, "training": {"max_steps": 150, "batch_size": 4}}])
     card = distillation_card(cfg.to_dict(), teacher_parameters=134_515_008, student_parameters=81_413_568,
                              teacher_layers=30, student_layers=15, metrics={"step": 150, "loss/kd": 2.4},
                              kind="causal")

@@ -76,7 +76,9 @@ def distillation_card(config: dict, *, teacher_parameters: int | None = None, st
         widths = [f"{k.replace('_', ' ')} {student[k]}" for k in ("hidden_size", "intermediate_size", "num_heads")
                   if student.get(k)]
         if widths:
-            built += f", narrowed to {', '.join(widths)} (freshly initialised where shapes differ)"
+            how = ("freshly initialised where shapes differ" if student.get("width_init") == "random" else
+                   "sliced from the teacher by measured importance")
+            built += f", narrowed to {', '.join(widths)} ({how})"
         else:
             built += " with the embeddings, final norm and LM head"
     lines.append(f"- student: {built} ({layers(student_layers) or 'layers not recorded'}{params(student_parameters)})")
