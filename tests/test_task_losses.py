@@ -83,7 +83,7 @@ def test_ner_rows_are_first_sub_words_and_mse_matches():
     features, batch, labels, teacher = _ner_setup()
     torch.manual_seed(2)
     student = _tiny(transformers.BertForTokenClassification, num_labels=len(labels))
-    recipe = TaskRecipe(teacher, student, "ner", TaskLossConfig("mse", alpha_kd=1.0))
+    recipe = TaskRecipe(teacher, student, "ner", TaskLossConfig("mse", alpha_kd=1.0, alpha_ce=0.0))
     loss, terms = recipe.objective(batch, recipe.teacher_targets(batch), recipe.row_counts(batch))
     zs = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  token_type_ids=batch["token_type_ids"]).logits
