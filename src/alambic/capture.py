@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from alambic.errors import AlambicError
-from alambic.modeling import lm_body, model_inputs, transformer_layers
+from alambic.modeling import head_dim, lm_body, model_inputs, transformer_layers
 
 # (attention module inside a layer, query, key, value): one row per family of Hugging Face layer layouts.
 SEPARATE_PROJECTIONS = (
@@ -78,7 +78,7 @@ class LayerTaps:
 
     def __enter__(self) -> "LayerTaps":
         layers = transformer_layers(self.model)
-        self.head_dim = _head_dim(self.model.config)
+        self.head_dim = head_dim(self.model.config)
         for m in self.hidden_layers:
             if m == 0:
                 self._handles.append(layers[0].register_forward_pre_hook(self._embedding_hook, with_kwargs=True))
@@ -164,13 +164,6 @@ class LayerTaps:
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
         return x.view(batch, length, width // self.head_dim, self.head_dim).transpose(1, 2)
-
-
-def _head_dim(config) -> int:
-    from alambic.modeling import hidden_size, num_heads
-
-    explicit = getattr(config, "head_dim", None)
-    return int(explicit) if explicit else hidden_size(config) // num_heads(config)
 
 
 def valid_pairs(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:

@@ -88,6 +88,10 @@ class StudentConfig:
         """Whether a width option is set (the built student may be narrower than its teacher)."""
         return any(getattr(self, name) is not None for name in ("hidden_size", "intermediate_size", "num_heads"))
 
+    def prunes(self) -> bool:
+        """Whether the built student is sliced out of the teacher by importance measured on calibration text."""
+        return self.narrows() and self.width_init == "importance"
+
 
 @dataclass
 class DataConfig:

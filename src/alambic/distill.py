@@ -57,7 +57,7 @@ def _check_inputs(cfg: DistillConfig, resume: bool) -> list[dict] | None:
             selection.check_depth(cfg.student.depth, n)
         else:
             parse_layer_spec(cfg.student.layers, n)
-        if auto or (cfg.student.narrows() and cfg.student.width_init == "importance"):
+        if auto or cfg.student.prunes():
             from transformers import AutoTokenizer
 
             specs = calibration_specs(cfg)
@@ -99,8 +99,8 @@ def _build_student(cfg: DistillConfig, teacher, calibration, accelerator):
         broadcast_object_list(chosen)
     if built is not None:
         return built
-    pruned = cfg.student.narrows() and cfg.student.width_init == "importance"
-    return init_student(teacher, layers=chosen[0], calibration_data=calibration if pruned else None, **shape)
+    return init_student(teacher, layers=chosen[0], calibration_data=calibration if cfg.student.prunes() else None,
+                        **shape)
 
 
 def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) -> DistillResult:

@@ -86,6 +86,23 @@ def set_num_heads(config, n: int) -> None:
     _set(config, "heads", n)
 
 
+def head_dim(config) -> int:
+    """Channels per attention head: the config's own ``head_dim`` (Llama, Qwen2) or hidden / heads."""
+    explicit = getattr(_config(config), "head_dim", None)
+    return int(explicit) if explicit else hidden_size(config) // num_heads(config)
+
+
+def num_key_value_heads(config) -> int:
+    """Key/value heads (grouped-query attention); the query head count when the model has no grouping."""
+    value = getattr(_config(config), "num_key_value_heads", None)
+    return int(value) if value else num_heads(config)
+
+
+def module_name(root: nn.Module, target: nn.Module) -> str:
+    """The dotted name of ``target`` inside ``root`` ('' for ``root`` itself)."""
+    return next(name for name, module in root.named_modules() if module is target)
+
+
 def vocab_size(config) -> int:
     return int(_config(config).vocab_size)
 

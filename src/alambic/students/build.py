@@ -16,7 +16,7 @@ from torch import nn
 
 from alambic import modeling
 from alambic.cache import atomic_directory
-from alambic.config import TOKEN_TYPES
+from alambic.config import TOKEN_TYPES, WIDTH_INITS
 from alambic.errors import AlambicError, did_you_mean
 
 LAYER_SPECS = ("every-other", "even", "odd", "all", "linspace:K", "0,2,4,...", "auto[:greedy|influence]")
@@ -177,7 +177,7 @@ def _student_config(teacher, layers, hidden, ffn, heads, keep_token_types, notes
     # The student keeps the teacher's head size, so that whole heads can be sliced out of the teacher: a config
     # with its own head_dim (Llama, Qwen2) keeps it; otherwise a narrower width drops heads (hidden / head size).
     head_field = getattr(config, "head_dim", None) is not None
-    t_head_dim = getattr(config, "head_dim", None) or t_hidden // t_heads
+    t_head_dim = modeling.head_dim(config)
     hidden = hidden or t_hidden
     if heads is None:
         heads = t_heads if head_field or hidden % t_head_dim else hidden // t_head_dim
@@ -204,10 +204,6 @@ def _student_config(teacher, layers, hidden, ffn, heads, keep_token_types, notes
     return config
 
 
-def _module_name(root: nn.Module, target: nn.Module) -> str:
-    return next(name for name, module in root.named_modules() if module is target)
-
-
 def _compact(names, layers_prefix):
     """'bert.encoder.layer.3.output.dense.weight' -> 'bert.encoder.layer.*.output.dense', once each."""
     out = {}
@@ -223,10 +219,10 @@ def _copy_weights(teacher, student, layers, notes, resize=None):
     """Copy every teacher tensor whose shape matches its student place; ``resize(key, tensor)`` (width pruning)
     may first slice a tensor whose shape does not."""
     t_state = teacher.state_dict()
-    t_body = _module_name(teacher, modeling.lm_body(teacher))
-    t_layers = _module_name(teacher, modeling.transformer_layers(teacher))
-    s_body = _module_name(student, modeling.lm_body(student))
-    s_layers = _module_name(student, modeling.transformer_layers(student))
+    t_body = modeling.module_name(teacher, modeling.lm_body(teacher))
+    t_layers = modeling.module_name(teacher, modeling.transformer_layers(teacher))
+    s_body = modeling.module_name(student, modeling.lm_body(student))
+    s_layers = modeling.module_name(student, modeling.transformer_layers(student))
     layer_key = re.compile(rf"^{re.escape(s_layers)}\.(\d+)\.(.*)$")
 
     def source_key(name):
@@ -293,8 +289,8 @@ def init_student(teacher, *, layers="every-other", hidden_size=None, intermediat
 
     if token_types not in TOKEN_TYPES:
         raise AlambicError(f"token types must be one of {', '.join(TOKEN_TYPES)}, got {token_types!r}")
-    if width_init not in pruning.WIDTH_INITS:
-        raise AlambicError(f"width init must be one of {', '.join(pruning.WIDTH_INITS)}, got {width_init!r}")
+    if width_init not in WIDTH_INITS:
+        raise AlambicError(f"width init must be one of {', '.join(WIDTH_INITS)}, got {width_init!r}")
     method = sel.parse_auto_spec(layers)
     if method is None and (depth is not None or selection_budget is not None):
         raise AlambicError("depth and a selection budget apply to layers='auto[:METHOD]'; "

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from alambic import modeling
-from alambic.config import WIDTH_INITS
 from alambic.errors import AlambicError
 
 # Module names inside one transformer layer -> role. "inner" roles read the hidden state and write heads or FFN
@@ -61,16 +60,6 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"  # GPT-2: weight is (in, out)
 
 
-def _head_dim(config) -> int:
-    value = getattr(modeling._config(config), "head_dim", None)
-    return int(value) if value else modeling.hidden_size(config) // modeling.num_heads(config)
-
-
-def _kv_heads(config) -> int:
-    value = getattr(modeling._config(config), "num_key_value_heads", None)
-    return int(value) if value else modeling.num_heads(config)
-
-
 @dataclass
 class Importance:
     """Scores measured on the teacher (one entry per teacher layer where per layer)."""
@@ -85,7 +74,7 @@ class Importance:
 def measure_importance(teacher: nn.Module, batches: list[dict]) -> Importance:
     """One forward of the teacher's body per calibration batch, with hooks reading activations at non-pad tokens."""
     config = teacher.config
-    hidden, heads, head_dim = modeling.hidden_size(config), modeling.num_heads(config), _head_dim(config)
+    hidden, heads, head_dim = modeling.hidden_size(config), modeling.num_heads(config), modeling.head_dim(config)
     layers = modeling.transformer_layers(teacher)
     mask = {}
     ffn = [None] * len(layers)
@@ -124,7 +113,7 @@ def measure_importance(teacher: nn.Module, batches: list[dict]) -> Importance:
             handles.append(found["o"].register_forward_pre_hook(head_hook(i)))
         for module in teacher.modules():
             shape = getattr(module, "normalized_shape", None) or getattr(getattr(module, "weight", None), "shape", None)
-            if _NORM.search(type(module).__name__) and tuple(shape or ()) in ((hidden,),):
+            if _NORM.search(type(module).__name__) and tuple(shape or ()) == (hidden,):
                 handles.append(module.register_forward_hook(norm_hook))
         body, tokens = modeling.lm_body(teacher), 0
         device = next(teacher.parameters()).device
@@ -172,7 +161,7 @@ class WidthPruning:
 
     def slice(self, key: str, source: torch.Tensor) -> torch.Tensor:
         """``source`` (the teacher tensor named ``key``) with the kept indices of every dimension that shrinks."""
-        module, _, kind = key.rpartition(".")
+        module = key.rpartition(".")[0]
         layer, role = self.roles.get(module, (None, None))
         out_dim, in_dim = (1, 0) if module in self.conv1d else (0, 1)
         if source.dim() == 1:
@@ -232,16 +221,16 @@ def plan_pruning(teacher: nn.Module, student_config, layers: list[int], importan
     t_hidden, s_hidden = modeling.hidden_size(t_config), modeling.hidden_size(student_config)
     t_ffn, s_ffn = modeling.intermediate_size(t_config), modeling.intermediate_size(student_config)
     t_heads, s_heads = modeling.num_heads(t_config), modeling.num_heads(student_config)
-    t_kv, s_kv = _kv_heads(t_config), _kv_heads(student_config)
-    head_dim = _head_dim(t_config)
+    t_kv, s_kv = modeling.num_key_value_heads(t_config), modeling.num_key_value_heads(student_config)
+    head_dim = modeling.head_dim(t_config)
     plan = WidthPruning(_top(importance.hidden, s_hidden) if s_hidden != t_hidden else None, head_dim=head_dim,
                         teacher_hidden=t_hidden, teacher_heads=t_heads, teacher_ffn=t_ffn, tokens=importance.tokens)
-    slice_heads = s_heads != t_heads and _head_dim(student_config) == head_dim
+    slice_heads = s_heads != t_heads and modeling.head_dim(student_config) == head_dim
     group = t_heads // t_kv
     if slice_heads and (s_heads % group or s_kv * group != s_heads):
         slice_heads = False  # regrouped heads cannot be sliced; init_student leaves attention fresh and says so
     t_layers = modeling.transformer_layers(teacher)
-    prefix = next(name for name, module in teacher.named_modules() if module is t_layers)
+    prefix = modeling.module_name(teacher, t_layers)
     for i in layers:
         if s_ffn != t_ffn:
             plan.ffn[i] = _top(importance.ffn[i], s_ffn)

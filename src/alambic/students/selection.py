@@ -53,8 +53,8 @@ DEFAULT_SPEC = "default"
 
 def default_layers(kind: str, calibration_at_hand: bool) -> str:
     """What ``layers="default"`` means: measured selection (``auto:influence``, one forward pass) for a decoder when
-    calibration text is at hand, else ``every-other``. On SmolLM2-135M -> 15 layers, influence keeps held-out
-    perplexity 665 at initialisation where every-other gives 1.2M (docs/benchmarks.md): a decoder's few layers
+    calibration text is at hand, else ``every-other``. On SmolLM2-135M -> 15 layers, influence starts at held-out
+    perplexity 710 where every-other starts at 1.46M (docs/benchmarks.md): a decoder's few layers
     that change the hidden state most (here 0, 1, 24, 29) are not evenly spaced."""
     return "auto:influence" if kind == "causal" and calibration_at_hand else "every-other"
 
