@@ -1,21 +1,28 @@
-"""How fast is one distillation step, how close to the hardware, and what does alambic buy over a naive step?
+"""How fast is one distillation step, how close to the hardware, and what does alambic buy over the reference?
 
-    python benchmarks/distill_step.py                      # decoder (SmolLM2 -> 15 layers) and encoder setups
-    python benchmarks/distill_step.py --setups decoder-128 --steps 3
-    python benchmarks/distill_step.py --compile            # alambic's step with torch.compile'd bodies
+    python benchmarks/distill_step.py --setups bert-base                 # the BERT-base-shape setup, fp32 and bf16
+    python benchmarks/distill_step.py --setups bert-base --profile       # + where alambic's step spends its time
+    python benchmarks/distill_step.py --setups decoder-128,encoder-128 --variants naive,alambic
+    python benchmarks/distill_step.py --compile            # alambic's steps with torch.compile'd bodies
 
-For each setup, two steps run on the same batches of real text, each in its own process (so its peak resident or
-device memory is its own):
-- alambic: teacher under inference_mode (bf16 on GPU), vocabulary projection fused with the KL and cross-entropy
-  and run a chunk of rows at a time (gradients from closed forms, nothing vocabulary-sized kept for backward),
-  host-side row counts (no device synchronisation), SDPA attention;
-- naive, as a straightforward script writes it: eager attention, fp32, teacher forward with autograd on (its
-  parameters trainable, logits not detached), full ``model(...).logits`` of teacher and student, ``F.kl_div`` over
-  every position of the [B, L, V] logits, cross-entropy through ``labels=``.
-Printed per step: tokens/s, FLOPs counted by ``torch.utils.flop_counter`` for that step, achieved FLOP/s and its
-ratio to this machine's dense matmul FLOP/s measured in the same run (fp32 on CPU, bf16 on GPU), peak memory, and
-alambic / naive ratios, and the loss of the first step (same weights, same batch: the two compute one loss; dropout
-draws differ). The triple-loss weights are DistilBERT's (5, 2, 1, T = 2).
+For each setup, each step variant runs on the same batches of real text (``bbc-news:train``) in its own process (so
+its peak resident or device memory is its own):
+- reference: the step of Hugging Face's DistilBERT distiller (transformers research_projects/distillation,
+  ``Distiller.step``) on today's transformers: fp32, the models' default (SDPA) attention, teacher under no_grad,
+  full ``[B, L, V]`` logits of both models, ``masked_select`` of the non-pad rows, ``KLDivLoss(batchmean)`` x T^2,
+  cross-entropy over the full logits, ``masked_select`` + ``CosineEmbeddingLoss`` on the last hidden states,
+  ``loss.item()``, gradient clipping at 5, torch's default AdamW;
+- naive: an even more straightforward step (eager attention, teacher with autograd on, ``F.kl_div`` over every
+  position), the baseline of the earlier figures in docs/benchmarks.md;
+- alambic, alambic-bf16: the engine's step (``alambic.engine.loop``'s optimiser and clipping, the recipe's teacher
+  targets and objective): teacher under inference_mode, vocabulary projection fused with the KL and cross-entropy a
+  chunk of rows at a time, host-side row counts; in fp32, and in bf16 (autocast with fp32 master weights, bf16
+  teacher) where the machine has bf16 (a GPU, or a CPU with native bf16 matrix instructions).
+Printed per step: tokens/s (non-pad tokens), FLOPs counted by ``torch.utils.flop_counter`` for that step, achieved
+FLOP/s and its share of this machine's dense matmul rates in fp32 and bf16 measured in the same run, peak memory,
+the loss of the first step (same weights, same batch; dropout draws differ), and each variant's ratio to the
+reference. ``--profile`` adds torch.profiler's breakdown of alambic's steps by kind of work. The triple-loss weights
+are DistilBERT's (5, 2, 1, T = 2; encoders mask with smoothing 0.7).
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -34,10 +40,23 @@ import torch
 import torch.nn.functional as F
 
 SETUPS = {  # name: (teacher, student layers, batch size, sequence length)
+    "bert-base": ("random:bert-base", "linspace:6", 8, 128),  # BERT-base shape, random weights (seed 0) -> DistilBERT
     "decoder-128": ("smollm2-135m", "every-other", 4, 128),
     "decoder-256": ("smollm2-135m", "every-other", 2, 256),
     "decoder-1024": ("smollm2-135m", "every-other", 1, 1024),  # long sequence: logits memory stays bounded
     "encoder-128": ("minilm-l6", "linspace:3", 8, 128),
+}
+VARIANTS = ("reference", "naive", "alambic", "alambic-bf16")
+PROFILE_KINDS = {  # kind of work: substrings of the aten op names it covers (first match wins)
+    "matmul": ("addmm", "::mm", "bmm", "matmul", "linear"),
+    "vocabulary softmax + loss math": ("log_softmax", "::exp", "::dot", "gather", "scatter", "nll_loss", "kl_div",
+                                       "cross_entropy"),
+    "attention": ("scaled_dot_product", "flash_attention", "_softmax"),
+    "optimizer": ("_fused_adamw", "_foreach", "lerp", "addcdiv", "addcmul", "::sqrt"),
+    "dropout": ("bernoulli", "dropout"),
+    "layer norm + GELU": ("layer_norm", "gelu", "rms_norm"),
+    "copies + casts": ("copy_", "::to", "clone", "contiguous", "index_select", "masked_select", "index_copy"),
+    "allocation + fill": ("empty", "fill_", "zero_", "zeros"),
 }
 
 
@@ -51,13 +70,13 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}"
 
 
-def dense_matmul_flops() -> float:
-    """The machine's own dense matmul rate: fp32 2048^2 on CPU, bf16 8192^2 on GPU; best of a few repeats."""
+def dense_matmul_flops(dtype: torch.dtype) -> float:
+    """This machine's dense matmul rate in ``dtype``: 2048^2 on CPU, 8192^2 on GPU; best of a few repeats."""
     cuda = torch.cuda.is_available()
-    n, dtype, device = (8192, torch.bfloat16, "cuda") if cuda else (2048, torch.float32, "cpu")
+    n, device = (8192, "cuda") if cuda else (2048, "cpu")
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     best = float("inf")
-    for _ in range(5):
+    for _ in range(6):
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -68,20 +87,33 @@ def dense_matmul_flops() -> float:
     return 2 * n**3 / best
 
 
-def load(teacher_name: str, layers: str, naive: bool, device):
+def has_bf16() -> bool:
+    from alambic.engine.precision import Hardware
+
+    hardware = Hardware.detect()
+    return hardware.cuda_bf16 if hardware.cuda else hardware.cpu_bf16 is not None
+
+
+def load(teacher_name: str, layers: str, variant: str, device):
     """Teacher with an LM head (MiniLM ships none: its encoder gets a fresh MLM head, which costs the same) and a
-    student copied from it."""
-    from transformers import AutoModelForMaskedLM
+    student copied from it; ``random:bert-base`` is a BertForMaskedLM of BERT-base's shape with random weights and
+    MiniLM's tokenizer (bert-base-uncased's 30,522-token vocabulary)."""
+    from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
     from alambic.modeling import has_lm_head, model_kind
     from alambic.students import init_student
     from alambic.teachers import load_teacher, resolve_model_path
 
-    teacher, tokenizer = load_teacher(teacher_name)
+    if teacher_name == "random:bert-base":
+        _, tokenizer = load_teacher("minilm-l6")
+        torch.manual_seed(0)
+        teacher = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer))).eval().requires_grad_(False)
+    else:
+        teacher, tokenizer = load_teacher(teacher_name)
     if not has_lm_head(teacher):
         teacher = AutoModelForMaskedLM.from_pretrained(resolve_model_path(teacher_name)).eval().requires_grad_(False)
     student = init_student(teacher, layers=layers).model.train()
-    if naive:
+    if variant == "naive":
         for model in (teacher, student):
             model.config._attn_implementation = "eager"
             model.set_attn_implementation("eager")
@@ -89,15 +121,49 @@ def load(teacher_name: str, layers: str, naive: bool, device):
     return teacher.to(device), student.to(device), tokenizer, model_kind(teacher)
 
 
-def naive_step(teacher, student, batch, kind, optimizer):
+def lm_labels(batch, kind):
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    if kind == "causal":  # HF shifts causal labels itself
+        return ids.masked_fill(mask == 0, -100)
     labels = torch.full_like(ids, -100)
     labels.view(-1)[batch["lm_positions"]] = batch["lm_targets"]
-    if kind == "causal":  # HF shifts causal labels itself
-        labels = ids.masked_fill(mask == 0, -100)
+    return labels
+
+
+def reference_step(teacher, student, batch, kind, optimizer, T=2.0):
+    """Hugging Face's ``Distiller.step`` and ``optimize``, as the distiller runs them (its loss weights 5 / 2 / 1)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    labels = lm_labels(batch, kind)
+    s_out = student(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    with torch.no_grad():
+        t_out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    s_logits, t_logits = s_out.logits, t_out.logits
+    vocab = s_logits.size(-1)
+    select = mask.bool().unsqueeze(-1).expand_as(s_logits)
+    s_rows, t_rows = torch.masked_select(s_logits, select).view(-1, vocab), torch.masked_select(t_logits, select).view(-1, vocab)
+    loss_kd = torch.nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s_rows / T, -1), F.softmax(t_rows / T, -1)) * T**2
+    if kind == "causal":
+        loss_lm = F.cross_entropy(s_logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100)
+    else:
+        loss_lm = F.cross_entropy(s_logits.view(-1, vocab), labels.view(-1), ignore_index=-100)
+    s_hidden, t_hidden = s_out.hidden_states[-1], t_out.hidden_states[-1]
+    dim = s_hidden.size(-1)
+    select = mask.bool().unsqueeze(-1).expand_as(s_hidden)
+    s_h, t_h = torch.masked_select(s_hidden, select).view(-1, dim), torch.masked_select(t_hidden, select).view(-1, dim)
+    loss_cos = torch.nn.CosineEmbeddingLoss()(s_h, t_h, s_h.new_ones(s_h.size(0)))
+    loss = 5 * loss_kd + 2 * loss_lm + 1 * loss_cos
+    loss.item(), loss_kd.item(), loss_lm.item(), loss_cos.item()  # the distiller logs each term every step
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss
+
+
+def naive_step(teacher, student, batch, kind, optimizer, T=2.0):
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     t_out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    s_out = student(input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=True)
-    T = 2.0
+    s_out = student(input_ids=ids, attention_mask=mask, labels=lm_labels(batch, kind), output_hidden_states=True)
     kd = F.kl_div(F.log_softmax(s_out.logits.flatten(0, 1) / T, -1), F.softmax(t_out.logits.flatten(0, 1) / T, -1),
                   reduction="batchmean") * T * T
     h_s, h_t = s_out.hidden_states[-1].flatten(0, 1), t_out.hidden_states[-1].flatten(0, 1)
@@ -111,47 +177,69 @@ def naive_step(teacher, student, batch, kind, optimizer):
 
 
 def alambic_step(recipe, batch, optimizer, autocast):
+    """What ``alambic.engine.loop.train`` does for one micro-batch per step."""
     counts = {k: torch.tensor(float(v), device=batch["input_ids"].device) for k, v in recipe.row_counts(batch).items()}
     with autocast():
         targets = recipe.teacher_targets(batch)
+    with autocast():
         loss, _ = recipe.objective(batch, targets, counts)
     loss.backward()
+    torch.nn.utils.clip_grad_norm_(recipe.objective.parameters(), 5.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
 
 
+def breakdown(profiler) -> dict[str, float]:
+    """Seconds of self CPU (or device) time per kind of work in :data:`PROFILE_KINDS`, the rest as "other"."""
+    seconds: dict[str, float] = {}
+    for event in profiler.key_averages():
+        name = event.key
+        if not name.startswith("aten::"):
+            continue
+        kind = next((k for k, parts in PROFILE_KINDS.items() if any(p in name for p in parts)), "other")
+        own = event.self_device_time_total if torch.cuda.is_available() else event.self_cpu_time_total
+        seconds[kind] = seconds.get(kind, 0.0) + own / 1e6
+    return seconds
+
+
 def measure(args) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from alambic.config import DataConfig
+    from alambic.config import DataConfig, TrainingConfig
     from alambic.data.pipeline import training_batches
+    from alambic.engine.loop import build_optimizer
     from alambic.modeling import lm_body
     from alambic.recipes.distilbert import DistilBERTLossConfig, DistilBERTRecipe
 
     teacher_name, layers, batch_size, seq_len = SETUPS[args.setup]
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    torch.manual_seed(0)
-    naive = args.variant == "naive"
-    teacher, student, tokenizer, kind = load(teacher_name, layers, naive, device)
-    loss_cfg = DistilBERTLossConfig()
+    variant = args.variant
+    teacher, student, tokenizer, kind = load(teacher_name, layers, variant, device)
+    loss_cfg = DistilBERTLossConfig(mlm_smoothing=0.7 if kind == "masked" else None)
     batches = training_batches(["bbc-news:train"], tokenizer, kind, DataConfig(max_length=seq_len),
                                loss_cfg if kind == "masked" else None, batch_size, seed=0)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    if naive:
+    lr = 5e-4
+    if variant in ("reference", "naive"):
+        # the reference's AdamW (eps 1e-6), torch's default implementation
+        optimizer = torch.optim.AdamW(student.parameters(), lr=lr, eps=1e-6)
+        step_fn = reference_step if variant == "reference" else naive_step
+
         def step(batch):
-            return naive_step(teacher, student, batch, kind, optimizer)
+            return step_fn(teacher, student, batch, kind, optimizer)
     else:
-        if cuda:
+        bf16 = variant == "alambic-bf16"
+        if bf16:  # as the engine does under bf16: the frozen teacher in bf16, the student's master weights fp32
             teacher = teacher.to(torch.bfloat16)
         recipe = DistilBERTRecipe(teacher, student, loss_cfg)
+        optimizer = build_optimizer(recipe.objective, TrainingConfig(lr=lr, eps=1e-6))
         if args.compile:  # as training.compile does
             for model in (student, teacher):
                 lm_body(model).compile()
 
         def autocast():
-            return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+            return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
         def step(batch):
             return alambic_step(recipe, batch, optimizer, autocast)
@@ -163,57 +251,87 @@ def measure(args) -> dict:
     with FlopCounterMode(display=False) as counter:
         step(on_device(1))
     flops = counter.get_total_flops()
-    times, tokens = [], 0
+    seconds, tokens = 0.0, 0
     for i in range(2, 2 + args.steps):
         batch = on_device(i)
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = step(batch)
-        float(loss)
-        times.append(time.perf_counter() - start)
-        tokens = int(batch["attention_mask"].sum())
-    seconds = statistics.median(times)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"variant": args.variant, "tokens_per_s": tokens / seconds, "step_s": seconds, "flops_per_step": flops,
-            "achieved_flops": flops / seconds, "peak_mb": peak, "first_loss": first_loss}
+        float(step(batch))
+        seconds += time.perf_counter() - start
+        tokens += int(batch["attention_mask"].sum())  # non-pad tokens
+    result = {"variant": variant, "tokens_per_s": tokens / seconds, "step_s": seconds / args.steps,
+              "flops_per_step": flops, "achieved_flops": flops * args.steps / seconds, "first_loss": first_loss}
+    result["peak_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if args.profile and variant.startswith("alambic"):
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as profiler:
+            for i in range(2 + args.steps, 4 + args.steps):
+                float(step(on_device(i)))
+        result["profile_s"] = {k: v / 2 for k, v in breakdown(profiler).items()}  # per step
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated, from: {', '.join(SETUPS)}")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (median) after one warm-up and one counted")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer bodies in alambic's step "
-                        "(compilation happens in the untimed warm-up step)")
+    parser.add_argument("--setups", default="bert-base,decoder-128,encoder-128",
+                        help=f"comma-separated, from: {', '.join(SETUPS)}")
+    parser.add_argument("--variants", default="reference,alambic,alambic-bf16",
+                        help=f"comma-separated, from: {', '.join(VARIANTS)} (alambic-bf16 only where the machine has "
+                             "bf16)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up and one counted step")
+    parser.add_argument("--profile", action="store_true", help="also profile two of alambic's steps and print the "
+                        "time per kind of work")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer bodies in alambic's "
+                        "steps (compilation happens in the untimed warm-up step)")
     parser.add_argument("--setup", help=argparse.SUPPRESS)
-    parser.add_argument("--variant", choices=["alambic", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(measure(args)))
         return
 
-    peak_flops = dense_matmul_flops()
+    variants = [v for v in args.variants.split(",") if v != "alambic-bf16" or has_bf16()]
+    peaks = {"fp32": dense_matmul_flops(torch.float32)}
+    if has_bf16():
+        peaks["bf16"] = dense_matmul_flops(torch.bfloat16)
     memory = "peak GPU MB" if torch.cuda.is_available() else "peak RSS MB"
     print(f"machine: {machine()}")
-    print(f"dense matmul: {peak_flops / 1e9:.1f} GFLOP/s ({'bf16' if torch.cuda.is_available() else 'fp32'})")
-    print(f"{'setup':<13}{'step':<9}{'tokens/s':>10}{'s/step':>8}{'GFLOP/step':>12}{'GFLOP/s':>9}{'% of mm':>9}"
-          f"{memory:>13}{'1st loss':>10}")
+    print("dense matmul: " + ", ".join(f"{v / 1e9:,.0f} GFLOP/s {k}" for k, v in peaks.items()))
+    print(f"{'setup':<13}{'step':<14}{'tokens/s':>10}{'s/step':>8}{'GFLOP/step':>12}{'GFLOP/s':>9}"
+          + "".join(f"{'% ' + k:>8}" for k in peaks) + f"{memory:>13}{'1st loss':>10}")
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for setup in args.setups.split(","):
         results = {}
-        for variant in ("naive", "alambic"):
+        for variant in variants:
             cmd = [sys.executable, __file__, "--setup", setup, "--variant", variant, "--steps", str(args.steps)]
-            cmd += ["--compile"] if args.compile and variant == "alambic" else []
+            cmd += ["--compile"] if args.compile and variant.startswith("alambic") else []
+            cmd += ["--profile"] if args.profile else []
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 sys.exit(f"{setup} {variant} failed:\n{out.stderr[-3000:]}")
             r = results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{setup:<13}{variant:<9}{r['tokens_per_s']:>10.0f}{r['step_s']:>8.2f}{r['flops_per_step'] / 1e9:>12.1f}"
-                  f"{r['achieved_flops'] / 1e9:>9.1f}{100 * r['achieved_flops'] / peak_flops:>8.0f}%{r['peak_mb']:>13.0f}"
-                  f"{r['first_loss']:>10.4f}")
-        a, n = results["alambic"], results["naive"]
-        print(f"{setup:<13}alambic / naive: {a['tokens_per_s'] / n['tokens_per_s']:.2f}x tokens/s, "
-              f"{a['peak_mb'] / n['peak_mb']:.2f}x peak memory, {a['flops_per_step'] / n['flops_per_step']:.2f}x FLOPs")
+            print(f"{setup:<13}{variant:<14}{r['tokens_per_s']:>10.0f}{r['step_s']:>8.2f}"
+                  f"{r['flops_per_step'] / 1e9:>12.1f}{r['achieved_flops'] / 1e9:>9.1f}"
+                  + "".join(f"{100 * r['achieved_flops'] / v:>7.0f}%" for v in peaks.values())
+                  + f"{r['peak_mb']:>13.0f}{r['first_loss']:>10.4f}")
+        base_name = "reference" if "reference" in results else "naive" if "naive" in results else None
+        if base_name:
+            base = results[base_name]
+            for name, r in results.items():
+                if name != base_name:
+                    print(f"{setup:<13}{name} / {base_name}: {r['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, "
+                          f"{r['peak_mb'] / base['peak_mb']:.2f}x peak memory, "
+                          f"{r['flops_per_step'] / base['flops_per_step']:.2f}x FLOPs")
+        for name, r in results.items():
+            if "profile_s" in r:
+                total = sum(r["profile_s"].values())
+                parts = sorted(r["profile_s"].items(), key=lambda kv: -kv[1])
+                print(f"{setup:<13}{name} profile, {total:.2f} s of op time per step: "
+                      + ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f}%)" for k, v in parts))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,17 @@ def test_yaml_then_overrides_in_order(tmp_path):
         load_config(path, [parse_override("training.lr=fast")])
 
 
+def test_words_stay_words_in_files_and_overrides(tmp_path):
+    """YAML 1.1 reads no / off / yes as booleans; alambic's options take them as the words they are."""
+    assert load_config(None, BASE + [parse_override("training.mixed_precision=no")]).training.mixed_precision == "no"
+    path = tmp_path / "run.yaml"
+    path.write_text("teacher: t\nout: o\ndata: {train: [x.txt]}\ntraining: {mixed_precision: no, compile: false}\n")
+    cfg = load_config(path)
+    assert cfg.training.mixed_precision == "no" and cfg.training.compile is False
+    with pytest.raises(AlambicError, match="training.compile expects true or false, got 'yes'"):
+        load_config(path, [parse_override("training.compile=yes")])
+
+
 def test_override_parsing():
     assert parse_override("data.train=[a, b]") == {"data": {"train": ["a", "b"]}}
     assert parse_override("student.hidden_size=") == {"student": {"hidden_size": None}}

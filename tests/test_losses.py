@@ -213,3 +213,32 @@ def test_fused_vocabulary_loss_under_bf16_autocast_stays_close_to_fp32():
     low.backward()
     assert low.dtype == projection.weight.grad.dtype == x.grad.dtype == torch.float32
     assert low.item() == pytest.approx(reference.item(), rel=0.05)
+
+
+@pytest.mark.parametrize("chunk, group_logits", [(0, None), (1, 64 * 3), (5, 64 * 10), (5, 64 * 7), (16, 64)])
+def test_fused_vocabulary_loss_gradients_under_bf16_match_fp32(chunk, group_logits, monkeypatch):
+    """Below fp32 the chunks' logit gradients are multiplied into the weight gradient a group of rows at a time:
+    every grouping (one row per chunk, groups of 3, 10, 5 rows with a partial last group) gives fp32's gradients to
+    bf16 precision."""
+    from alambic.losses import vocabulary
+
+    if group_logits is not None:
+        monkeypatch.setitem(vocabulary._GROUP_LOGITS, "cpu", group_logits)
+    g = torch.Generator().manual_seed(1)
+    N, d, V = 23, 32, 64
+    x0, xt = torch.randn(N, d, generator=g), torch.randn(N, d, generator=g)
+    projection, teacher = _linear(torch.randn(V, d, generator=g), torch.randn(V, generator=g)), _linear(
+        torch.randn(V, d, generator=g))
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[::4] = -100
+    grads = []
+    for low in (False, True):
+        x = x0.clone().requires_grad_()
+        projection.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+            loss = vocabulary.fused_vocabulary_loss(x, projection, xt, teacher, targets, 2.0, 1 / N, 0.5 / N, chunk)[0]
+        (2 * loss).backward()
+        grads.append([x.grad, projection.weight.grad, projection.bias.grad])
+    for fp32, bf16 in zip(*grads):
+        assert bf16.dtype == torch.float32
+        assert (bf16 - fp32).norm() <= 0.02 * fp32.norm()

@@ -7,6 +7,7 @@ Overrides use dotted keys (``loss.temperature=4``); values are parsed as YAML sc
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,7 +142,8 @@ class TrainingConfig:
     """Clip the global gradient norm to this value (0 disables)."""
     seed: int = 42
     mixed_precision: str = "auto"
-    """auto (bf16 on a GPU, fp32 on CPU), bf16, fp16 or no."""
+    """auto (bf16 on a GPU with bf16 and on a CPU with native bf16 matrix instructions where a quick check finds it
+    faster; fp32 elsewhere), bf16, fp16 or no (fp32)."""
     compile: bool = False
     """torch.compile the student."""
     log_every: int = 10
@@ -262,12 +264,30 @@ def _apply(target, values: dict, prefix: str = ""):
             setattr(target, key, _coerce(value, hints[key], dotted))
 
 
+class _YAML12Loader(yaml.SafeLoader):
+    """YAML with the 1.2 core schema's booleans: only true / false are booleans, so the words options take
+    (``mixed_precision: no``, ``on``, ``off``, ``yes``) stay words, in files and ``--set`` alike."""
+
+
+_YAML12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YAML12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def read_yaml(text: str):
+    """Parse YAML as alambic's configuration does (see :class:`_YAML12Loader`)."""
+    return yaml.load(text, Loader=_YAML12Loader)
+
+
 def parse_override(text: str) -> dict:
     """``a.b=value`` -> ``{"a": {"b": value}}`` with value parsed as YAML."""
     if "=" not in text:
         raise AlambicError(f"override {text!r} is not KEY=VALUE (for example loss.temperature=4)")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = read_yaml(raw) if raw.strip() else None
     for part in reversed(key.strip().split(".")):
         value = {part: value}
     return value
@@ -291,7 +311,7 @@ def load_config(path: str | Path | None = None, overrides: list[dict] = ()) -> D
         if not path.is_file():
             raise AlambicError(f"config file {str(path)!r} does not exist")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            values = read_yaml(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise AlambicError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(values, dict):

@@ -17,6 +17,7 @@ from alambic.data.pipeline import heldout_batches, training_batches
 from alambic.data.sources import describe_sources
 from alambic.engine.checkpoint import latest_checkpoint
 from alambic.engine.loop import make_accelerator, train
+from alambic.engine.precision import choose_precision
 from alambic.errors import AlambicError
 from alambic.evaluation.lm import evaluate_lm
 from alambic.evaluation.model_card import distillation_card, last_logged
@@ -107,7 +108,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
     cfg.validate()
     calibration = _check_inputs(cfg, resume)
     run_dir = Path(cfg.out)
-    accelerator = make_accelerator(cfg.training)
+    precision = choose_precision(cfg.training.mixed_precision)
+    accelerator = make_accelerator(cfg.training, precision)
     say = accelerator.print
 
     teacher, tokenizer = load_teacher(cfg.teacher)
@@ -154,7 +156,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
         card = distillation_card(cfg.to_dict(), teacher_parameters=count_parameters(teacher),
                                  student_parameters=count_parameters(exported),
                                  teacher_layers=num_layers(teacher.config), student_layers=num_layers(exported.config),
-                                 metrics=last_logged(run_dir), selection_card=card, kind=kind)
+                                 metrics=last_logged(run_dir), selection_card=card, kind=kind,
+                                 precision=precision.describe())
         save_student(exported, tokenizer, student_dir, overwrite=True, card=card)
         say(f"student written to {student_dir}")
     accelerator.wait_for_everyone()

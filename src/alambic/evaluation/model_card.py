@@ -47,11 +47,12 @@ def _selection_body(selection_card: str | None) -> list[str]:
 def distillation_card(config: dict, *, teacher_parameters: int | None = None, student_parameters: int | None = None,
                       teacher_layers: int | None = None, student_layers: int | None = None,
                       metrics: dict | None = None, selection_card: str | None = None, title: str | None = None,
-                      kind: str | None = None) -> str:
+                      kind: str | None = None, precision: str | None = None) -> str:
     """A Hugging Face model card recording how a student was distilled: teacher, student construction, recipe,
     losses and their weights, data and training, from the run's resolved ``config`` (``DistillConfig.to_dict()`` or
     the run's ``config.yaml``); ``metrics``: the last logged figures (losses, ``eval/*``); ``kind``: causal or
-    masked (names the Auto class in the usage snippet)."""
+    masked (names the Auto class in the usage snippet); ``precision``: the precision the run resolved
+    ``training.mixed_precision`` to, and why (the configured value when not given)."""
     from alambic import __version__
 
     teacher = config.get("teacher", "?")
@@ -103,7 +104,7 @@ def distillation_card(config: dict, *, teacher_parameters: int | None = None, st
         lines.append(f"- training: {steps} steps of {batch} x {accum} sequences per process (up to {tokens:,} tokens "
                      f"per process); AdamW, lr {training.get('lr')}, {training.get('schedule', 'linear')} schedule, "
                      f"warm-up {training.get('warmup_ratio')}, gradient clip {training.get('grad_clip')}, "
-                     f"seed {training.get('seed')}, mixed precision {training.get('mixed_precision')}")
+                     f"seed {training.get('seed')}, mixed precision {precision or training.get('mixed_precision')}")
     if metrics:
         shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and (k.startswith(("loss", "eval/")))}
         if shown:

@@ -20,6 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 _CHUNK_LOGITS = {"cpu": 2**23, "cuda": 2**26}  # logits per chunk: ~32 MB (cache-sized) on CPU, ~256 MB on GPU
+# Below fp32, the chunks' logit gradients are kept (in the compute dtype) for up to this many logits and multiplied
+# into the weight gradient at once: a bf16 product per chunk would need a cast and an add over the whole V x d weight
+# gradient each time (on CPU that cost more than the product itself), and one product over more rows runs faster.
+_GROUP_LOGITS = {"cpu": 2**26, "cuda": 2**27}
 
 
 def default_chunk_rows(vocab_size: int, device: torch.device) -> int:
@@ -104,8 +108,14 @@ class _FusedVocabularyLoss(torch.autograd.Function):
         logits, spare, grad = (torch.empty(chunk, vocab, dtype=torch.float32, device=x.device) for _ in range(3))
         teacher_buffer = torch.empty_like(logits) if with_kd else None
         grad_x = torch.empty_like(x)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+        grad_w = None  # fp32, V x d: the first product is written, later ones added
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=x.device) if bias is not None else None
+        if dtype == torch.float32:
+            group_rows, group = chunk, None
+        else:
+            group_logits = _GROUP_LOGITS.get(x.device.type, _GROUP_LOGITS["cuda"])
+            group_rows = min(rows, max(chunk, group_logits // vocab // chunk * chunk))
+            group = torch.empty(group_rows, vocab, dtype=dtype, device=x.device)
         kd_sum, ce_sum = x.new_zeros((), dtype=torch.float32), x.new_zeros((), dtype=torch.float32)
         T = temperature
         if with_ce:
@@ -132,14 +142,23 @@ class _FusedVocabularyLoss(torch.autograd.Function):
                     g32.addcmul_(q_minus_p, kd_weight * T)
                 else:
                     torch.mul(q_minus_p, kd_weight * T, out=g32)
-            g = g32.to(dtype)
-            grad_x[part] = (g @ w_c).to(x.dtype)
-            if dtype == torch.float32:
-                grad_w.addmm_(g.t(), x_c[part])
-            else:
-                grad_w += g.t() @ x_c[part]
             if grad_b is not None:
                 grad_b += g32.sum(0)
+            if group is None:  # fp32: accumulate the weight gradient in place, chunk by chunk
+                grad_x[part] = g32 @ w_c
+                grad_w = g32.t() @ x_c[part] if grad_w is None else grad_w.addmm_(g32.t(), x_c[part])
+                continue
+            offset = start % group_rows
+            g = group[offset:offset + n]
+            g.copy_(g32)
+            grad_x[part] = (g @ w_c).to(x.dtype)
+            end = start + n
+            if end % group_rows == 0 or end == rows:  # the group is full (or the rows are done): one product
+                first = end - (offset + n)
+                product = group[:offset + n].t() @ x_c[first:end]
+                grad_w = product.float() if grad_w is None else grad_w.add_(product)
+        if grad_w is None:  # no rows
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
         kd_sum = kd_sum * T**2
         ctx.save_for_backward(grad_x, grad_w, grad_b)
         ctx.param_dtypes = (weight.dtype, bias.dtype if bias is not None else None)
@@ -151,7 +170,8 @@ class _FusedVocabularyLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         grad_x, grad_w, grad_b = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.param_dtypes
-        grad_x = grad_x * grad_loss.to(grad_x.dtype)
-        grad_w = (grad_w * grad_loss).to(weight_dtype)
-        grad_b = (grad_b * grad_loss).to(bias_dtype) if grad_b is not None else None
+        # In place: these were computed for this backward alone (a V x d weight gradient is too big to copy).
+        grad_x = grad_x.mul_(grad_loss.to(grad_x.dtype))
+        grad_w = grad_w.mul_(grad_loss).to(weight_dtype)
+        grad_b = grad_b.mul_(grad_loss).to(bias_dtype) if grad_b is not None else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None

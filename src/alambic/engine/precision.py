@@ -1,0 +1,116 @@
+"""Which precision a run computes in: ``training.mixed_precision=auto`` uses bf16 wherever the hardware multiplies
+bf16 matrices natively and that is faster here, fp32 elsewhere.
+
+- GPU: bf16 when the device supports it (Ampere and later), else fp32.
+- CPU: bf16 only with native bf16 matrix instructions (AMX-BF16 tiles or AVX512-BF16) *and* when a quick in-process
+  check (a few 1024^3 matmuls, well under a second) shows bf16 at least ``MIN_SPEEDUP`` times faster than fp32. On a
+  CPU without them bf16 is emulated and slower than fp32, so it stays fp32.
+
+Under bf16 the student keeps fp32 master weights (autocast runs its matmuls in bf16) and the frozen teacher is cast
+to bf16 (inference only); the vocabulary losses keep their softmax math in fp32.
+
+``ALAMBIC_CPU_BF16=0`` (or ``1``) makes the CPU count as lacking (or having) native bf16 instructions: it simulates
+another machine in tests and lets a user rule bf16 out without editing configs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+MIN_SPEEDUP = 1.3
+"""bf16 must beat fp32 by this factor in the quick check before ``auto`` picks it on a CPU."""
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    precision: str
+    """What accelerate is given: ``bf16``, ``fp16`` or ``no`` (fp32)."""
+    reason: str
+    """Why, in a few words, for the log and the model card."""
+
+    def describe(self) -> str:
+        name = "fp32" if self.precision == "no" else self.precision
+        return f"{name} ({self.reason})"
+
+
+def cpu_bf16_instructions() -> str | None:
+    """The CPU's native bf16 matrix instructions (``AMX-BF16``, ``AVX512-BF16``), or None; ``ALAMBIC_CPU_BF16``
+    overrides what the CPU reports."""
+    forced = os.environ.get("ALAMBIC_CPU_BF16")
+    if forced is not None:
+        return "AMX-BF16 (ALAMBIC_CPU_BF16=1)" if forced.strip() not in ("", "0", "false", "no") else None
+    features = getattr(torch, "cpu", None)
+    try:
+        if features._is_amx_tile_supported():
+            return "AMX-BF16"
+        if features._is_avx512_bf16_supported():
+            return "AVX512-BF16"
+        return None
+    except AttributeError:  # a torch without the probes: read the flags the kernel reports
+        pass
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        return None
+    if "amx_bf16" in flags:
+        return "AMX-BF16"
+    return "AVX512-BF16" if "avx512_bf16" in flags else None
+
+
+def bf16_matmul_speedup(size: int = 1024, repeats: int = 3) -> float:
+    """How many times faster a ``size``^3 matmul runs in bf16 than in fp32 on this CPU (best of ``repeats``)."""
+
+    def best(dtype: torch.dtype) -> float:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b  # warm-up: the first call packs weights and spins up threads
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(torch.float32) / best(torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the precision choice depends on; :meth:`detect` reads this machine, tests describe others."""
+
+    cuda: bool
+    cuda_bf16: bool
+    cpu_bf16: str | None
+    """The CPU's native bf16 matrix instructions, see :func:`cpu_bf16_instructions`."""
+
+    @classmethod
+    def detect(cls) -> "Hardware":
+        cuda = torch.cuda.is_available()
+        return cls(cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
+                   cpu_bf16=None if cuda else cpu_bf16_instructions())
+
+
+def choose_precision(requested: str, hardware: Hardware | None = None,
+                     speedup: Callable[[], float] | None = None) -> PrecisionChoice:
+    """Resolve ``training.mixed_precision`` (auto, bf16, fp16, no) for ``hardware`` (this machine by default);
+    ``speedup`` is the quick bf16-vs-fp32 check (:func:`bf16_matmul_speedup` by default), run only on a CPU with
+    native bf16 instructions."""
+    if requested != "auto":
+        return PrecisionChoice(requested, "as configured")
+    hardware = hardware or Hardware.detect()
+    if hardware.cuda:
+        if hardware.cuda_bf16:
+            return PrecisionChoice("bf16", "auto: GPU with bf16")
+        return PrecisionChoice("no", "auto: this GPU has no bf16")
+    if hardware.cpu_bf16 is None:
+        return PrecisionChoice("no", "auto: this CPU has no native bf16 matrix instructions")
+    ratio = (speedup or bf16_matmul_speedup)()
+    if ratio < MIN_SPEEDUP:
+        return PrecisionChoice("no", f"auto: CPU with {hardware.cpu_bf16}, but bf16 matmuls ran only {ratio:.1f}x "
+                                     "as fast as fp32 in a quick check")
+    return PrecisionChoice("bf16", f"auto: CPU with {hardware.cpu_bf16}, bf16 matmuls {ratio:.1f}x as fast as fp32 "
+                                   "in a quick check")
