@@ -1,6 +1,6 @@
 """How fast is one distillation step, how close to the hardware, and what does alambic buy over the reference?
 
-    python benchmarks/distill_step.py --setups bert-base                 # the BERT-base-shape setup, fp32 and bf16
+    python benchmarks/distill_step.py --setups bert-base --repeats 3     # the BERT-base-shape setup, fp32 and bf16
     python benchmarks/distill_step.py --setups bert-base --profile       # + where alambic's step spends its time
     python benchmarks/distill_step.py --setups decoder-128,encoder-128 --variants naive,alambic
     python benchmarks/distill_step.py --compile            # alambic's steps with torch.compile'd bodies
@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -190,6 +191,11 @@ def alambic_step(recipe, batch, optimizer, autocast):
     return loss
 
 
+def _inplace_addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """torch's FLOP counter misses in-place ``addmm_`` (the fp32 weight-gradient accumulation uses it)."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def breakdown(profiler) -> dict[str, float]:
     """Seconds of self CPU (or device) time per kind of work in :data:`PROFILE_KINDS`, the rest as "other"."""
     seconds: dict[str, float] = {}
@@ -248,7 +254,7 @@ def measure(args) -> dict:
         return {k: v.to(device) for k, v in batches(i).items()}
 
     first_loss = float(step(on_device(0)))  # also the warm-up
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _inplace_addmm_flops}) as counter:
         step(on_device(1))
     flops = counter.get_total_flops()
     seconds, tokens = 0.0, 0
@@ -283,6 +289,8 @@ def main() -> None:
                         help=f"comma-separated, from: {', '.join(VARIANTS)} (alambic-bf16 only where the machine has "
                              "bf16)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up and one counted step")
+    parser.add_argument("--repeats", type=int, default=1, help="run every variant this many times, interleaved, and "
+                        "compare medians (shared or throttled machines vary by 10-30%% between runs)")
     parser.add_argument("--profile", action="store_true", help="also profile two of alambic's steps and print the "
                         "time per kind of work")
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer bodies in alambic's "
@@ -305,34 +313,43 @@ def main() -> None:
           + "".join(f"{'% ' + k:>8}" for k in peaks) + f"{memory:>13}{'1st loss':>10}")
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for setup in args.setups.split(","):
-        results = {}
-        for variant in variants:
-            cmd = [sys.executable, __file__, "--setup", setup, "--variant", variant, "--steps", str(args.steps)]
-            cmd += ["--compile"] if args.compile and variant.startswith("alambic") else []
-            cmd += ["--profile"] if args.profile else []
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if out.returncode != 0:
-                sys.exit(f"{setup} {variant} failed:\n{out.stderr[-3000:]}")
-            r = results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{setup:<13}{variant:<14}{r['tokens_per_s']:>10.0f}{r['step_s']:>8.2f}"
-                  f"{r['flops_per_step'] / 1e9:>12.1f}{r['achieved_flops'] / 1e9:>9.1f}"
-                  + "".join(f"{100 * r['achieved_flops'] / v:>7.0f}%" for v in peaks.values())
-                  + f"{r['peak_mb']:>13.0f}{r['first_loss']:>10.4f}")
-        base_name = "reference" if "reference" in results else "naive" if "naive" in results else None
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
+        for repeat in range(args.repeats):  # interleaved, so a slow spell of a shared machine hits every variant
+            for variant in variants:
+                cmd = [sys.executable, __file__, "--setup", setup, "--variant", variant, "--steps", str(args.steps)]
+                cmd += ["--compile"] if args.compile and variant.startswith("alambic") else []
+                cmd += ["--profile"] if args.profile and repeat == 0 else []
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if out.returncode != 0:
+                    sys.exit(f"{setup} {variant} failed:\n{out.stderr[-3000:]}")
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                runs[variant].append(r)
+                print(f"{setup:<13}{variant:<14}{r['tokens_per_s']:>10.0f}{r['step_s']:>8.2f}"
+                      f"{r['flops_per_step'] / 1e9:>12.1f}{r['achieved_flops'] / 1e9:>9.1f}"
+                      + "".join(f"{100 * r['achieved_flops'] / v:>7.0f}%" for v in peaks.values())
+                      + f"{r['peak_mb']:>13.0f}{r['first_loss']:>10.4f}", flush=True)
+        speed = {v: statistics.median(r["tokens_per_s"] for r in rs) for v, rs in runs.items()}
+        if args.repeats > 1:
+            for name, rs in runs.items():
+                values = sorted(r["tokens_per_s"] for r in rs)
+                print(f"{setup:<13}{name}: median {speed[name]:.0f} tokens/s over {len(rs)} runs "
+                      f"(range {values[0]:.0f}-{values[-1]:.0f}), "
+                      + ", ".join(f"{100 * statistics.median(r['achieved_flops'] for r in rs) / v:.0f}% of {k}"
+                                  for k, v in peaks.items()))
+        base_name = "reference" if "reference" in runs else "naive" if "naive" in runs else None
         if base_name:
-            base = results[base_name]
-            for name, r in results.items():
+            base = runs[base_name][0]
+            for name, rs in runs.items():
                 if name != base_name:
-                    print(f"{setup:<13}{name} / {base_name}: {r['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, "
-                          f"{r['peak_mb'] / base['peak_mb']:.2f}x peak memory, "
-                          f"{r['flops_per_step'] / base['flops_per_step']:.2f}x FLOPs")
-        for name, r in results.items():
-            if "profile_s" in r:
-                total = sum(r["profile_s"].values())
-                parts = sorted(r["profile_s"].items(), key=lambda kv: -kv[1])
+                    print(f"{setup:<13}{name} / {base_name}: {speed[name] / speed[base_name]:.2f}x tokens/s"
+                          f"{' (medians)' if args.repeats > 1 else ''}, {rs[0]['peak_mb'] / base['peak_mb']:.2f}x "
+                          f"peak memory, {rs[0]['flops_per_step'] / base['flops_per_step']:.2f}x FLOPs")
+        for name, rs in runs.items():
+            if "profile_s" in rs[0]:
+                total = sum(rs[0]["profile_s"].values())
+                parts = sorted(rs[0]["profile_s"].items(), key=lambda kv: -kv[1])
                 print(f"{setup:<13}{name} profile, {total:.2f} s of op time per step: "
                       + ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f}%)" for k, v in parts))
-
 
 if __name__ == "__main__":
     main()
