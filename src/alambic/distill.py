@@ -18,6 +18,7 @@ from alambic.data.sources import describe_sources
 from alambic.engine.checkpoint import latest_checkpoint
 from alambic.engine.loop import make_accelerator, train
 from alambic.engine.precision import choose_precision
+from alambic.engine.run_folder import locked_run
 from alambic.errors import AlambicError
 from alambic.evaluation.lm import evaluate_lm
 from alambic.evaluation.model_card import distillation_card, last_logged
@@ -104,6 +105,7 @@ def _build_student(cfg: DistillConfig, teacher, calibration, accelerator):
                         **shape)
 
 
+@locked_run(lambda arguments: arguments["cfg"].validate().out)
 def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) -> DistillResult:
     cfg.validate()
     calibration = _check_inputs(cfg, resume)

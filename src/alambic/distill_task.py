@@ -20,6 +20,7 @@ import torch
 
 from alambic.cache import atomic_write_text
 from alambic.engine.loop import train
+from alambic.engine.run_folder import locked_run
 from alambic.errors import AlambicError
 from alambic.recipes.task import TaskLossConfig, TaskRecipe
 from alambic.recipes.tinybert import TinyBERTLossConfig, TinyBERTRecipe
@@ -43,6 +44,7 @@ def parse_stages(text: str) -> tuple[str, ...]:
     return STAGES[key]
 
 
+@locked_run(lambda arguments: arguments["out"])
 def distill_task(task: str, teacher: str, train_data, out, *, student: str | None = None,
                  student_layers: str | None = None, hidden_size: int | None = None,
                  intermediate_size: int | None = None, num_heads: int | None = None, validation=None,

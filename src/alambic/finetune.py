@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from alambic.engine.loop import train
+from alambic.engine.run_folder import locked_run
 from alambic.recipes.task import TaskLossConfig, TaskRecipe
 from alambic.students import count_parameters
 from alambic.tasks.features import TaskBatches
@@ -17,6 +18,7 @@ from alambic.tasks.workflow import (DataOptions, check_run_folder, prepare_task_
                                     validation_callback, write_summary)
 
 
+@locked_run(lambda arguments: arguments["out"])
 def finetune(task: str, model: str, train_data, out, *, validation=None, training=None, data: DataOptions = None,
              resume: bool = False, progress: bool = True, log=print) -> dict:
     """Fine-tune ``model`` on ``train_data``; returns the summary written to ``OUT/task.json``."""

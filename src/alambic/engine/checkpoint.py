@@ -4,30 +4,52 @@ A checkpoint is a folder ``RUN/checkpoints/step-NNNNNNN`` holding
 - ``student/``: the student as a plain Hugging Face model (usable on its own, e.g. with ``alambic eval-lm``);
 - ``objective-extra.safetensors``: trainable parameters that are not the student's (projections of later recipes);
 - ``trainer-state.pt``: optimiser, scheduler, step and every RNG state of every process, so a resumed run (on the
-  same number of processes) continues bit for bit.
+  same number of processes) continues bit for bit. Only tensors and plain values (no pickled objects): it loads
+  with ``torch.load(weights_only=True)``, so a checkpoint folder from someone else cannot run code;
+- ``manifest.json``, written last: the step and every file's size, so a truncated or incomplete checkpoint is
+  recognised without loading it.
 It is written to a temporary folder and renamed into place, then ``checkpoints/latest`` is rewritten atomically:
-an interrupted save leaves the previous checkpoint as the latest.
+an interrupted save leaves the previous checkpoint as the latest. Older checkpoints are pruned only once the new one
+verifies, so the last good one is never deleted; ``--resume`` takes the newest checkpoint that verifies and loads,
+and says which ones it skipped and why.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
 import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from alambic.cache import atomic_directory, atomic_write_text
 from alambic.errors import AlambicError
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
+FORMAT = 2
+TRUST_ENV = "ALAMBIC_TRUST_CHECKPOINTS"
+"""Set to 1 to load a trainer state that needs pickle (checkpoints of alambic before format 2), trusting its author."""
+_LOAD_ERRORS = (OSError, RuntimeError, ValueError, KeyError, EOFError, SafetensorError, pickle.UnpicklingError,
+                json.JSONDecodeError)
+
+
+class UnusableCheckpoint(AlambicError):
+    pass
 
 
 def rng_state() -> dict:
-    """This process's RNG states (Python, NumPy, torch CPU and CUDA)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states (Python, NumPy, torch CPU and CUDA), as tensors and plain values."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -35,7 +57,11 @@ def rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                       numpy_state["has_gauss"], numpy_state["gauss"])
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -75,10 +101,53 @@ def save_checkpoint(run_dir: Path, step: int, objective, student, optimizer, sch
              "loop": loop_state or {}},
             tmp / "trainer-state.pt",
         )
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
+    problem = verify_checkpoint(final)
+    if problem is not None:  # e.g. a disk that filled up unnoticed: keep every older checkpoint
+        raise UnusableCheckpoint(f"checkpoint {final} did not verify after writing ({problem}); the older "
+                                 "checkpoints are kept: free disk space and rerun with --resume")
     atomic_write_text(root / LATEST, final.name)
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+    for old in checkpoints(run_dir)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders, newest first."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when ``path`` is a complete checkpoint (every file of its manifest present at its size, the weights'
+    headers readable, the step matching the folder's name); else what is wrong, in a few words."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        needed = ["student/config.json", "objective-extra.safetensors", "trainer-state.pt"]
+        missing = [name for name in needed if not (path / name).is_file()]
+        return f"{', '.join(missing)} missing" if missing else None  # before format 2: no manifest to compare
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files, step = dict(manifest["files"]), int(manifest["step"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{MANIFEST} unreadable ({error})"
+    if path.name != f"step-{step:07d}":
+        return f"{MANIFEST} says step {step}, the folder is {path.name}"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} missing"
+        if file.stat().st_size != size:
+            return f"{name} truncated or changed ({file.stat().st_size:,} bytes, {size:,} written)"
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as error:
+                return f"{name} unreadable ({error})"
+    return None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -87,6 +156,45 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         return None
     path = pointer.parent / pointer.read_text(encoding="utf-8").strip()
     return path if path.is_dir() else None
+
+
+def _trainer_state(path: Path) -> dict:
+    file = path / "trainer-state.pt"
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if os.environ.get(TRUST_ENV) == "1":
+            return torch.load(file, map_location="cpu", weights_only=False)
+        raise AlambicError(
+            f"{file} holds pickled objects (an alambic before checkpoint format {FORMAT} wrote them, or someone "
+            f"else's code); alambic loads trainer states without pickle, so a checkpoint cannot run code: start "
+            f"afresh without --resume, or, if you trust whoever wrote it, rerun with {TRUST_ENV}=1"
+        ) from None
+
+
+def resume_checkpoint(run_dir: Path, objective, student, optimizer, scheduler, process_index: int = 0,
+                      say=print) -> tuple[Path, int, dict]:
+    """Load the newest checkpoint of ``run_dir`` that verifies and loads, saying which newer ones were skipped and
+    why; returns it with :func:`load_checkpoint`'s step and loop state. None usable is one clear error."""
+    found = checkpoints(run_dir)
+    if not found:
+        raise AlambicError(f"--resume: no checkpoint in {Path(run_dir) / 'checkpoints'}; start without --resume")
+    problems = []
+    for path in found:
+        problem = verify_checkpoint(path)
+        if problem is None:
+            try:
+                step, loop_state = load_checkpoint(path, objective, student, optimizer, scheduler, process_index)
+            except _LOAD_ERRORS as error:
+                problem = f"does not load: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+            else:
+                for skipped, why in problems:
+                    say(f"checkpoint {skipped.name} is unusable ({why}): skipped")
+                return path, step, loop_state
+        problems.append((path, problem))
+    newest, why = problems[0]
+    raise AlambicError(f"--resume: none of the {len(found)} checkpoints in {Path(run_dir) / 'checkpoints'} is usable "
+                       f"(newest, {newest.name}: {why}); start again without --resume")
 
 
 def load_checkpoint(path: Path, objective, student, optimizer, scheduler, process_index: int = 0) -> tuple[int, dict]:
@@ -101,7 +209,7 @@ def load_checkpoint(path: Path, objective, student, optimizer, scheduler, proces
         if missing:
             raise AlambicError(f"checkpoint {path} holds parameters this recipe does not have ({sorted(missing)[:3]}): resume with the recipe that wrote it")
         objective.load_state_dict(extra, strict=False)
-    state = torch.load(path / "trainer-state.pt", map_location="cpu", weights_only=False)
+    state = _trainer_state(path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng_states = state["rng"]

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from alambic.cache import atomic_write_text
 from alambic.config import TrainingConfig
-from alambic.engine.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_model_folder
+from alambic.engine.checkpoint import (latest_checkpoint, resume_checkpoint, rng_state, save_checkpoint,
+                                       save_model_folder)
 from alambic.engine.precision import PrecisionChoice, choose_precision
 from alambic.errors import AlambicError
 
@@ -230,11 +231,8 @@ def train(
 
     step, loop_state = 0, {}
     if resume:
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise AlambicError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
-        step, loop_state = load_checkpoint(checkpoint, accelerator.unwrap_model(objective), student, optimizer, scheduler,
-                                           rank)
+        checkpoint, step, loop_state = resume_checkpoint(run_dir, accelerator.unwrap_model(objective), student,
+                                                         optimizer, scheduler, rank, say=accelerator.print)
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     log = MetricsLog(run_dir, accelerator.is_main_process, step if resume else None)
     evaluator = Evaluator(evaluate, cfg, run_dir, tokenizer, log, accelerator.is_main_process)

@@ -1,0 +1,111 @@
+"""The run folder (``--out``): made writable before any model loads, and locked while a run uses it.
+
+Two runs writing one folder would interleave checkpoints, ``metrics.jsonl`` and the exported student, the later one
+silently overwriting the other. :func:`hold_run_folder` writes ``OUT/.alambic.lock`` (process id, host, start time)
+with an exclusive create, so a second run stops at once and names the first one's process. A lock whose process is no
+longer running on this host (a killed run) is stale: the next run takes it over and says so. Under torchrun only the
+main process (``RANK`` 0) holds the lock.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import socket
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+from alambic.cache import atomic_write_text
+from alambic.errors import AlambicError
+
+LOCK = ".alambic.lock"
+
+
+def prepare_output_dir(out: Path, option: str = "--out") -> Path:
+    """Create ``out`` (and its parents) and check that files can be written there; else one clear error."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AlambicError(f"{option} {out} is a file; give a folder for the run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise AlambicError(f"cannot write to {option} {out}: {reason}; choose a folder you can write to") from None
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _read_lock(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # half-written by a run killed at that instant: treated as stale
+
+
+@contextmanager
+def hold_run_folder(out: Path, say=print):
+    """Hold ``out``'s lock for the duration of the ``with`` block (see the module docstring); a folder this created
+    and the run left empty (a run refused for bad input) is removed again."""
+    created = not Path(out).exists()
+    out = prepare_output_dir(out)
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield out
+        return
+    path = out / LOCK
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        holder = _read_lock(path)
+        pid, host = holder.get("pid"), holder.get("host")
+        if isinstance(pid, int) and host == mine["host"] and pid != mine["pid"] and _alive(pid):
+            raise AlambicError(f"{out} is in use by another alambic run (process {pid}, started {holder.get('started')})"
+                               ": wait for it to finish, stop it, or give another --out") from None
+        if isinstance(pid, int) and host not in (None, mine["host"]):
+            raise AlambicError(f"{out} is locked by an alambic run on host {host} (process {pid}, started "
+                               f"{holder.get('started')}); if that run is over, delete {path} and rerun") from None
+        say(f"taking over the stale lock of {out} (process {pid} is no longer running)")
+        atomic_write_text(path, json.dumps(mine))
+    else:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(mine))
+    try:
+        yield out
+    finally:
+        if _read_lock(path).get("pid") == mine["pid"]:
+            path.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+
+
+def locked_run(run_folder_of: Callable[[dict], Path]):
+    """Decorate a verb so it runs holding its run folder's lock; ``run_folder_of`` maps the verb's bound arguments
+    (by name) to the folder."""
+
+    def decorate(verb):
+        signature = inspect.signature(verb)
+
+        @functools.wraps(verb)
+        def run(*args, **kwargs):
+            with hold_run_folder(Path(run_folder_of(signature.bind(*args, **kwargs).arguments))):
+                return verb(*args, **kwargs)
+
+        return run
+
+    return decorate

@@ -1,0 +1,108 @@
+"""The run folder: refused before any model loads when it cannot be written, locked while a run uses it (a second
+run stops and names the first one's process), and a stale lock of a killed run taken over."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from alambic.cli import main
+from alambic.engine.run_folder import LOCK, hold_run_folder
+from alambic.errors import AlambicError
+from tiny import bpe_tokenizer, sample_texts, tiny_llama
+
+ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run-folder")
+    tiny_llama().save_pretrained(root / "teacher")
+    bpe_tokenizer().save_pretrained(root / "teacher")
+    (root / "text.txt").write_text("\n\n".join(sample_texts(8)))
+    return root
+
+
+def distill_cmd(files, out, steps=2):
+    return [sys.executable, "-m", "alambic", "distill", "--teacher", str(files / "teacher"), "--data",
+            str(files / "text.txt"), "--out", str(out), "--max-steps", str(steps), "--layers", "every-other",
+            "--set", "data.max_length=32", "--no-progress"]
+
+
+def write_lock(out, pid):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / LOCK).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "earlier"}))
+
+
+def test_an_output_folder_that_cannot_be_created_is_refused_before_any_model_loads(files, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    code = main(["distill", "--teacher", "no-such-teacher", "--data", str(files / "text.txt"),
+                 "--out", str(tmp_path / "a-file" / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == (f"alambic: error: cannot write to --out {tmp_path / 'a-file' / 'run'}: Not a directory; "
+                           "choose a folder you can write to")
+
+
+def test_a_refused_run_leaves_no_empty_folder_behind(files, tmp_path, capsys):
+    assert main(["distill", "--teacher", "no-such-teacher", "--data", str(files / "text.txt"),
+                 "--out", str(tmp_path / "new")]) == 2
+    assert "unknown teacher" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_live_lock_stops_a_second_run_and_names_the_first_process(files, tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        write_lock(tmp_path / "run", holder.pid)
+        result = subprocess.run(distill_cmd(files, tmp_path / "run"), capture_output=True, text=True, env=ENV,
+                                timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"alambic: error: {tmp_path / 'run'} is in use by another alambic run (process "
+                                     f"{holder.pid}, started earlier): wait for it to finish, stop it, or give "
+                                     "another --out")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_stale_lock_of_a_killed_run_is_taken_over(files, tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    write_lock(tmp_path / "run", dead.pid)
+    assert main(distill_cmd(files, tmp_path / "run")[3:]) == 0
+    assert f"taking over the stale lock of {tmp_path / 'run'} (process {dead.pid} is no longer running)" in (
+        capsys.readouterr().out)
+    assert (tmp_path / "run" / "student" / "config.json").is_file()
+    assert not (tmp_path / "run" / LOCK).exists()  # released at the end
+
+
+def test_a_lock_held_on_another_host_is_not_guessed_at(tmp_path):
+    (tmp_path / LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "earlier"}))
+    with pytest.raises(AlambicError, match=r"locked by an alambic run on host elsewhere .* delete .*\.alambic\.lock"):
+        with hold_run_folder(tmp_path):
+            pass
+
+
+def test_two_real_runs_on_one_folder_at_once(files, tmp_path):
+    """The first run holds the folder; the second, started while it runs, stops at once; the first finishes."""
+    first = subprocess.Popen(distill_cmd(files, tmp_path / "run", steps=40), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "run" / LOCK).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = subprocess.run(distill_cmd(files, tmp_path / "run"), capture_output=True, text=True, env=ENV,
+                                timeout=120)
+        out, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert second.returncode == 2
+    assert f"is in use by another alambic run (process {first.pid}" in second.stderr
+    assert first.returncode == 0, err[-2000:]
+    assert (tmp_path / "run" / "student" / "config.json").is_file() and not (tmp_path / "run" / LOCK).exists()
