@@ -86,12 +86,17 @@ def bad_inputs(files):
         "nan loss": (base + ["--lr", "1e30", "--set", "training.grad_clip=0", "--set", "training.log_every=1"], "NaN"),
         "unknown option": (base + ["--set", "loss.temprature=3"], "did you mean 'loss.temperature'"),
         "missing model for eval": (["eval-lm", files / "nope", "--data", files / "text"], "nope"),
+        "zero hidden size": (["init-student", "--teacher", files / "llama", "--out", files / "never", "--hidden-size", 0,
+                              "--width-init", "random"], "hidden_size (--hidden-size) must be a positive integer, got 0"),
+        "negative heads": (["init-student", "--teacher", files / "llama", "--out", files / "never", "--num-heads", -2,
+                            "--width-init", "random"], "num_heads (--num-heads) must be a positive integer, got -2"),
     }
 
 
 @pytest.mark.parametrize("case", [
     "missing data path", "unknown teacher", "no usable text", "deeper student", "layer out of range",
-    "vocabulary mismatch", "nan loss", "unknown option", "missing model for eval"])
+    "vocabulary mismatch", "nan loss", "unknown option", "missing model for eval", "zero hidden size",
+    "negative heads"])
 def test_bad_input_is_one_line_and_exit_2(case, files, tmp_path, capsys):
     argv, message = bad_inputs(files)[case]
     if argv[0] == "distill":
@@ -125,3 +130,35 @@ def test_help_lists_every_option(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "loss.alpha_kd" in out and "training.grad_accum" in out and "--resume" in out
+
+
+@pytest.mark.parametrize("error, shown", [
+    (OSError(28, "No space left on device"), "alambic: error: OSError: [Errno 28] No space left on device (rerun "
+                                             "with --debug for the traceback)"),
+    (json.JSONDecodeError("Expecting value", "{", 1), "alambic: error: JSONDecodeError: Expecting value: line 1 "
+                                                       "column 2 (char 1) (rerun with --debug for the traceback)"),
+])
+def test_library_errors_a_user_causes_are_one_line_and_debug_shows_the_traceback(error, shown, files, tmp_path,
+                                                                                 capsys, monkeypatch):
+    import alambic.distill
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(alambic.distill, "distill", fails)
+    argv = ["distill", "--teacher", files / "llama", "--data", files / "text", "--out", tmp_path / "run"]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and err.strip() == shown
+    with pytest.raises(type(error)):
+        run(["--debug", *argv], capsys)
+    monkeypatch.setenv("ALAMBIC_DEBUG", "1")
+    with pytest.raises(type(error)):
+        run(argv, capsys)
+
+
+def test_a_programming_error_keeps_its_traceback(files, tmp_path, capsys, monkeypatch):
+    import alambic.distill
+
+    monkeypatch.setattr(alambic.distill, "distill", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        run(["distill", "--teacher", files / "llama", "--data", files / "text", "--out", tmp_path / "run"], capsys)

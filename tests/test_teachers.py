@@ -32,7 +32,7 @@ def test_resolve_refuses_what_is_not_a_model(tmp_path):
 
 
 def test_unreadable_models_are_named(tmp_path):
-    (tmp_path / "odd").mkdir()
+    _save(tiny_llama(), bpe_tokenizer(), tmp_path / "odd")
     (tmp_path / "odd" / "config.json").write_text('{"model_type": "nosuch"}')
     with pytest.raises(AlambicError, match="config.json is not one this transformers can read"):
         load_model(tmp_path / "odd")

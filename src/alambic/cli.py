@@ -286,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"alambic {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (also "
+                        "ALAMBIC_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_init_student(sub)
     add_distill(sub)
@@ -300,13 +302,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user's files and paths cause inside the libraries (a folder that vanished, a file cut short, a
+    corrupt weight file), shown as one line; anything else is a bug and keeps its traceback."""
+    from safetensors import SafetensorError
+
+    return (OSError, json.JSONDecodeError, UnicodeDecodeError, SafetensorError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    debug = args.debug or os.environ.get("ALAMBIC_DEBUG") == "1"
     try:
         return args.run(args)
     except AlambicError as exc:
+        if debug:
+            raise
         print(f"alambic: error: {exc}", file=sys.stderr)
+        return 2
+    except _user_errors() as exc:
+        if debug:
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"alambic: error: {type(exc).__name__}: {detail} (rerun with --debug for the traceback)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("alambic: interrupted (a run continues from its last checkpoint with --resume)", file=sys.stderr)

@@ -13,7 +13,8 @@ from alambic.engine.run_folder import locked_run
 from alambic.recipes.task import TaskLossConfig, TaskRecipe
 from alambic.students import count_parameters
 from alambic.tasks.features import TaskBatches
-from alambic.tasks.models import load_task_model, resolve_task_model
+from alambic.tasks.models import load_task_model
+from alambic.teachers import resolve_model_path
 from alambic.tasks.workflow import (DataOptions, check_run_folder, prepare_task_data, task_training_config,
                                     validation_callback, write_summary)
 
@@ -28,7 +29,7 @@ def finetune(task: str, model: str, train_data, out, *, validation=None, trainin
     data = data or DataOptions()
     training = training or task_training_config(task)
     check_run_folder(out, resume)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_task_model(model))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model))
     prepared = prepare_task_data(task, train_data, validation, tokenizer, data, seed=training.seed)
     log(prepared.describe())
     torch.manual_seed(training.seed)  # the fresh task head

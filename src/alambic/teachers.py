@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from alambic import modeling
 from alambic.cache import atomic_directory, cache_dir
 from alambic.errors import AlambicError, did_you_mean
+from alambic.model_folder import RUN_MODELS, check_model_folder, run_folder_model
 
 # name -> (pip package shipping the weights, path inside it, pip requirement to print when it is missing)
 PACKAGED_TEACHERS = {
@@ -32,13 +34,26 @@ def _packaged_path(name: str) -> Path:
     return Path(spec.submodule_search_locations[0]) / relative
 
 
+_announced: set[Path] = set()
+
+
 def resolve_model_path(spec) -> Path:
-    """A local folder holding ``config.json`` for ``spec``; GGUF files are converted (once) on the way."""
+    """A local folder holding a loadable model for ``spec``, checked whole (:func:`check_model_folder`), for every
+    verb alike: a model folder; an alambic run folder, which resolves to its ``best`` model, else its exported
+    ``student`` (printed once); a ``.gguf`` file, converted (once) on the way; a packaged teacher's name."""
     text = str(spec)
     path = _packaged_path(text) if text in PACKAGED_TEACHERS else Path(text).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise AlambicError(f"{path} is a folder but not a Hugging Face model (no config.json)")
+        inner = run_folder_model(path)
+        if inner is not None:
+            if inner not in _announced:
+                _announced.add(inner)
+                print(f"{path} is a run folder: using its model {inner}", file=sys.stderr)  # stdout may be --json
+            path = inner
+        if not (path / "config.json").exists():
+            raise AlambicError(f"{path} is a folder but not a Hugging Face model (no config.json) nor an alambic run "
+                               f"folder (no {' or '.join(f'{n}/' for n in RUN_MODELS)} model)")
+        check_model_folder(path)
         return path
     if path.is_file():
         if path.suffix.lower() != ".gguf":

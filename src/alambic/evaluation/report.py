@@ -27,7 +27,7 @@ from alambic.evaluation import speed as speed_mod
 from alambic.students import count_parameters
 from alambic.tasks import MAIN_METRIC
 from alambic.tasks.data import check_task
-from alambic.tasks.models import head_task, resolve_task_model
+from alambic.tasks.models import head_task
 from alambic.tasks.workflow import DataOptions, evaluate_models, read_examples
 from alambic.teachers import vocabulary_hash
 
@@ -161,7 +161,7 @@ def _prepare(models: list[str], settings: ReportSettings, warn, log) -> list[_Pr
                            "give distinct --names")
     prepared = []
     for spec, name in zip(models, names):
-        path = resolve_task_model(spec) if settings.task else resolve_model_path(spec)
+        path = resolve_model_path(spec)
         try:
             config = AutoConfig.from_pretrained(path)
         except (ValueError, KeyError, OSError) as err:

@@ -287,6 +287,11 @@ def init_student(teacher, *, layers="every-other", hidden_size=None, intermediat
     from alambic.students import selection as sel
     from alambic.teachers import load_model
 
+    for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
+                        ("num_heads", num_heads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise AlambicError(f"the student's {name} (--{name.replace('_', '-')}) must be a positive integer, "
+                               f"got {value!r}")
     if token_types not in TOKEN_TYPES:
         raise AlambicError(f"token types must be one of {', '.join(TOKEN_TYPES)}, got {token_types!r}")
     if width_init not in WIDTH_INITS:

@@ -6,8 +6,6 @@ The task is read from the saved class (``architectures``: ``*ForSequenceClassifi
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from alambic.errors import AlambicError
@@ -47,16 +45,6 @@ def model_labels(model_or_config) -> list[str]:
     return [id2label[i] for i in range(len(id2label))]
 
 
-def resolve_task_model(spec) -> Path:
-    """A model folder; a run folder of ``alambic finetune`` / ``distill-task`` resolves to its ``best`` model."""
-    from alambic.teachers import resolve_model_path
-
-    path = Path(str(spec)).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "best" / "config.json").is_file():
-        return path / "best"
-    return resolve_model_path(spec)
-
-
 def load_task_model(spec, task: str, labels: list[str] | None = None, *, role: str = "model",
                     need_head: bool = False):
     """``(model, tokenizer, path)``: a float32 ``AutoModelFor<task>`` of ``spec``.
@@ -67,9 +55,9 @@ def load_task_model(spec, task: str, labels: list[str] | None = None, *, role: s
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from alambic.teachers import _quiet_transformers
+    from alambic.teachers import _quiet_transformers, resolve_model_path
 
-    path = resolve_task_model(spec)
+    path = resolve_model_path(spec)
     config = AutoConfig.from_pretrained(path)
     found = head_task(config)
     if found is not None and found != task:
