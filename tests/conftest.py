@@ -9,7 +9,10 @@ os.environ["ALAMBIC_CPU_BF16"] = "0"
 import pytest  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    """Each test session gets its own alambic cache, so tests never see a user's cache or each other's leftovers."""
-    monkeypatch.setenv("ALAMBIC_CACHE", str(tmp_path_factory.getbasetemp() / "alambic-cache"))
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Each test session gets its own alambic cache, so tests never see a user's cache. Session-scoped, so it is in
+    place before any module-scoped fixture tokenises (a function-scoped one came after them)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ALAMBIC_CACHE", str(tmp_path_factory.getbasetemp() / "alambic-cache"))
+        yield

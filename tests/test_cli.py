@@ -119,7 +119,7 @@ def test_rerun_into_an_existing_run_needs_resume(files, tmp_path, capsys):
 
 def test_real_process_exit_code_and_no_traceback(files):
     result = subprocess.run([sys.executable, "-m", "alambic", "distill", "--teacher", "no-such-teacher", "--data",
-                             str(files / "text"), "--out", "x"], capture_output=True, text=True)
+                             str(files / "text"), "--out", "x"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.startswith("alambic: error: unknown teacher") and "Traceback" not in result.stderr
 

@@ -145,3 +145,31 @@ def test_korean_kolaw_corpus_tokenises_and_round_trips():
     assert tok.decode(corpus.document(0).tolist()) == documents[0]
     wp = build_or_load(["kolaw"], wordpiece_tokenizer())
     assert (np.asarray(wp.tokens) != wordpiece_tokenizer().unk_token_id).mean() > 0.9
+
+
+def test_a_tokenizer_without_an_unknown_token_that_cannot_encode_names_the_document(tmp_path):
+    vocab = {"the": 0, "news": 1, "today": 2, "[PAD]": 3}
+    tok = Tokenizer(models.WordLevel(vocab))  # no unknown token: an unknown word cannot be encoded
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]")
+    (tmp_path / "a.txt").write_text("the news today\n\nthe news of ünïcode\n")
+    with pytest.raises(AlambicError) as error:
+        build_or_load([str(tmp_path / "a.txt")], tokenizer, split_documents="blank-line")
+    message = str(error.value)
+    assert message.startswith("the tokenizer cannot encode document 2 ('the news of ünïcode") and "\n" not in message
+    assert "this tokenizer has no unknown token" in message
+
+
+def test_text_mostly_outside_the_vocabulary_gets_a_warning_with_the_share(tmp_path, capsys):
+    (tmp_path / "am.txt").write_text("ሰላም ለዓለም ሰላም the world " * 20)  # Ge'ez script: outside the vocabulary
+    corpus = build_or_load([str(tmp_path / "am.txt")], wordpiece_tokenizer())
+    err = capsys.readouterr().err
+    unk = wordpiece_tokenizer().unk_token_id
+    share = float(np.mean(np.asarray(corpus.tokens) == unk))
+    assert share > 0.5
+    assert f"warning: {100 * share:.0f}% of the tokens of {tmp_path / 'am.txt'} are the tokenizer's unknown token '[UNK]'" in err
+    build_or_load([str(tmp_path / "am.txt")], wordpiece_tokenizer())  # from the cache: warned again
+    assert "warning:" in capsys.readouterr().err
+    (tmp_path / "en.txt").write_text(sample_texts(1)[0])
+    build_or_load([str(tmp_path / "en.txt")], wordpiece_tokenizer())
+    assert capsys.readouterr().err == ""

@@ -18,10 +18,13 @@ needs_torchrun = pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirnam
                                     reason="torchrun missing")
 
 
+TIMEOUT_S = 600  # a gloo hang fails the test instead of stalling CI
+
+
 def torchrun(*args: str) -> subprocess.CompletedProcess:
     """Two processes on this machine; --standalone picks a free rendezvous port, so runs never collide."""
     done = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *args], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -46,7 +49,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(llama_and_te
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun("-m", "alambic", *common, "--out", str(tmp_path / "ddp"))
     subprocess.run([sys.executable, "-m", "alambic", *common, "--grad-accum", "2", "--out", str(tmp_path / "one")],
-                   check=True, env=env, capture_output=True)
+                   check=True, env=env, capture_output=True, timeout=TIMEOUT_S)
 
     ddp = load_file(str(tmp_path / "ddp" / "student" / "model.safetensors"))
     one = load_file(str(tmp_path / "one" / "student" / "model.safetensors"))

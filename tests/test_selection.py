@@ -97,10 +97,14 @@ def test_budget_of_zero_falls_back_to_influence_and_says_so(text):
     assert "influence ranking" in chosen.notes[0] and "influence ranking" in chosen.card("t")
 
 
-def test_budget_stops_mid_search(text):
+def test_budget_stops_the_search_and_the_ranking_finishes_it(text):
     teacher, tokenizer = _teacher("llama", harmless=())
-    full = select_layers(teacher, depth=3, calibration=_batches(teacher, tokenizer, text))
+    calibration = _batches(teacher, tokenizer, text)
+    full = select_layers(teacher, depth=3, calibration=calibration)
     assert not full.fell_back and full.candidates_evaluated == 6 + 5 + 4
+    cut = select_layers(teacher, depth=3, calibration=calibration, budget=0.0)  # spent before the first removal
+    assert cut.fell_back and cut.candidates_evaluated < full.candidates_evaluated
+    assert len(cut.layers) == 3 and "budget of 0 s ran out" in cut.summary()
 
 
 def test_selection_is_deterministic_for_a_seed(text):

@@ -79,3 +79,26 @@ def test_korquad_normalisation_and_character_f1_by_hand():
     assert korquad_f1("부산", "서울") == 0.0
     scores = squad_scores(["서울에서", "부산"], [["서울"], ["부산", "대구"]], style="korquad")
     assert scores["exact_match"] == pytest.approx(50.0) and scores["f1"] == pytest.approx(100 * (2 / 3 + 1) / 2)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_qa_span_decoding_equals_a_brute_force_search_over_hand_built_logits(seed):
+    """The best span is the highest start + end logit with the start at or before the end, both inside the context
+    window and at most MAX_ANSWER_TOKENS long; question and [CLS] tokens never answer."""
+    import torch
+
+    from alambic.tasks.evaluate import MAX_ANSWER_TOKENS, _best_span
+    from alambic.tasks.features import Feature
+
+    g = torch.Generator().manual_seed(seed)
+    length, first, last = 48, 6, 46  # context of 41 tokens: longer than the n-best lists and the longest answer
+    start, end = torch.randn(length, generator=g), torch.randn(length, generator=g)
+    start[0] = end[0] = start[2] = end[3] = 50.0  # [CLS] and question tokens score highest but must never win
+    start[30], end[29] = 40.0, 40.0  # the best start and end inside the context, but the end comes first
+    start[8], end[8 + MAX_ANSWER_TOKENS] = 30.0, 30.0  # a pair one token longer than an answer may be
+    feature = Feature(input_ids=[0] * length, token_type_ids=[0] * length, example=0, context=(first, last))
+    expected = max((float(start[s] + end[e]), s, e) for s in range(first, last + 1) for e in range(s, last + 1)
+                   if e - s < MAX_ANSWER_TOKENS)
+    score, s, e = _best_span(start, end, feature)
+    assert (s, e) == expected[1:] and score == pytest.approx(expected[0])
+

@@ -7,6 +7,7 @@ blocks) are index arrays into the memory map, so a corpus larger than RAM costs 
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +17,9 @@ from alambic.cache import atomic_directory, cache_dir
 from alambic.data.sources import describe_sources, read_documents
 from alambic.errors import AlambicError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json counts the unknown tokens
 TOKENIZE_BATCH = 256
+UNKNOWN_WARNING_SHARE = 0.5
 
 
 @dataclass
@@ -70,33 +72,63 @@ def build_or_load(specs, tokenizer, *, text_field: str = "text", split_documents
         "text_field": text_field, "split_documents": split_documents, "format": FORMAT_VERSION,
     }, sort_keys=True)
     final = cache_dir("tokens") / hashlib.sha256(key_source.encode()).hexdigest()[:32]
-    if not (final / "meta.json").exists():
+    from_cache = (final / "meta.json").exists()
+    if not from_cache:
         documents = read_documents(specs, text_field=text_field, split_documents=split_documents)
         with atomic_directory(final) as tmp:
             _write(tmp, documents, tokenizer, key_source)
-        return _load(final, from_cache=False)
-    return _load(final, from_cache=True)
+    corpus = _load(final, from_cache=from_cache)
+    unknown = json.loads((final / "meta.json").read_text()).get("unknown_tokens", 0)
+    share = unknown / max(1, len(corpus.tokens))
+    if share >= UNKNOWN_WARNING_SHARE:
+        print(f"warning: {100 * share:.0f}% of the tokens of {', '.join(map(str, specs))} are the tokenizer's unknown "
+              f"token {tokenizer.unk_token!r}: most of this text is outside the teacher's vocabulary (DistilBERT's "
+              "reference dropped sequences that were >= 50% unknown); check the language and the tokenizer",
+              file=sys.stderr)
+    return corpus
+
+
+def _encode(tokenizer, batch: list[str], first: int) -> list[list[int]]:
+    """Ids of a batch of documents; a document the tokenizer cannot encode is named, with the reason."""
+    try:
+        return tokenizer(batch, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
+                         verbose=False)["input_ids"]
+    except Exception as error:  # the tokenizers library raises plain Exception
+        for offset, text in enumerate(batch):
+            try:
+                tokenizer(text, add_special_tokens=False)
+            except Exception as one:
+                error = one
+                break
+        else:
+            offset, text = 0, batch[0]
+        hint = ("this tokenizer has no unknown token, so characters outside its vocabulary cannot be encoded: "
+                "remove or transliterate them, or use a tokenizer with an unknown token"
+                if tokenizer.unk_token is None else "check the text's encoding and the tokenizer")
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise AlambicError(f"the tokenizer cannot encode document {first + offset + 1} ({text[:40]!r}...): {reason}; "
+                           f"{hint}") from None
 
 
 def _write(folder: Path, documents: list[str], tokenizer, key_source: str) -> None:
     """Stream ids to disk batch by batch (fast tokenizers batch in Rust), never holding the whole corpus."""
     vocab_size = len(tokenizer)
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
-    lengths = []
+    lengths, unknown, unk_id = [], 0, tokenizer.unk_token_id
     with open(folder / "tokens.bin", "wb") as handle:
         for start in range(0, len(documents), TOKENIZE_BATCH):
-            batch = documents[start:start + TOKENIZE_BATCH]
-            ids = tokenizer(batch, add_special_tokens=False, return_attention_mask=False,
-                            return_token_type_ids=False, verbose=False)["input_ids"]
-            for row in ids:
-                np.asarray(row, dtype=dtype).tofile(handle)
+            for row in _encode(tokenizer, documents[start:start + TOKENIZE_BATCH], start):
+                row = np.asarray(row, dtype=dtype)
+                row.tofile(handle)
                 lengths.append(len(row))
+                if unk_id is not None:
+                    unknown += int((row == unk_id).sum())
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
     if offsets[-1] == 0:
         raise AlambicError("the data tokenises to no tokens at all: check the files and the tokenizer")
     np.save(folder / "offsets.npy", offsets)
     meta = {"vocab_size": vocab_size, "dtype": np.dtype(dtype).name, "num_documents": len(documents),
-            "num_tokens": int(offsets[-1]), "key": json.loads(key_source)}
+            "num_tokens": int(offsets[-1]), "unknown_tokens": unknown, "key": json.loads(key_source)}
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
