@@ -48,7 +48,7 @@ def test_override_parsing():
         ("loss.temperature=0", "temperature must be > 0"),
         ("loss.kd_rows=all", "tokens or masked"),
         ("training.max_steps=1.5", "expects an integer"),
-        ("training.batch_size=0", "positive integer"),
+        ("training.batch_size=0", "training.batch_size must be >= 1, got 0"),
         ("training.compile=maybe", "true or false"),
         ("recipe=tinybrt", "unknown recipe"),
         ("loss=3", "is a section"),
@@ -121,3 +121,54 @@ def test_shipped_accelerate_configs_load_as_ddp(name):
     assert config.distributed_type == DistributedType.MULTI_GPU and config.mixed_precision == "bf16"
     assert config.num_processes == 8 * config.num_machines
     check_engine(config.distributed_type)
+
+
+def _option_tables():
+    from alambic.config import DataConfig, StudentConfig, TrainingConfig
+    from alambic.recipes.task import TaskLossConfig
+    from alambic.tasks.workflow import DataOptions
+
+    tables = [("distill", "student.", StudentConfig), ("distill", "data.", DataConfig),
+              ("distill", "training.", TrainingConfig)]
+    tables += [(recipe, "loss.", loss_config_class(recipe)) for recipe in RECIPES]
+    return tables + [("task-loss", "", TaskLossConfig), ("task-data", "", DataOptions)]
+
+
+def _outside(allowed):
+    """Values just outside a range: below its low end and above its high end."""
+    values = []
+    if allowed.low is not None:
+        values.append(allowed.low if allowed.low_open else allowed.low - 1)
+    if allowed.high is not None:
+        values.append(allowed.high if allowed.high_open else allowed.high + 1)
+    return values
+
+
+CASES = [(where, prefix, cls, name, bad) for where, prefix, cls in _option_tables() for name, allowed in cls.RANGES.items()
+         for bad in _outside(allowed)]
+
+
+def test_every_numeric_option_has_a_range():
+    from alambic.ranges import numeric_fields
+
+    for _, prefix, cls, in _option_tables():
+        assert set(numeric_fields(cls)) == set(cls.RANGES), cls.__name__
+
+
+@pytest.mark.parametrize("where, prefix, cls, name, bad", CASES,
+                         ids=[f"{c[0]}:{c[1]}{c[3]}={c[4]}" for c in CASES])
+def test_each_numeric_option_outside_its_range_is_one_line_naming_option_and_range(where, prefix, cls, name, bad):
+    from alambic.tasks.workflow import prepare_task_data
+
+    allowed = cls.RANGES[name]
+    value = (0.9, bad) if name == "betas" else bad
+    expected = f"{prefix}{name} must be {allowed.describe()}, got "  # then the value as the option's type holds it
+    with pytest.raises(AlambicError) as error:
+        if where == "task-loss":
+            cls(**{name: value}).validate()
+        elif where == "task-data":
+            prepare_task_data("classification", "unused.csv", None, None, cls(**{name: value}), seed=0)
+        else:
+            recipe = [] if where == "distill" else [{"recipe": where}]
+            load_config(None, BASE + recipe + [parse_override(f"{prefix}{name}={list(value) if name == 'betas' else value}")])
+    assert str(error.value).startswith(expected) and "\n" not in str(error.value)

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from alambic.errors import AlambicError, did_you_mean
+from alambic.ranges import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, Range, check_ranges
 
 
 SELECTION_METHODS = ("greedy", "influence")
@@ -52,13 +53,15 @@ class StudentConfig:
     token_types: str = "auto"
     """BERT-style segment embeddings: drop (DistilBERT: type 0 only), keep, or auto (keep for task teachers only)."""
 
+    RANGES: typing.ClassVar[dict] = {
+        "hidden_size": POSITIVE, "intermediate_size": POSITIVE, "num_heads": POSITIVE, "depth": POSITIVE,
+        "selection_budget": NON_NEGATIVE, "calibration_tokens": Range(256),
+    }
+
     def validate(self):
         if self.token_types not in TOKEN_TYPES:
             raise AlambicError(f"student.token_types must be one of {', '.join(TOKEN_TYPES)}, got {self.token_types!r}")
-        for name in ("hidden_size", "intermediate_size", "num_heads"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise AlambicError(f"student.{name} must be a positive integer, got {value}")
+        check_ranges(self, "student.")
         text = str(self.layers).strip().lower()
         auto = text == "auto" or text.startswith("auto:")
         if text == "default":
@@ -78,12 +81,6 @@ class StudentConfig:
                                    f"set student.layers=auto or drop student.{used[0]}")
         if self.width_init not in WIDTH_INITS:
             raise AlambicError(f"student.width_init must be importance or random, got {self.width_init!r}")
-        if self.depth is not None and self.depth < 1:
-            raise AlambicError(f"student.depth must be at least 1 layer, got {self.depth}")
-        if self.selection_budget is not None and self.selection_budget < 0:
-            raise AlambicError(f"student.selection_budget must be >= 0 seconds, got {self.selection_budget}")
-        if self.calibration_tokens < 256:
-            raise AlambicError(f"student.calibration_tokens must be at least 256, got {self.calibration_tokens}")
 
     def narrows(self) -> bool:
         """Whether a width option is set (the built student may be narrower than its teacher)."""
@@ -111,15 +108,14 @@ class DataConfig:
     eval_max_tokens: int = 32768
     """Cap on held-out tokens evaluated."""
 
+    RANGES: typing.ClassVar[dict] = {"max_length": Range(8), "min_tokens": POSITIVE, "eval_max_tokens": POSITIVE}
+
     def validate(self):
         if not self.train:
             raise AlambicError("no training data: give --data PATH (a file, folder, glob or packaged corpus such as bbc-news)")
         if self.split_documents not in ("file", "line", "blank-line"):
             raise AlambicError(f"data.split_documents must be file, line or blank-line, got {self.split_documents!r}")
-        if self.max_length < 8:
-            raise AlambicError(f"data.max_length must be at least 8 tokens, got {self.max_length}")
-        if self.min_tokens < 1:
-            raise AlambicError(f"data.min_tokens must be at least 1, got {self.min_tokens}")
+        check_ranges(self, "data.")
 
 
 @dataclass
@@ -161,26 +157,23 @@ class TrainingConfig:
     early_stopping_patience: int = 0
     """Stop after this many evaluations in a row without a better best_metric (0: never)."""
 
+    RANGES: typing.ClassVar[dict] = {
+        "max_steps": POSITIVE, "batch_size": POSITIVE, "grad_accum": POSITIVE, "log_every": POSITIVE,
+        "save_every": POSITIVE, "keep_checkpoints": POSITIVE, "lr": ABOVE_ZERO, "betas": FRACTION, "eps": ABOVE_ZERO,
+        "weight_decay": NON_NEGATIVE, "warmup_ratio": FRACTION, "grad_clip": NON_NEGATIVE, "seed": NON_NEGATIVE,
+        "eval_every": NON_NEGATIVE, "early_stopping_patience": NON_NEGATIVE,
+    }
+
     def validate(self):
-        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "save_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise AlambicError(f"training.{name} must be a positive integer, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise AlambicError(f"training.lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise AlambicError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        check_ranges(self, "training.")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise AlambicError(f"training.schedule must be linear, cosine or constant, got {self.schedule!r}")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise AlambicError(f"training.mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
-        if self.eval_every < 0 or self.early_stopping_patience < 0:
-            raise AlambicError("training.eval_every and training.early_stopping_patience must be >= 0")
         if self.best_metric_mode not in ("max", "min"):
             raise AlambicError(f"training.best_metric_mode must be max or min, got {self.best_metric_mode!r}")
         if self.early_stopping_patience and not (self.best_metric and self.eval_every):
             raise AlambicError("training.early_stopping_patience needs training.best_metric and training.eval_every")
-        if self.grad_clip < 0:
-            raise AlambicError(f"training.grad_clip must be >= 0, got {self.grad_clip}")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from alambic.cache import atomic_write_text
 from alambic.errors import AlambicError
 
 REPORT_START = "<!-- alambic-report:start -->"
@@ -64,7 +65,7 @@ def distillation_card(config: dict, *, teacher_parameters: int | None = None, st
                                f"Distilled from `{teacher}` with alambic {__version__}, "
                                f"recipe `{recipe}`: {RECIPE_NAMES.get(recipe, recipe)}.", "",
                                "## How it was made", ""]
-    from alambic.evaluation.report import format_number
+    from alambic.evaluation.report_format import format_number
 
     params = lambda n: f", {format_number(n / 1e6)}M parameters" if n else ""  # noqa: E731
     layers = lambda n: f"{n} layers" if n else ""  # noqa: E731
@@ -168,8 +169,8 @@ def card_from_run(run_dir, student_dir=None) -> str | None:
 
 def report_section(report: dict, index: int, report_path: str | None = None) -> str:
     """The figures of ``report`` for its model ``index``, next to the reference's, as a card section."""
-    from alambic.evaluation.report import (format_number, format_percent, format_value, headline, speed_row,
-                                           speedup_row)
+    from alambic.evaluation.report_format import (format_number, format_percent, format_value, headline, speed_row,
+                                                  speedup_row)
 
     m, ref = report["models"][index], report["models"][0]
     h = headline(report)
@@ -250,6 +251,5 @@ def add_report_to_card(student_dir, report: dict, index: int, report_path: str |
         text = text[:start] + section + text[end + len(REPORT_END):].lstrip("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    from alambic.evaluation.plots import write_text  # atomic, with ordinary permissions
-
-    return write_text(path, text)
+    atomic_write_text(path, text)
+    return Path(path)

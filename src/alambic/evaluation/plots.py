@@ -32,22 +32,6 @@ def readable_mode() -> int:
     return 0o666 & ~mask
 
 
-def write_text(path, text: str) -> Path:
-    """``text`` to ``path`` through a temporary sibling and a rename, with ordinary file permissions."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, readable_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _figure(width: float, height: float):
     try:
         from matplotlib.figure import Figure
@@ -83,7 +67,7 @@ def plot_quality_vs_speed(report: dict, path) -> Path:
     """Quality retained (%) against measured speed-up (CPU, batch 1, longest length), marker area proportional to
     the parameter count; a hollow marker at the FLOP ratio shows the ideal speed-up. Without quality figures the
     y axis is the parameter share instead."""
-    from alambic.evaluation.report import format_number, speedup_row, headline
+    from alambic.evaluation.report_format import format_number, headline, speedup_row
 
     h = headline(report)
     models = report["models"]

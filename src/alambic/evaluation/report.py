@@ -21,9 +21,12 @@ from typing import Callable
 import torch
 
 from alambic import modeling
+from alambic.cache import atomic_write_text
 from alambic.errors import AlambicError
 from alambic.evaluation import flops as flops_mod
 from alambic.evaluation import speed as speed_mod
+from alambic.evaluation.report_format import (format_number, format_percent, format_value, headline, speed_row,
+                                              speedup_row)
 from alambic.students import count_parameters
 from alambic.tasks import MAIN_METRIC
 from alambic.tasks.data import check_task
@@ -430,45 +433,6 @@ def _build(prepared: list[_Prepared], settings: ReportSettings, note: _Notes, lo
 
 # --- rendering ----------------------------------------------------------------------------------------------------
 
-def format_value(value, spec: str = ".3g", suffix: str = "") -> str:
-    if value is None:
-        return "-"
-    return f"{value:{spec}}{suffix}"
-
-
-def format_number(value) -> str:
-    """One decimal from 1 up (134.5, 81.4, 542.3), none from 1000 up, three significant digits below 1 (0.0535)."""
-    if value is None:
-        return "-"
-    if abs(value) >= 1000:
-        return f"{value:.0f}"
-    return f"{value:.1f}" if abs(value) >= 1 else f"{value:.3g}"
-
-
-def format_percent(value) -> str:
-    """12.3%, and three significant digits below 10% (0.00205%), so a collapsed model does not read 0.0%."""
-    if value is None:
-        return "-"
-    return f"{value:.1f}%" if abs(value) >= 10 else f"{value:.3g}%"
-
-
-def headline(report: dict) -> dict:
-    """The (device, seq_len, batch) the summary table and the plot use: CPU, the longest length timed."""
-    settings = report["settings"]
-    return {"device": "cpu" if "cpu" in settings["devices"] else settings["devices"][0],
-            "seq_len": max(settings["seq_lens"]), "batch_size": settings["batch_size"]}
-
-
-def speed_row(row: dict, device: str, batch: int, length: int) -> dict | None:
-    return next((s for s in row["speed"] if (s["device"], s["batch_size"], s["seq_len"]) == (device, batch, length)),
-                None)
-
-
-def speedup_row(row: dict, device: str, batch: int, length: int) -> dict | None:
-    return next((s for s in row["ratios"]["speed"]
-                 if (s["device"], s["batch_size"], s["seq_len"]) == (device, batch, length)), None)
-
-
 def _quality_cell(q: dict) -> str:
     if q.get("value") is None:
         return "n/a"
@@ -608,10 +572,9 @@ def write_report(report: dict, out_dir, *, plots: bool = True) -> list[Path]:
             report["warnings"].append(line)
             _warn_stderr(line)
             text, payload = render_markdown(report), json.dumps(report, indent=2, default=str) + "\n"
-    from alambic.evaluation.plots import write_text  # atomic, with ordinary permissions (mkstemp gives 0600)
 
-    write_text(out_dir / "report.json", payload)
-    write_text(out_dir / "report.md", text)
+    atomic_write_text(out_dir / "report.json", payload)
+    atomic_write_text(out_dir / "report.md", text)
     return [out_dir / "report.json", out_dir / "report.md"] + written
 
 

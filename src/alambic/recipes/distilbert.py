@@ -10,12 +10,14 @@ The vocabulary projection runs only on the rows a loss reads; the teacher runs u
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from alambic.errors import AlambicError
+from alambic.ranges import ABOVE_ZERO, NON_NEGATIVE, PROBABILITY, check_ranges
 from alambic.losses import cosine_distance
 from alambic.losses.vocabulary import fused_vocabulary_loss
 from alambic.modeling import has_lm_head, hidden_size, lm_body, split_lm_head
@@ -41,22 +43,17 @@ class DistilBERTLossConfig:
     """Rows of vocabulary logits computed at once by the fused KL + cross-entropy (memory for logits stays bounded
     whatever the sequence length and vocabulary); 0: about 2^23 logits per chunk on CPU, 2^26 on GPU."""
 
+    RANGES: typing.ClassVar[dict] = {
+        "alpha_kd": NON_NEGATIVE, "alpha_lm": NON_NEGATIVE, "alpha_cos": NON_NEGATIVE, "temperature": ABOVE_ZERO,
+        "mlm_probability": PROBABILITY, "mlm_smoothing": ABOVE_ZERO, "logit_chunk_rows": NON_NEGATIVE,
+    }
+
     def validate(self):
-        for name in ("alpha_kd", "alpha_lm", "alpha_cos"):
-            if getattr(self, name) < 0:
-                raise AlambicError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        check_ranges(self, "loss.")
         if self.alpha_kd + self.alpha_lm + self.alpha_cos == 0:
             raise AlambicError("all loss weights are 0: set at least one of loss.alpha_kd, loss.alpha_lm, loss.alpha_cos")
-        if self.temperature <= 0:
-            raise AlambicError(f"loss.temperature must be > 0, got {self.temperature}")
         if self.kd_rows not in ("tokens", "masked"):
             raise AlambicError(f"loss.kd_rows must be tokens or masked, got {self.kd_rows!r}")
-        if not 0 < self.mlm_probability < 1:
-            raise AlambicError(f"loss.mlm_probability must be between 0 and 1, got {self.mlm_probability}")
-        if self.logit_chunk_rows < 0:
-            raise AlambicError(f"loss.logit_chunk_rows must be >= 0, got {self.logit_chunk_rows}")
-        if self.mlm_smoothing is not None and self.mlm_smoothing <= 0:
-            raise AlambicError(f"loss.mlm_smoothing must be > 0 (DistilBERT used 0.7), got {self.mlm_smoothing}")
 
 
 def _token_hidden_states(model: nn.Module, batch: dict) -> torch.Tensor:

@@ -11,6 +11,7 @@ teachers (``--layer-map 6:18``, say).
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 
 from alambic.capture import LayerTaps, valid_pairs
 from alambic.errors import AlambicError
+from alambic.ranges import NON_NEGATIVE, POSITIVE, check_ranges
 from alambic.losses import attention_relation_kl
 from alambic.modeling import hidden_size, model_kind, num_heads, num_layers
 from alambic.students.layer_map import parse_layer_map
@@ -36,14 +38,13 @@ class MiniLMLossConfig:
     alpha_value: float = 1.0
     """Weight of the value-value relation loss."""
 
+    RANGES: typing.ClassVar[dict] = {"relation_heads": POSITIVE, "alpha_query": NON_NEGATIVE,
+                                     "alpha_key": NON_NEGATIVE, "alpha_value": NON_NEGATIVE}
+
     def validate(self):
-        for name in ("alpha_query", "alpha_key", "alpha_value"):
-            if getattr(self, name) < 0:
-                raise AlambicError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        check_ranges(self, "loss.")
         if self.alpha_query + self.alpha_key + self.alpha_value == 0:
             raise AlambicError("all loss weights are 0: set loss.alpha_query, loss.alpha_key or loss.alpha_value")
-        if self.relation_heads is not None and self.relation_heads < 1:
-            raise AlambicError(f"loss.relation_heads must be a positive integer, got {self.relation_heads}")
 
 
 class MiniLMObjective(nn.Module):

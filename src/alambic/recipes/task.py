@@ -19,12 +19,14 @@ teacher runs once per training feature, not once per epoch.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from alambic.errors import AlambicError
+from alambic.ranges import ABOVE_ZERO, NON_NEGATIVE, check_ranges
 from alambic.losses import logit_mse, soft_target_kl, token_cross_entropy
 from alambic.tasks.models import MASKED, hard_targets, labelled_row_count, prediction_rows, row_count, task_logits
 
@@ -45,15 +47,14 @@ class TaskLossConfig:
     # for a narrow student trained from scratch, kd 1 + ce 1 at T = 1 gave 87.8% against 84.5% for soft targets
     # alone at T = 2 and 84.0 / 82.3% with ce at T = 2 / 4; for a student pruned from the teacher all four tied.
 
+    RANGES: typing.ClassVar[dict] = {"temperature": ABOVE_ZERO, "alpha_kd": NON_NEGATIVE, "alpha_ce": NON_NEGATIVE}
+
     def validate(self):
+        check_ranges(self)
         if self.prediction_loss not in PREDICTION_LOSSES:
             raise AlambicError(f"prediction loss must be kl or mse, got {self.prediction_loss!r}")
-        if self.alpha_kd < 0 or self.alpha_ce < 0:
-            raise AlambicError(f"loss weights must be >= 0, got alpha_kd={self.alpha_kd}, alpha_ce={self.alpha_ce}")
         if self.alpha_kd + self.alpha_ce == 0:
             raise AlambicError("alpha_kd and alpha_ce are both 0: give the prediction stage at least one loss")
-        if self.temperature <= 0:
-            raise AlambicError(f"temperature must be > 0, got {self.temperature}")
         return self
 
 

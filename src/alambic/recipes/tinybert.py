@@ -12,6 +12,7 @@ only. General distillation on raw text uses the intermediate terms alone (alpha_
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from alambic.capture import LayerTaps, Projections, count_valid_pairs, valid_pairs
 from alambic.errors import AlambicError
+from alambic.ranges import ABOVE_ZERO, NON_NEGATIVE, check_ranges
 from alambic.losses import attention_mse, hidden_mse
 from alambic.losses.vocabulary import fused_vocabulary_loss
 from alambic.modeling import has_lm_head, hidden_size, model_kind, num_heads, num_layers, split_lm_head
@@ -45,17 +47,17 @@ class TinyBERTLossConfig:
     temperature: float = 1.0
     """Temperature of the prediction-layer soft targets."""
 
+    RANGES: typing.ClassVar[dict] = {"alpha_embedding": NON_NEGATIVE, "alpha_hidden": NON_NEGATIVE,
+                                     "alpha_attention": NON_NEGATIVE, "alpha_prediction": NON_NEGATIVE,
+                                     "temperature": ABOVE_ZERO}
+
     def validate(self):
+        check_ranges(self, "loss.")
         weights = ("alpha_embedding", "alpha_hidden", "alpha_attention", "alpha_prediction")
-        for name in weights:
-            if getattr(self, name) < 0:
-                raise AlambicError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
         if sum(getattr(self, name) for name in weights) == 0:
             raise AlambicError("all loss weights are 0: set at least one of loss." + ", loss.".join(weights))
         if self.attention_target not in ("scores", "probs"):
             raise AlambicError(f"loss.attention_target must be scores or probs, got {self.attention_target!r}")
-        if self.temperature <= 0:
-            raise AlambicError(f"loss.temperature must be > 0, got {self.temperature}")
 
 
 def _attention(projections, valid: torch.Tensor, target: str) -> torch.Tensor:

@@ -4,6 +4,7 @@ and the validation callback that keeps the best model."""
 from __future__ import annotations
 
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from alambic.cache import atomic_write_text
 from alambic.config import TrainingConfig
 from alambic.engine.checkpoint import latest_checkpoint
 from alambic.errors import AlambicError
+from alambic.ranges import POSITIVE, PROBABILITY, Range, check_ranges
 from alambic.tasks.data import check_labels, check_task, holdout_split, label_list, read_task_data
 from alambic.tasks.data import unlabelled as unlabelled_example
 from alambic.tasks.evaluate import MAIN_METRIC, evaluate_task
@@ -30,6 +32,9 @@ class DataOptions:
     eval_batch_size: int = 32
     qa_metric: str = "squad"
     """QA exact match / F1: squad (SQuAD v1.1, word F1) or korquad (KorQuAD 1.0, character F1)."""
+
+    RANGES: typing.ClassVar[dict] = {"max_length": Range(8), "doc_stride": POSITIVE, "holdout_fraction": PROBABILITY,
+                                     "eval_batch_size": POSITIVE}
 
 
 @dataclass
@@ -64,6 +69,7 @@ def prepare_task_data(task: str, train, validation, tokenizer, options: DataOpti
     with ``seed``), check the labels and tokenise. ``labels``: a fixed label set (a teacher's), which the data must
     fit. ``unlabelled``: transfer-set files whose examples are trained on without their labels, if they have any;
     ``allow_unlabelled``: ``train`` may mix labelled and unlabelled examples (task distillation)."""
+    check_ranges(options)
     check_task(task)
     examples = read_examples(task, train, options, allow_unlabelled=allow_unlabelled or bool(unlabelled))
     transfer = []
