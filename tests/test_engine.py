@@ -169,3 +169,72 @@ def test_bf16_mixed_precision_puts_the_teacher_in_bf16_and_matches_fp32_losses(f
     for fp32, bf16 in zip(logged["no"], logged["bf16"]):
         for term in ("loss", "loss/kd", "loss/lm", "loss/cos"):
             assert bf16[term] == pytest.approx(fp32[term], rel=0.01), (fp32["step"], term, fp32[term], bf16[term])
+
+
+@pytest.mark.parametrize("schedule, factors", [
+    ("linear", [1.0, 1.0, 0.75, 0.5, 0.25, 0.0]),  # warm-up over 2 steps, then linear to 0 at max_steps
+    ("cosine", [1.0, 1.0, 0.8535534, 0.5, 0.1464466, 0.0]),  # 0.5 (1 + cos(pi * progress))
+    ("constant", [1.0] * 6),
+])
+def test_learning_rate_schedules_as_logged_after_each_step(schedule, factors, text_dir, tmp_path):
+    recipe, batches, cfg, tok = make_run("causal", text_dir, schedule=schedule, warmup_ratio=0.34, lr=1e-3)
+    train(recipe, batches, cfg, tmp_path / "run", tokenizer=tok, progress=False)
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([1e-3 * f for f in factors], abs=1e-10)
+
+
+def scripted_evaluation(values: dict[int, float]):
+    """A batch source wrapper and an evaluation returning ``values[step]``: the step is read off the last
+    micro-batch fetched, so a resumed run sees the same figure at the same step."""
+    seen = {"step": 0}
+
+    def wrap(batches):
+        def source(index):
+            seen["step"] = index + 1  # one micro-batch per step
+            return batches(index)
+        return source
+
+    return wrap, lambda model: {"score": values[seen["step"]]}
+
+
+@pytest.mark.parametrize("mode, best_step", [("max", 2), ("min", 3)])
+def test_best_model_follows_best_metric_mode(mode, best_step, text_dir, tmp_path):
+    wrap, evaluate = scripted_evaluation({0: 1.5, 1: 2.0, 2: 3.0, 3: 0.5, 4: 2.9})
+    recipe, batches, cfg, tok = make_run("causal", text_dir, max_steps=4, eval_every=1, best_metric="score",
+                                         best_metric_mode=mode)
+    result = train(recipe, wrap(batches), cfg, tmp_path / "run", tokenizer=tok, evaluate=evaluate, progress=False)
+    assert result.metrics["eval/best_score"] == (3.0 if mode == "max" else 0.5)
+    assert (tmp_path / "run" / "best" / "config.json").is_file()
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    bests = [r["eval/best_score"] for r in log if "eval/best_score" in r]
+    assert bests[best_step] == result.metrics["eval/best_score"]  # reached at that step and kept after it
+
+
+def test_resume_keeps_the_early_stopping_state(text_dir, tmp_path, capsys):
+    """Best 3.0 at step 2, no better at 3 and 4: patience 2 stops at step 4, in one run and in a run interrupted
+    after the step-3 checkpoint (whose resumed evaluator must remember the best and the stale count)."""
+    values = {0: 1.0, 1: 2.0, 2: 3.0, 3: 2.5, 4: 2.9, 5: 9.0, 6: 9.0, 7: 9.0, 8: 9.0}
+    options = dict(max_steps=8, eval_every=1, best_metric="score", early_stopping_patience=2, save_every=3)
+    stopped = {}
+    for name in ("straight", "resumed"):
+        wrap, evaluate = scripted_evaluation(values)
+        recipe, batches, cfg, tok = make_run("causal", text_dir, **options)
+        source = wrap(batches)
+        if name == "resumed":
+            def dies_in_step_four(index, source=source):
+                if index >= 3:
+                    raise Interrupt
+                return source(index)
+
+            with pytest.raises(Interrupt):
+                train(recipe, dies_in_step_four, cfg, tmp_path / name, tokenizer=tok, evaluate=evaluate,
+                      progress=False)
+            wrap, evaluate = scripted_evaluation(values)
+            recipe, batches, cfg, tok = make_run("causal", text_dir, **options)
+            source = wrap(batches)
+        capsys.readouterr()
+        result = train(recipe, source, cfg, tmp_path / name, tokenizer=tok, evaluate=evaluate,
+                       resume=name == "resumed", progress=False)
+        stopped[name] = result.step
+        assert "early stop at step 4: no better score in 2 evaluations (best 3 at step 2)" in capsys.readouterr().out
+    assert stopped == {"straight": 4, "resumed": 4}

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 from alambic.cli import main
+from alambic.engine.checkpoint import latest_checkpoint
 from alambic.students import init_student
 from tiny import tiny_bert, wordpiece_tokenizer
 
@@ -231,3 +233,18 @@ def test_unlabelled_input_errors_are_one_line(teachers, tmp_path, capsys):
         ["distill-task", "--task", "classification", "--teacher", str(teachers / "classification"),
          "--student-layers", "0", "--hidden-size", "16", "--num-heads", "5",
          "--train", str(DATA / FILES["classification"]), *base])
+
+
+def test_pred_loss_flag_reaches_the_objective(teachers, tmp_path):
+    """--pred-loss mse is what the run trains with (task.json records the loss options; the objective itself is
+    checked against logit_mse in test_task_losses), and it trains a different student than the KL (the best by validation may be the copied student itself, so
+    the last step's weights are compared)."""
+    weights = {}
+    for loss in ("kl", "mse"):
+        out = tmp_path / loss
+        assert main(["distill-task", "--task", "classification", "--teacher", str(teachers / "classification"),
+                     "--student-layers", "0", "--train", str(DATA / FILES["classification"]), "--out", str(out),
+                     "--pred-loss", loss, "--alpha-ce", "0", *FAST]) == 0
+        assert json.loads((out / "task.json").read_text())["loss"]["prediction_loss"] == loss
+        weights[loss] = load_file(str(latest_checkpoint(out) / "student" / "model.safetensors"))  # the last step
+    assert any(not torch.equal(weights["kl"][k], weights["mse"][k]) for k in weights["kl"])
