@@ -212,7 +212,7 @@ def test_cli_budget_fallback_is_printed(llama_dir, text, tmp_path, capsys):
         (["--layers", "auto:best", "--calibration-data", "CAL"], "unknown layer selection method 'best'"),
         (["--layers", "auto", "--calibration-data", "SHORT"], "measuring the teacher needs at least 256 tokens"),
         (["--layers", "auto", "--calibration-data", "nope.txt"], "nope.txt"),
-        (["--depth", 3], "--depth only apply to --layers auto"),
+        (["--depth", 3], "--depth only applies to --layers auto"),
     ],
 )
 def test_cli_bad_input_is_one_line(extra, message, llama_dir, text, tmp_path, capsys):

@@ -101,7 +101,8 @@ def run_init_student(args) -> int:
         if args.calibration_data is not None and not measured:
             used.append("--calibration-data")
         if used:
-            raise AlambicError(f"{', '.join(used)} only apply to --layers auto[:METHOD]"
+            verb = "apply" if len(used) > 1 else "applies"
+            raise AlambicError(f"{', '.join(used)} only {verb} to --layers auto[:METHOD]"
                                f"{' or a narrower student' if '--calibration-data' in used else ''}; "
                                f"add --layers auto or drop {used[0]}")
         parse_layer_spec(args.layers, n)

@@ -15,7 +15,7 @@ from accelerate.utils import broadcast_object_list
 from alambic.config import DistillConfig
 from alambic.data.pipeline import heldout_batches, training_batches
 from alambic.data.sources import describe_sources
-from alambic.engine.checkpoint import latest_checkpoint
+from alambic.engine.checkpoint import latest_checkpoint, require_checkpoints
 from alambic.engine.loop import make_accelerator, train
 from alambic.engine.precision import choose_precision
 from alambic.engine.run_folder import locked_run
@@ -75,6 +75,8 @@ def _check_inputs(cfg: DistillConfig, resume: bool) -> list[dict] | None:
         raise AlambicError(
             f"{run_dir} already holds a run with checkpoints: pass --resume to continue it, or choose another --out"
         )
+    if resume:
+        require_checkpoints(run_dir)
     return calibration
 
 

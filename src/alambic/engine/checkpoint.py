@@ -119,6 +119,15 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: p.name, reverse=True)
 
 
+def require_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, newest first; none is the one-line error ``--resume`` gives (checked up front, before
+    a run writes anything)."""
+    found = checkpoints(run_dir)
+    if not found:
+        raise AlambicError(f"--resume: no checkpoint in {Path(run_dir) / 'checkpoints'}; start without --resume")
+    return found
+
+
 def verify_checkpoint(path: Path) -> str | None:
     """None when ``path`` is a complete checkpoint (every file of its manifest present at its size, the weights'
     headers readable, the step matching the folder's name); else what is wrong, in a few words."""
@@ -176,9 +185,7 @@ def resume_checkpoint(run_dir: Path, objective, student, optimizer, scheduler, p
                       say=print) -> tuple[Path, int, dict]:
     """Load the newest checkpoint of ``run_dir`` that verifies and loads, saying which newer ones were skipped and
     why; returns it with :func:`load_checkpoint`'s step and loop state. None usable is one clear error."""
-    found = checkpoints(run_dir)
-    if not found:
-        raise AlambicError(f"--resume: no checkpoint in {Path(run_dir) / 'checkpoints'}; start without --resume")
+    found = require_checkpoints(run_dir)
     problems = []
     for path in found:
         problem = verify_checkpoint(path)
