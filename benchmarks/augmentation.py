@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from alambic.distill_task import distill_task  # noqa: E402
+from alambic.workflows.distill_task import distill_task  # noqa: E402
 from alambic.recipes.task import TaskLossConfig  # noqa: E402
 from alambic.tasks import holdout_split, read_task_data  # noqa: E402
 from alambic.tasks.augment import AugmentConfig, Substitutes, augment_examples, write_examples  # noqa: E402

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from alambic.config import load_config
 from alambic.data.pipeline import heldout_batches
-from alambic.distill import distill
+from alambic.workflows.distill import distill
 from alambic.evaluation.lm import evaluate_lm
 from alambic.modeling import model_kind
 from alambic.teachers import load_model

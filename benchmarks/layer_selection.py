@@ -63,7 +63,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     from alambic.config import DataConfig, load_config, parse_override
     from alambic.data.pipeline import heldout_batches
-    from alambic.distill import distill
+    from alambic.workflows.distill import distill
     from alambic.evaluation.lm import evaluate_lm
     from alambic.modeling import has_lm_head, model_kind
     from alambic.students import init_student, save_student

@@ -36,9 +36,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from alambic.tasks.workflow import evaluate_models  # noqa: E402
-from alambic.distill_task import distill_task  # noqa: E402
+from alambic.workflows.distill_task import distill_task  # noqa: E402
 from alambic.evaluation.speed import machine_info, time_forward  # noqa: E402
-from alambic.finetune import finetune  # noqa: E402
+from alambic.workflows.finetune import finetune  # noqa: E402
 from alambic.recipes.task import TaskLossConfig  # noqa: E402
 from alambic.students import count_parameters, init_student, save_student  # noqa: E402
 from alambic.tasks import holdout_split, read_task_data  # noqa: E402

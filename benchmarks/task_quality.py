@@ -40,9 +40,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from alambic.distill_task import distill_task  # noqa: E402
+from alambic.workflows.distill_task import distill_task  # noqa: E402
 from alambic.evaluation.speed import machine_info, time_forward  # noqa: E402
-from alambic.finetune import finetune  # noqa: E402
+from alambic.workflows.finetune import finetune  # noqa: E402
 from alambic.recipes.task import TaskLossConfig  # noqa: E402
 from alambic.recipes.tinybert import TinyBERTLossConfig  # noqa: E402
 from alambic.students import count_parameters, init_student, save_student  # noqa: E402

@@ -38,7 +38,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="teacher-cache-"))
     os.environ["ALAMBIC_CACHE"] = str(work / "cache")  # a cold cache
 
-    from alambic.distill_task import distill_task
+    from alambic.workflows.distill_task import distill_task
     from alambic.recipes.task import TaskLossConfig
     from alambic.students import init_student, save_student
     from alambic.tasks import read_task_data

@@ -87,9 +87,9 @@ def bad_inputs(files):
         "unknown option": (base + ["--set", "loss.temprature=3"], "did you mean 'loss.temperature'"),
         "missing model for eval": (["eval-lm", files / "nope", "--data", files / "text"], "nope"),
         "zero hidden size": (["init-student", "--teacher", files / "llama", "--out", files / "never", "--hidden-size", 0,
-                              "--width-init", "random"], "hidden_size (--hidden-size) must be a positive integer, got 0"),
+                              "--width-init", "random"], "--hidden-size must be >= 1, got 0"),
         "negative heads": (["init-student", "--teacher", files / "llama", "--out", files / "never", "--num-heads", -2,
-                            "--width-init", "random"], "num_heads (--num-heads) must be a positive integer, got -2"),
+                            "--width-init", "random"], "--num-heads must be >= 1, got -2"),
     }
 
 
@@ -140,12 +140,12 @@ def test_help_lists_every_option(capsys):
 ])
 def test_library_errors_a_user_causes_are_one_line_and_debug_shows_the_traceback(error, shown, files, tmp_path,
                                                                                  capsys, monkeypatch):
-    import alambic.distill
+    import alambic.workflows.distill
 
     def fails(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(alambic.distill, "distill", fails)
+    monkeypatch.setattr(alambic.workflows.distill, "distill", fails)
     argv = ["distill", "--teacher", files / "llama", "--data", files / "text", "--out", tmp_path / "run"]
     code, _, err = run(argv, capsys)
     assert code == 2 and err.strip() == shown
@@ -157,8 +157,8 @@ def test_library_errors_a_user_causes_are_one_line_and_debug_shows_the_traceback
 
 
 def test_a_programming_error_keeps_its_traceback(files, tmp_path, capsys, monkeypatch):
-    import alambic.distill
+    import alambic.workflows.distill
 
-    monkeypatch.setattr(alambic.distill, "distill", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(alambic.workflows.distill, "distill", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         run(["distill", "--teacher", files / "llama", "--data", files / "text", "--out", tmp_path / "run"], capsys)

@@ -172,3 +172,43 @@ def test_each_numeric_option_outside_its_range_is_one_line_naming_option_and_ran
             recipe = [] if where == "distill" else [{"recipe": where}]
             load_config(None, BASE + recipe + [parse_override(f"{prefix}{name}={list(value) if name == 'betas' else value}")])
     assert str(error.value).startswith(expected) and "\n" not in str(error.value)
+
+
+def _verbs():
+    import argparse
+
+    from alambic.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+MINIMAL_ARGS = {  # what argparse requires of each verb; the flag check runs before any of it is read
+    "init-student": ["--teacher", "t", "--out", "o"], "distill": [], "eval-lm": ["m", "--data", "d"],
+    "report": ["m", "--out", "o"], "plot-run": ["r"], "plot-temperature": ["--model", "m", "--text", "x", "--out", "o"],
+    "finetune": ["--task", "classification", "--train", "t", "--out", "o", "--model", "m"],
+    "distill-task": ["--task", "classification", "--train", "t", "--out", "o", "--teacher", "t"],
+    "eval-task": ["m", "--task", "classification", "--data", "d"],
+    "augment": ["--task", "classification", "--data", "d", "--model", "m", "--out", "o"],
+}
+FLAG_CASES = [(verb, action.option_strings[0], action.dest) for verb, parser in _verbs().items()
+              for action in parser._actions if action.type in (int, float)]
+
+
+def test_every_numeric_flag_of_every_verb_has_a_range():
+    from alambic.cli import FLAG_RANGES
+
+    assert set(MINIMAL_ARGS) == set(_verbs())
+    assert {dest for _, _, dest in FLAG_CASES} <= set(FLAG_RANGES)
+
+
+@pytest.mark.parametrize("verb, flag, dest", FLAG_CASES, ids=[f"{v} {f}" for v, f, _ in FLAG_CASES])
+def test_each_numeric_flag_outside_its_range_is_one_line(verb, flag, dest, tmp_path, capsys):
+    from alambic.cli import FLAG_RANGES, main
+
+    allowed = FLAG_RANGES[dest]
+    for bad in _outside(allowed):
+        bad = int(bad) if float(bad).is_integer() else bad
+        assert main([verb, *MINIMAL_ARGS[verb], flag, str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"alambic: error: {flag} must be {allowed.describe()}, got ") and "\n" not in err

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from alambic.config import DataConfig, TrainingConfig
 from alambic.data.collate import CausalLMCollator
@@ -194,7 +195,13 @@ def scripted_evaluation(values: dict[int, float]):
             return batches(index)
         return source
 
-    return wrap, lambda model: {"score": values[seen["step"]]}
+    def evaluate(model):
+        snapshots[seen["step"]] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return {"score": values[seen["step"]]}
+
+    snapshots: dict[int, dict] = {}
+    evaluate.snapshots = snapshots  # the student's weights at each evaluation, by step
+    return wrap, evaluate
 
 
 @pytest.mark.parametrize("mode, best_step", [("max", 2), ("min", 3)])
@@ -208,6 +215,10 @@ def test_best_model_follows_best_metric_mode(mode, best_step, text_dir, tmp_path
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     bests = [r["eval/best_score"] for r in log if "eval/best_score" in r]
     assert bests[best_step] == result.metrics["eval/best_score"]  # reached at that step and kept after it
+    saved = load_file(str(tmp_path / "run" / "best" / "model.safetensors"))
+    at_best = evaluate.snapshots[best_step]
+    assert all(torch.equal(saved[k], at_best[k]) for k in saved)  # RUN/best holds the student of that step
+    assert not all(torch.equal(saved[k], evaluate.snapshots[4][k]) for k in saved)  # not the last one
 
 
 def test_resume_keeps_the_early_stopping_state(text_dir, tmp_path, capsys):

@@ -207,7 +207,7 @@ def test_cli_budget_fallback_is_printed(llama_dir, text, tmp_path, capsys):
     "extra, message",
     [
         (["--layers", "auto"], "--layers auto needs calibration text: add --calibration-data PATH"),
-        (["--layers", "auto", "--calibration-data", "CAL", "--depth", 0], "target depth 0 is out of range"),
+        (["--layers", "auto", "--calibration-data", "CAL", "--depth", 0], "--depth must be >= 1, got 0"),
         (["--layers", "auto", "--calibration-data", "CAL", "--depth", 9], "the teacher has 6 layers"),
         (["--layers", "auto:best", "--calibration-data", "CAL"], "unknown layer selection method 'best'"),
         (["--layers", "auto", "--calibration-data", "SHORT"], "measuring the teacher needs at least 256 tokens"),
@@ -258,7 +258,7 @@ def test_distill_with_auto_layers(llama_dir, text, tmp_path, capsys):
 
 def test_measured_students_calibrate_on_the_training_data_by_default():
     from alambic.config import load_config, parse_override
-    from alambic.distill import calibration_specs
+    from alambic.workflows.distill import calibration_specs
 
     cfg = load_config(None, [BASE, parse_override("student.layers=auto:influence")])
     assert calibration_specs(cfg) == ["x.txt"]

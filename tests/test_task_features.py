@@ -2,10 +2,14 @@
 
 from pathlib import Path
 
+import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
+from alambic.errors import AlambicError
 from alambic.tasks.cache import TeacherLogitCache, join_rows, split_rows
-from alambic.tasks.data import label_list, read_conll, read_squad, read_task_data
+from alambic.tasks.data import ClassificationExample, label_list, read_conll, read_squad, read_task_data
 from alambic.tasks.features import TaskBatches, collate, encode
 from tiny import bpe_tokenizer, wordpiece_tokenizer
 
@@ -111,3 +115,14 @@ def test_cache_rows_round_trip_for_every_task(tmp_path):
     cache.put(batch, rows)
     reloaded = TeacherLogitCache("qa", "k", folder=tmp_path)
     assert torch.equal(reloaded.get(batch, "cpu"), rows) and reloaded.hits == 1
+
+
+def test_a_task_example_the_tokenizer_cannot_encode_is_named():
+    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "good": 3, "news": 4}))  # no unknown
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]")
+    examples = [ClassificationExample("good news", "a"), ClassificationExample("good olé news", "b")]
+    with pytest.raises(AlambicError) as error:
+        encode("classification", examples, tokenizer, ["a", "b"], max_length=16)
+    assert str(error.value).startswith("the tokenizer cannot encode example 2 ('good olé news'...)")
+    assert "this tokenizer has no unknown token" in str(error.value)

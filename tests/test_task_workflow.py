@@ -41,6 +41,7 @@ def teachers(encoder, tmp_path_factory):
 @pytest.mark.parametrize("task", list(FILES))
 def test_finetune_keeps_best_model_with_labels(teachers, task):
     best = teachers / task / "best"
+    assert (teachers / task / "student" / "config.json").is_file()  # and the last step's model, as distill exports it
     config = transformers.AutoConfig.from_pretrained(best)
     summary = json.loads((teachers / task / "task.json").read_text())
     assert config.architectures[0].endswith({"classification": "ForSequenceClassification",
@@ -59,6 +60,12 @@ def test_distill_task_stages_end_to_end(teachers, tmp_path, task, stages, capsys
             "--train", str(DATA / FILES[task]), "--out", str(out), "--stages", stages, "--alpha-ce", "0.5", *FAST]
     assert main(argv) == 0
     assert (out / "best" / "config.json").is_file()
+    # the same layout as distill: OUT/student is the last step's model, loadable with its tokenizer
+    last_run = out / "stage-2-pred" if stages == "trm,pred" else out
+    last = load_file(str(out / "student" / "model.safetensors"))
+    final = load_file(str(latest_checkpoint(last_run) / "student" / "model.safetensors"))
+    assert (out / "student" / "tokenizer_config.json").is_file()
+    assert all(torch.equal(last[k], final[k]) for k in final)
     if stages == "trm,pred":
         assert (out / "stage-1-trm" / "stage-done").is_file() and (out / "stage-2-pred" / "best").is_dir()
     summary = json.loads((out / "task.json").read_text())

@@ -88,26 +88,33 @@ def build_or_load(specs, tokenizer, *, text_field: str = "text", split_documents
     return corpus
 
 
-def _encode(tokenizer, batch: list[str], first: int) -> list[list[int]]:
-    """Ids of a batch of documents; a document the tokenizer cannot encode is named, with the reason."""
+def tokenize_checked(tokenizer, items: list, encode, what: str = "document", first: int = 0, text_of=str):
+    """``encode(items)``; when the tokenizer fails (the tokenizers library raises plain Exception), one clear error
+    naming the first item that fails (``what`` number ``first + i + 1``, with its opening ``text_of(item)``) and
+    the reason."""
     try:
-        return tokenizer(batch, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
-                         verbose=False)["input_ids"]
-    except Exception as error:  # the tokenizers library raises plain Exception
-        for offset, text in enumerate(batch):
+        return encode(items)
+    except Exception as error:
+        offset = 0
+        for offset, item in enumerate(items):
             try:
-                tokenizer(text, add_special_tokens=False)
+                encode([item])
             except Exception as one:
                 error = one
                 break
-        else:
-            offset, text = 0, batch[0]
+        text = text_of(items[offset])
         hint = ("this tokenizer has no unknown token, so characters outside its vocabulary cannot be encoded: "
                 "remove or transliterate them, or use a tokenizer with an unknown token"
                 if tokenizer.unk_token is None else "check the text's encoding and the tokenizer")
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise AlambicError(f"the tokenizer cannot encode document {first + offset + 1} ({text[:40]!r}...): {reason}; "
+        raise AlambicError(f"the tokenizer cannot encode {what} {first + offset + 1} ({text[:40]!r}...): {reason}; "
                            f"{hint}") from None
+
+
+def _encode(tokenizer, batch: list[str], first: int) -> list[list[int]]:
+    return tokenize_checked(tokenizer, batch, lambda texts: tokenizer(
+        texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
+        verbose=False)["input_ids"], first=first)
 
 
 def _write(folder: Path, documents: list[str], tokenizer, key_source: str) -> None:

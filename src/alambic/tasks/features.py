@@ -29,6 +29,7 @@ import torch
 
 from alambic.data.batching import length_grouped_batches
 from alambic.data.collate import _pad, _pad_id
+from alambic.data.tokenized import tokenize_checked
 from alambic.errors import AlambicError
 
 
@@ -74,18 +75,21 @@ def encode(task: str, examples: list, tokenizer, labels: list[str], *, max_lengt
 
 
 def _encode_classification(examples, tokenizer, label_id, max_length):
-    texts = [e.text for e in examples]
     paired = [e.text_pair is not None for e in examples]
     if any(paired) and not all(paired):
         raise AlambicError("some examples have a text pair and others not: give every example a text_pair or none")
-    pairs = [e.text_pair for e in examples] if all(paired) else None
-    encoding = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    pairs = all(paired)
+    encoding = tokenize_checked(tokenizer, examples, lambda some: tokenizer(
+        [e.text for e in some], [e.text_pair for e in some] if pairs else None, truncation=True,
+        max_length=max_length), what="example", text_of=lambda e: e.text)
     return [Feature(list(ids), _types(encoding, i), i, label_id.get(examples[i].label, -1),
                     labelled=examples[i].labelled) for i, ids in enumerate(encoding["input_ids"])]
 
 
 def _encode_ner(examples, tokenizer, label_id, max_length):
-    encoding = tokenizer([e.words for e in examples], is_split_into_words=True, truncation=True, max_length=max_length)
+    encoding = tokenize_checked(tokenizer, examples, lambda some: tokenizer(
+        [e.words for e in some], is_split_into_words=True, truncation=True, max_length=max_length),
+        what="sentence", text_of=lambda e: " ".join(e.words))
     features = []
     for i, example in enumerate(examples):
         word_ids = encoding.word_ids(i)
@@ -113,9 +117,10 @@ def _encode_qa(examples, tokenizer, max_length, doc_stride, training):
         raise AlambicError(f"question {examples[longest].id!r} leaves {max(room, 0)} of max_length {max_length} tokens "
                            f"for the context, not more than doc_stride {doc_stride}: raise --max-length or lower "
                            "--doc-stride")
-    encoding = tokenizer([e.question for e in examples], [e.context for e in examples], truncation="only_second",
-                         max_length=max_length, stride=doc_stride, return_overflowing_tokens=True,
-                         return_offsets_mapping=True)
+    encoding = tokenize_checked(tokenizer, examples, lambda some: tokenizer(
+        [e.question for e in some], [e.context for e in some], truncation="only_second", max_length=max_length,
+        stride=doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True),
+        what="question", text_of=lambda e: e.question)
     features = []
     for i, ids in enumerate(encoding["input_ids"]):
         example_index = encoding["overflow_to_sample_mapping"][i]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from alambic.engine.checkpoint import save_model_folder
 from alambic.engine.loop import train
 from alambic.engine.run_folder import locked_run
 from alambic.recipes.task import TaskLossConfig, TaskRecipe
@@ -38,11 +39,12 @@ def finetune(task: str, model: str, train_data, out, *, validation=None, trainin
     batches = TaskBatches(task, prepared.train_features, tokenizer, training.batch_size, training.seed)
     result = train(recipe, batches, training, out, tokenizer=tokenizer, resume=resume, progress=progress,
                    evaluate=validation_callback(prepared, tokenizer, data))
+    save_model_folder(student, tokenizer, out / "student")  # the last step's model; OUT/best: the best validated
     name = training.best_metric
     summary = {"task": task, "model": str(model), "labels": prepared.labels, "steps": result.step,
                "parameters": count_parameters(student), f"best_validation_{name}": result.metrics.get(
                    f"eval/best_{name}"), "final_validation": {k[5:]: v for k, v in result.metrics.items()
                                                               if k.startswith("eval/") and "best_" not in k},
-               "best_model": str(out / "best")}
+               "best_model": str(out / "best"), "last_model": str(out / "student")}
     write_summary(out, summary)
     return summary

@@ -14,8 +14,9 @@ import textwrap
 from alambic import __version__
 from alambic.config import TOKEN_TYPES
 from alambic.errors import AlambicError
-from alambic.cli_report import add_plot_run, add_plot_temperature, add_report
-from alambic.cli_tasks import add_augment, add_distill_task, add_eval_task, add_finetune
+from alambic.ranges import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, Range
+from alambic.cli.report import add_plot_run, add_plot_temperature, add_report
+from alambic.cli.tasks import add_augment, add_distill_task, add_eval_task, add_finetune
 
 TEACHER_HELP = "a local Hugging Face model folder, a .gguf file, or a packaged teacher (smollm2-135m, minilm-l6)"
 DATA_HELP = "text files, folders, globs (.txt .jsonl .json .csv .parquet) or packaged corpora (bbc-news, bbc-news:train, bbc-news:heldout, kolaw)"
@@ -208,7 +209,7 @@ def run_distill(args) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    from alambic.distill import distill
+    from alambic.workflows.distill import distill
 
     result = distill(cfg, resume=args.resume, progress=not args.no_progress)
     evals = {k: v for k, v in result.metrics.items() if k.startswith("eval/")}
@@ -311,11 +312,37 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (OSError, json.JSONDecodeError, UnicodeDecodeError, SafetensorError)
 
 
+FLAG_RANGES = {
+    # sizes and counts
+    "hidden_size": POSITIVE, "intermediate_size": POSITIVE, "num_heads": POSITIVE, "depth": POSITIVE,
+    "max_steps": POSITIVE, "batch_size": POSITIVE, "grad_accum": POSITIVE, "eval_batch_size": POSITIVE,
+    "max_tokens": POSITIVE, "repeats": POSITIVE, "threads": POSITIVE, "top_k": POSITIVE, "copies": POSITIVE,
+    "candidates": POSITIVE, "trm_steps": POSITIVE, "doc_stride": POSITIVE,
+    "max_length": Range(8), "context": Range(8), "calibration_tokens": Range(256),
+    # switches where 0 means off, seeds, seconds
+    "warmup": NON_NEGATIVE, "eval_every": NON_NEGATIVE, "patience": NON_NEGATIVE, "seed": NON_NEGATIVE,
+    "budget": NON_NEGATIVE, "alpha_kd": NON_NEGATIVE, "alpha_ce": NON_NEGATIVE,
+    # rates and shares
+    "lr": ABOVE_ZERO, "trm_lr": ABOVE_ZERO, "temperature": ABOVE_ZERO, "warmup_ratio": FRACTION,
+    "probability": Range(0, 1, low_open=True),
+}
+"""The range of every numeric flag of every verb, by argparse destination (tests check that none is missing)."""
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """One line for the first numeric flag outside its range, before a verb runs."""
+    for dest, allowed in FLAG_RANGES.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not allowed.contains(value):
+            raise AlambicError(f"--{dest.replace('_', '-')} must be {allowed.describe()}, got {value}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     debug = args.debug or os.environ.get("ALAMBIC_DEBUG") == "1"
     try:
+        check_flags(args)
         return args.run(args)
     except AlambicError as exc:
         if debug:

@@ -81,7 +81,7 @@ def add_finetune(sub) -> None:
 
 
 def run_finetune(args) -> int:
-    from alambic.finetune import finetune
+    from alambic.workflows.finetune import finetune
 
     cfg, data = _training_config(args), _data(args)
     summary = finetune(args.task, args.model, args.train, args.out, validation=args.validation, training=cfg,
@@ -135,7 +135,7 @@ def add_distill_task(sub) -> None:
 
 
 def run_distill_task(args) -> int:
-    from alambic.distill_task import distill_task, parse_stages
+    from alambic.workflows.distill_task import distill_task, parse_stages
     from alambic.recipes.task import TaskLossConfig
     from alambic.recipes.tinybert import TinyBERTLossConfig
 

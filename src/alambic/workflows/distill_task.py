@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from alambic.cache import atomic_write_text
+from alambic.engine.checkpoint import save_model_folder
 from alambic.engine.loop import train
 from alambic.engine.run_folder import locked_run
 from alambic.errors import AlambicError
@@ -141,6 +142,7 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
         if (out / "best").exists():
             shutil.rmtree(out / "best")
         shutil.copytree(run_dir / "best", out / "best")
+    save_model_folder(student_model, tokenizer, out / "student")  # the last step's student, as distill exports it
     if card and (out / "best").is_dir():
         atomic_write_text(out / "best" / "README.md", card)
     summary = {"task": task, "teacher": str(teacher), "student": str(student or f"layers {student_layers}"),
@@ -152,6 +154,6 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
                f"best_validation_{name}": best,
                "teacher_cache": None if cache is None else {"file": str(cache.path), "hits": cache.hits,
                                                             "misses": cache.misses},
-               "best_model": str(out / "best")}
+               "best_model": str(out / "best"), "last_model": str(out / "student")}
     write_summary(out, summary)
     return summary
