@@ -73,19 +73,10 @@ def machine() -> str:
 
 def dense_matmul_flops(dtype: torch.dtype) -> float:
     """This machine's dense matmul rate in ``dtype``: 2048^2 on CPU, 8192^2 on GPU; best of a few repeats."""
+    from alambic.engine.precision import matmul_flops
+
     cuda = torch.cuda.is_available()
-    n, device = (8192, "cuda") if cuda else (2048, "cpu")
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    best = float("inf")
-    for _ in range(6):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return matmul_flops(8192 if cuda else 2048, dtype, repeats=6, device="cuda" if cuda else "cpu")
 
 
 def has_bf16() -> bool:
@@ -257,9 +248,11 @@ def measure(args) -> dict:
     with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _inplace_addmm_flops}) as counter:
         step(on_device(1))
     flops = counter.get_total_flops()
-    seconds, tokens = 0.0, 0
+    seconds, tokens, collation = 0.0, 0, 0.0
     for i in range(2, 2 + args.steps):
-        batch = on_device(i)
+        start = time.perf_counter()
+        batch = on_device(i)  # collation (masking, padding) and the copy to the device, outside the step's timer
+        collation += time.perf_counter() - start
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -267,7 +260,8 @@ def measure(args) -> dict:
         seconds += time.perf_counter() - start
         tokens += int(batch["attention_mask"].sum())  # non-pad tokens
     result = {"variant": variant, "tokens_per_s": tokens / seconds, "step_s": seconds / args.steps,
-              "flops_per_step": flops, "achieved_flops": flops * args.steps / seconds, "first_loss": first_loss}
+              "flops_per_step": flops, "achieved_flops": flops * args.steps / seconds, "first_loss": first_loss,
+              "collation_ms": 1000 * collation / args.steps}
     result["peak_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if cuda
                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if args.profile and variant.startswith("alambic"):
@@ -302,9 +296,10 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
 
-    variants = [v for v in args.variants.split(",") if v != "alambic-bf16" or has_bf16()]
+    bf16 = has_bf16()
+    variants = [v for v in args.variants.split(",") if v != "alambic-bf16" or bf16]
     peaks = {"fp32": dense_matmul_flops(torch.float32)}
-    if has_bf16():
+    if bf16:
         peaks["bf16"] = dense_matmul_flops(torch.bfloat16)
     memory = "peak GPU MB" if torch.cuda.is_available() else "peak RSS MB"
     print(f"machine: {machine()}")
@@ -345,6 +340,9 @@ def main() -> None:
                           f"{' (medians)' if args.repeats > 1 else ''}, {rs[0]['peak_mb'] / base['peak_mb']:.2f}x "
                           f"peak memory, {rs[0]['flops_per_step'] / base['flops_per_step']:.2f}x FLOPs")
         for name, rs in runs.items():
+            collation = statistics.median(r["collation_ms"] for r in rs)
+            print(f"{setup:<13}{name}: collation {collation:.2f} ms per micro-batch "
+                  f"({100 * collation / 1000 / rs[0]['step_s']:.2f}% of a step)")
             if "profile_s" in rs[0]:
                 total = sum(rs[0]["profile_s"].values())
                 parts = sorted(rs[0]["profile_s"].items(), key=lambda kv: -kv[1])

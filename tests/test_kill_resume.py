@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny import bpe_tokenizer, sample_texts, tiny_llama
+from tiny import save_llama_teacher_and_text
 
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
 STEPS = 60  # long enough that every kill lands before the end
@@ -21,9 +21,7 @@ STEPS = 60  # long enough that every kill lands before the end
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("kill")
-    tiny_llama().save_pretrained(root / "teacher")
-    bpe_tokenizer().save_pretrained(root / "teacher")
-    (root / "text.txt").write_text("\n\n".join(sample_texts(8)))
+    save_llama_teacher_and_text(root)
     return root
 
 

@@ -8,15 +8,13 @@ import pytest
 from alambic.cli import main
 from alambic.errors import AlambicError
 from alambic.teachers import resolve_model_path
-from tiny import bpe_tokenizer, sample_texts, tiny_llama
+from tiny import bpe_tokenizer, save_llama_teacher_and_text, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    tiny_llama().save_pretrained(root / "llama")
-    bpe_tokenizer().save_pretrained(root / "llama")
-    (root / "text.txt").write_text("\n\n".join(sample_texts(8)))
+    save_llama_teacher_and_text(root, "llama")
     return root
 
 

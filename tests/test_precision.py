@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from alambic.cli import main
 from alambic.engine import precision
 from alambic.engine.precision import Hardware, choose_precision, cpu_bf16_instructions
-from tiny import bpe_tokenizer, sample_texts, tiny_llama
+from tiny import save_llama_teacher_and_text
 
 CPU_WITH_AMX = Hardware(cuda=False, cuda_bf16=False, cpu_bf16="AMX-BF16")
 CPU_WITHOUT = Hardware(cuda=False, cuda_bf16=False, cpu_bf16=None)
@@ -59,10 +59,7 @@ def test_the_quick_check_measures_a_ratio():
 def test_distill_on_a_simulated_amx_cpu_trains_in_bf16_and_says_so(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ALAMBIC_CPU_BF16", "1")
     monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda: 4.0)
-    teacher = tmp_path / "teacher"
-    tiny_llama().save_pretrained(teacher)
-    bpe_tokenizer().save_pretrained(teacher)
-    (tmp_path / "text.txt").write_text("\n\n".join(sample_texts(8)))
+    teacher = save_llama_teacher_and_text(tmp_path) / "teacher"
     AcceleratorState._reset_state(reset_partial_state=True)  # the state of earlier tests fixes its precision
     try:
         code = main(["distill", "--teacher", str(teacher), "--data", str(tmp_path / "text.txt"), "--out",

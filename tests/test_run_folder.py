@@ -13,7 +13,7 @@ import pytest
 from alambic.cli import main
 from alambic.engine.run_folder import LOCK, hold_run_folder
 from alambic.errors import AlambicError
-from tiny import bpe_tokenizer, sample_texts, tiny_llama
+from tiny import save_llama_teacher_and_text
 
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
 
@@ -21,9 +21,7 @@ ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("run-folder")
-    tiny_llama().save_pretrained(root / "teacher")
-    bpe_tokenizer().save_pretrained(root / "teacher")
-    (root / "text.txt").write_text("\n\n".join(sample_texts(8)))
+    save_llama_teacher_and_text(root)
     return root
 
 

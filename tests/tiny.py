@@ -109,3 +109,12 @@ def tiny_qwen2(**overrides):
 
 ENCODERS = {"bert": tiny_bert, "roberta": tiny_roberta, "xlm-roberta": tiny_xlm_roberta, "distilbert": tiny_distilbert}
 DECODERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "qwen2": tiny_qwen2}
+
+
+def save_llama_teacher_and_text(root: Path, teacher: str = "teacher") -> Path:
+    """A saved tiny Llama with its BPE tokenizer in ``root / teacher`` and eight BBC articles in ``root/text.txt``:
+    what a CLI run on a real folder needs. Returns ``root``."""
+    tiny_llama().save_pretrained(root / teacher)
+    bpe_tokenizer().save_pretrained(root / teacher)
+    (root / "text.txt").write_text("\n\n".join(sample_texts(8)))
+    return root

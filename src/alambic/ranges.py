@@ -47,16 +47,20 @@ PROBABILITY = Range(0, 1, low_open=True, high_open=True)
 """(0, 1)."""
 
 
+def check_value(name: str, value, allowed: Range) -> None:
+    """One line naming the option and its range when ``value`` (a number, or a tuple checked element by element)
+    lies outside ``allowed``; None means unset and is not checked."""
+    if value is None:
+        return
+    for item in value if isinstance(value, tuple) else (value,):
+        if not allowed.contains(item):
+            raise AlambicError(f"{name} must be {allowed.describe()}, got {value!r}")
+
+
 def check_ranges(options, prefix: str = "") -> None:
-    """Raise for the first field of ``options`` (a dataclass with a ``RANGES`` table) outside its range; None means
-    unset and is not checked; a tuple is checked element by element."""
+    """:func:`check_value` for every field of ``options`` (a dataclass with a ``RANGES`` table)."""
     for name, allowed in type(options).RANGES.items():
-        value = getattr(options, name)
-        if value is None:
-            continue
-        for item in value if isinstance(value, tuple) else (value,):
-            if not allowed.contains(item):
-                raise AlambicError(f"{prefix}{name} must be {allowed.describe()}, got {value!r}")
+        check_value(f"{prefix}{name}", getattr(options, name), allowed)
 
 
 def numeric_fields(options_type) -> list[str]:

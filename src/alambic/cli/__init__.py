@@ -14,7 +14,7 @@ import textwrap
 from alambic import __version__
 from alambic.config import TOKEN_TYPES
 from alambic.errors import AlambicError
-from alambic.ranges import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, Range
+from alambic.ranges import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, Range, check_value
 from alambic.cli.report import add_plot_run, add_plot_temperature, add_report
 from alambic.cli.tasks import add_augment, add_distill_task, add_eval_task, add_finetune
 
@@ -332,9 +332,7 @@ FLAG_RANGES = {
 def check_flags(args: argparse.Namespace) -> None:
     """One line for the first numeric flag outside its range, before a verb runs."""
     for dest, allowed in FLAG_RANGES.items():
-        value = getattr(args, dest, None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not allowed.contains(value):
-            raise AlambicError(f"--{dest.replace('_', '-')} must be {allowed.describe()}, got {value}")
+        check_value(f"--{dest.replace('_', '-')}", getattr(args, dest, None), allowed)
 
 
 def main(argv: list[str] | None = None) -> int:

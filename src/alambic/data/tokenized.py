@@ -31,6 +31,7 @@ class TokenizedCorpus:
     vocab_size: int
     path: Path
     from_cache: bool  # False when this call tokenised, so callers and tests can tell a reuse from a rebuild
+    unknown_tokens: int = 0  # tokens that are the tokenizer's unknown token
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -78,8 +79,7 @@ def build_or_load(specs, tokenizer, *, text_field: str = "text", split_documents
         with atomic_directory(final) as tmp:
             _write(tmp, documents, tokenizer, key_source)
     corpus = _load(final, from_cache=from_cache)
-    unknown = json.loads((final / "meta.json").read_text()).get("unknown_tokens", 0)
-    share = unknown / max(1, len(corpus.tokens))
+    share = corpus.unknown_tokens / max(1, len(corpus.tokens))
     if share >= UNKNOWN_WARNING_SHARE:
         print(f"warning: {100 * share:.0f}% of the tokens of {', '.join(map(str, specs))} are the tokenizer's unknown "
               f"token {tokenizer.unk_token!r}: most of this text is outside the teacher's vocabulary (DistilBERT's "
@@ -142,7 +142,8 @@ def _write(folder: Path, documents: list[str], tokenizer, key_source: str) -> No
 def _load(folder: Path, *, from_cache: bool) -> TokenizedCorpus:
     meta = json.loads((folder / "meta.json").read_text())
     tokens = np.memmap(folder / "tokens.bin", dtype=meta["dtype"], mode="r")
-    return TokenizedCorpus(tokens, np.load(folder / "offsets.npy"), meta["vocab_size"], folder, from_cache)
+    return TokenizedCorpus(tokens, np.load(folder / "offsets.npy"), meta["vocab_size"], folder, from_cache,
+                           meta["unknown_tokens"])
 
 
 def special_wrapping(tokenizer) -> tuple[list[int], list[int]]:

@@ -154,8 +154,7 @@ class _FusedVocabularyLoss(torch.autograd.Function):
             grad_x[part] = (g @ w_c).to(x.dtype)
             end = start + n
             if end % group_rows == 0 or end == rows:  # the group is full (or the rows are done): one product
-                first = end - (offset + n)
-                product = group[:offset + n].t() @ x_c[first:end]
+                product = group[:offset + n].t() @ x_c[start - offset:end]
                 grad_w = product.float() if grad_w is None else grad_w.add_(product)
         if grad_w is None:  # no rows
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)

@@ -16,8 +16,9 @@ from torch import nn
 
 from alambic import modeling
 from alambic.cache import atomic_directory
-from alambic.config import TOKEN_TYPES, WIDTH_INITS
+from alambic.config import TOKEN_TYPES, WIDTH_INITS, StudentConfig
 from alambic.errors import AlambicError, did_you_mean
+from alambic.ranges import check_value
 
 LAYER_SPECS = ("every-other", "even", "odd", "all", "linspace:K", "0,2,4,...", "auto[:greedy|influence]")
 TASK_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
@@ -289,9 +290,7 @@ def init_student(teacher, *, layers="every-other", hidden_size=None, intermediat
 
     for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
                         ("num_heads", num_heads)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise AlambicError(f"the student's {name} (--{name.replace('_', '-')}) must be a positive integer, "
-                               f"got {value!r}")
+        check_value(f"the student's {name}", value, StudentConfig.RANGES[name])
     if token_types not in TOKEN_TYPES:
         raise AlambicError(f"token types must be one of {', '.join(TOKEN_TYPES)}, got {token_types!r}")
     if width_init not in WIDTH_INITS:

@@ -137,8 +137,6 @@ def validation_callback(data: TaskData, tokenizer, options: DataOptions):
 
 
 def check_run_folder(out: Path, resume: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise AlambicError(f"--out {out} is a file; give a folder for the run")
     if not resume and (latest_checkpoint(out) is not None or any(out.glob("stage-*/checkpoints/latest"))):
         raise AlambicError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
 

@@ -69,8 +69,6 @@ def _check_inputs(cfg: DistillConfig, resume: bool) -> list[dict] | None:
                 max_tokens=cfg.student.calibration_tokens, max_length=cfg.data.max_length,
                 text_field=cfg.data.text_field, split_documents=cfg.data.split_documents, seed=cfg.training.seed)
     run_dir = Path(cfg.out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise AlambicError(f"--out {run_dir} is a file; give a folder for the run")
     if not resume and latest_checkpoint(run_dir) is not None:
         raise AlambicError(
             f"{run_dir} already holds a run with checkpoints: pass --resume to continue it, or choose another --out"
