@@ -190,6 +190,7 @@ MINIMAL_ARGS = {  # what argparse requires of each verb; the flag check runs bef
     "distill-task": ["--task", "classification", "--train", "t", "--out", "o", "--teacher", "t"],
     "eval-task": ["m", "--task", "classification", "--data", "d"],
     "augment": ["--task", "classification", "--data", "d", "--model", "m", "--out", "o"],
+    "export": ["m", "--format", "onnx", "--out", "o"],
 }
 FLAG_CASES = [(verb, action.option_strings[0], action.dest) for verb, parser in _verbs().items()
               for action in parser._actions if action.type in (int, float)]

@@ -72,8 +72,8 @@ def test_json_layout_is_stable(report):
         for f in row["flops"]:
             assert {"seq_len", "formula_per_token", "measured_per_token", "relative_difference", "breakdown"} == set(f)
         for s in row["speed"]:
-            assert {"device", "dtype", "batch_size", "seq_len", "warmup", "repeats", "threads", "times_s", "median_s",
-                    "p25_s", "p75_s", "min_s", "max_s", "ms_per_batch", "tokens_per_s"} == set(s)
+            assert {"device", "dtype", "runtime", "batch_size", "seq_len", "warmup", "repeats", "threads", "times_s",
+                    "median_s", "p25_s", "p75_s", "min_s", "max_s", "ms_per_batch", "tokens_per_s"} == set(s)
         assert {"parameters", "non_embedding_parameters", "disk", "flops", "speed", "summary",
                 "quality_retention_pct"} == set(row["ratios"])
         assert {"metric", "value", "source"} <= set(row["quality"])
@@ -186,7 +186,7 @@ def test_cli_writes_report_plots_and_card_atomically(files, tmp_path, capsys):
             "--names", "teacher,student,other", "--out", out, "--card", files / "student"]
     code, stdout, stderr = run(argv, capsys)
     assert code == 0, stderr
-    assert "| student | 2 |" in stdout and "quality retained" in stdout
+    assert "| student | torch float32 | 2 |" in stdout and "quality retained" in stdout
     assert "[1/3] teacher" in stderr and "tokens/s" in stderr  # progress while measuring
     assert "alambic: warning: other uses another tokenizer" in stderr
     assert sorted(p.name for p in out.iterdir()) == ["quality_vs_speed.png", "report.json", "report.md", "speed.png"]

@@ -164,6 +164,12 @@ def transformer_layers(model: nn.Module) -> nn.ModuleList:
     raise AlambicError(f"cannot find the {n} transformer layers of {type(model).__name__}; alambic does not support it")
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s weights sit; the CPU for a model run by another runtime (an export), which has none."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
 def has_lm_head(model: nn.Module) -> bool:
     return model.base_model is not model and model.get_output_embeddings() is not None
 

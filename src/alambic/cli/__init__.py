@@ -15,6 +15,7 @@ from alambic import __version__
 from alambic.config import TOKEN_TYPES
 from alambic.errors import AlambicError
 from alambic.ranges import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, Range, check_value
+from alambic.cli.export import add_export
 from alambic.cli.report import add_plot_run, add_plot_temperature, add_report
 from alambic.cli.tasks import add_augment, add_distill_task, add_eval_task, add_finetune
 
@@ -301,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill_task(sub)
     add_eval_task(sub)
     add_augment(sub)
+    add_export(sub)
     return parser
 
 

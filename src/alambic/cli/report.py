@@ -86,9 +86,9 @@ def _command(args) -> str:
 
 
 def _card_indices(models: list[str], cards: list[str]) -> list[tuple[str, int]]:
-    from alambic.teachers import resolve_model_path
+    from alambic.export.runtime import resolve_measured_path
 
-    resolved = [resolve_model_path(m).resolve() for m in models]
+    resolved = [resolve_measured_path(m).resolve() for m in models]
     out = []
     for card in cards:
         path = Path(card)

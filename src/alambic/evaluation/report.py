@@ -40,7 +40,7 @@ SCHEMA_VERSION = 1
 REPORT_KEYS = ("schema_version", "kind", "created", "command", "machine", "settings", "reference", "models",
                "warnings")
 MODEL_KEYS = ("name", "spec", "path", "kind", "architecture", "layers", "hidden_size", "vocab_size", "tokenizer",
-              "parameters", "disk_bytes", "flops", "speed", "quality", "ratios")
+              "parameters", "disk_bytes", "flops", "speed", "quality", "ratios", "format", "runtime")
 
 
 @dataclass
@@ -137,13 +137,14 @@ class _Prepared:
     kind: str
     tokenizer: object
     batches: list | None = None  # held-out batches (--lm-data), built before any weights load
+    export: dict | None = None  # the manifest of an `alambic export` folder, measured in its own runtime
 
 
 def _prepare(models: list[str], settings: ReportSettings, warn, log) -> list[_Prepared]:
     """Every check that needs no weights: model folders, configs, sequence lengths, data and tokenizers."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from alambic.teachers import resolve_model_path
+    from alambic.export.runtime import export_folder, read_manifest, resolve_measured_path
 
     if not models:
         raise AlambicError("give at least one model (the first is the reference, usually the teacher)")
@@ -164,7 +165,8 @@ def _prepare(models: list[str], settings: ReportSettings, warn, log) -> list[_Pr
                            "give distinct --names")
     prepared = []
     for spec, name in zip(models, names):
-        path = resolve_model_path(spec)
+        path = resolve_measured_path(spec)
+        manifest = read_manifest(path) if export_folder(spec) else None
         try:
             config = AutoConfig.from_pretrained(path)
         except (ValueError, KeyError, OSError) as err:
@@ -184,7 +186,7 @@ def _prepare(models: list[str], settings: ReportSettings, warn, log) -> list[_Pr
         except (OSError, ValueError) as err:
             raise AlambicError(f"{path} has no usable tokenizer ({str(err).strip().splitlines()[0]}); "
                                "save one next to the model")
-        prepared.append(_Prepared(str(spec), name, path, config, kind, tokenizer))
+        prepared.append(_Prepared(str(spec), name, path, config, kind, tokenizer, export=manifest))
     fingerprints = {p.name: vocabulary_hash(p.tokenizer)[:16] for p in prepared}
     if settings.lm_data:  # tokenise (cached) and check the data now: too little text fails before any timing
         built = {}
@@ -222,14 +224,14 @@ def _heldout(p: _Prepared, settings: ReportSettings) -> list[dict]:
     return batches
 
 
-def _lm_quality(model, p: _Prepared, settings: ReportSettings) -> dict:
+def _lm_quality(model, architecture, p: _Prepared, settings: ReportSettings) -> dict:
     from alambic.evaluation.lm import evaluate_lm
 
-    if not modeling.has_lm_head(model):
+    if not modeling.has_lm_head(architecture):
         return {"metric": None, "value": None, "source": "lm",
-                "reason": f"{type(model).__name__} has no language-model head (a bare encoder): held-out "
+                "reason": f"{type(architecture).__name__} has no language-model head (a bare encoder): held-out "
                           "perplexity / masked-token accuracy is not measurable for it"}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() and not p.export else "cpu"
     model.to(device)
     try:
         metrics = evaluate_lm(model, p.batches)
@@ -239,7 +241,7 @@ def _lm_quality(model, p: _Prepared, settings: ReportSettings) -> dict:
     return {"metric": "masked_accuracy" if masked else "perplexity", "higher_is_better": masked,
             "value": metrics["masked_accuracy"] if masked else metrics["perplexity"], "source": "lm",
             "data": list(settings.lm_data), "max_length": settings.eval_length, "device": device,
-            "dtype": "float32", **metrics}
+            "dtype": getattr(model, "precision", None) or "float32", **metrics}
 
 
 def _task_quality(p: _Prepared, settings: ReportSettings) -> dict:
@@ -254,25 +256,27 @@ def _task_quality(p: _Prepared, settings: ReportSettings) -> dict:
 
 def _measure(p: _Prepared, index: int, total: int, settings: ReportSettings, devices: list[str], log) -> dict:
     from alambic.evaluation.lm import weights_size_bytes
-    from alambic.teachers import load_model
 
     tag = f"[{index}/{total}] {p.name}"
     start = time.perf_counter()
     log(f"{tag}: loading")
-    if settings.task:  # the fine-tuned model with its task head, as it will be deployed
-        from alambic.tasks.models import load_task_model
+    if p.export:
+        from alambic.export.runtime import exported_bytes, load_exported
 
-        model = load_task_model(p.spec, settings.task, need_head=True)[0].eval()
+        model = load_exported(p.path, p.export)
+        architecture = _architecture(p, settings)  # FLOPs are the source architecture's
+        params, disk = p.export["parameters"], exported_bytes(p.path, p.export)
     else:
-        model, _ = load_model(p.spec, kind=p.kind)
-    params = parameter_counts(model)
-    head = flops_mod.head_type(model)
+        model = architecture = _load_torch(p, settings)
+        params, disk = parameter_counts(model), weights_size_bytes(p.path)
+    runtime = f"{getattr(model, 'runtime', 'torch')} {getattr(model, 'precision', '') or 'float32'}"
+    head = flops_mod.head_type(architecture)
     log(f"{tag}: {params['total'] / 1e6:.4g}M parameters ({params['non_embedding'] / 1e6:.4g}M without "
-        f"embeddings), {weights_size_bytes(p.path) / 1e6:.4g} MB on disk")
+        f"embeddings), {disk / 1e6:.4g} MB on disk, runs in {runtime}")
     flop_rows = []
     for length in settings.seq_lens:
         formula = flops_mod.flops_per_token(p.config, length, head)
-        measured = flops_mod.measured_flops_per_token(model, length)
+        measured = flops_mod.measured_flops_per_token(architecture, length)
         flop_rows.append({"seq_len": length, "formula_per_token": formula.total, "measured_per_token": measured,
                           "relative_difference": (formula.total - measured) / measured if measured else None,
                           "breakdown": formula.to_dict()})
@@ -284,7 +288,7 @@ def _measure(p: _Prepared, index: int, total: int, settings: ReportSettings, dev
         quality = _task_quality(p, settings)
     elif settings.lm_data:
         log(f"{tag}: held-out quality on {' '.join(settings.lm_data)}")
-        quality = _lm_quality(model, p, settings)
+        quality = _lm_quality(model, architecture, p, settings)
     else:
         quality = {"metric": None, "value": None, "source": None,
                    "reason": "no quality data given (--lm-data or --task)"}
@@ -293,9 +297,10 @@ def _measure(p: _Prepared, index: int, total: int, settings: ReportSettings, dev
     elif quality.get("reason"):
         log(f"{tag}: quality not measured: {quality['reason']}")
     speed_rows = []
-    for device in devices:
+    for device in devices if not p.export else ["cpu"]:  # an export runs where its runtime does: the CPU here
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        model.to(device=device, dtype=dtype)
+        if not p.export:
+            model.to(device=device, dtype=dtype)
         for length in settings.seq_lens:
             for batch in sorted({1, settings.batch_size}):
                 row = speed_mod.time_forward(model, batch_size=batch, seq_len=length, warmup=settings.warmup,
@@ -311,15 +316,32 @@ def _measure(p: _Prepared, index: int, total: int, settings: ReportSettings, dev
         "architecture": type(model).__name__, "layers": modeling.num_layers(cfg),
         "hidden_size": modeling.hidden_size(cfg), "vocab_size": modeling.vocab_size(cfg),
         "tokenizer": vocabulary_hash(p.tokenizer)[:16], "parameters": params,
-        "disk_bytes": weights_size_bytes(p.path), "flops": flop_rows, "speed": speed_rows, "quality": quality,
-        "ratios": None,
+        "disk_bytes": disk, "flops": flop_rows, "speed": speed_rows, "quality": quality,
+        "ratios": None, "format": p.export["format"] if p.export else "pytorch", "runtime": runtime,
     }
-    del model
+    del model, architecture
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     log(f"{tag}: done in {time.perf_counter() - start:.0f} s")
     return row
+
+
+def _load_torch(p: _Prepared, settings: ReportSettings):
+    from alambic.teachers import load_model
+
+    if settings.task:  # the fine-tuned model with its task head, as it will be deployed
+        from alambic.tasks.models import load_task_model
+
+        return load_task_model(p.spec, settings.task, need_head=True)[0].eval()
+    return load_model(p.spec, kind=p.kind)[0]
+
+
+def _architecture(p: _Prepared, settings: ReportSettings):
+    """The exported model's architecture in PyTorch (fresh weights): what its FLOPs are counted on."""
+    from alambic.export.runtime import auto_class
+
+    return auto_class(p.export["head"]).from_config(p.config).eval()
 
 
 def _ratios(row: dict, ref: dict) -> dict:
@@ -464,12 +486,14 @@ def render_markdown(report: dict) -> str:
     for m in models:
         flop = next(f for f in m["flops"] if f["seq_len"] == length)
         lat, thr = speed_row(m, dev, 1, length), speed_row(m, dev, batch, length)
-        rows.append([m["name"], f"{m['layers']}", format_number(m["parameters"]["total"] / 1e6),
+        rows.append([m["name"], m.get("runtime", "torch float32"), f"{m['layers']}",
+                     format_number(m["parameters"]["total"] / 1e6),
                      format_number(m["parameters"]["non_embedding"] / 1e6), format_number(m["disk_bytes"] / 1e6),
                      format_number(flop["measured_per_token"] / 1e9), format_number(lat and lat["ms_per_batch"]),
                      format_number(thr and thr["tokens_per_s"]), _quality_cell(m["quality"])])
-    out += _table(["model", "layers", "params (M)", "non-emb. params (M)", "size on disk (MB)", "GFLOPs/token",
-                   "latency b=1 (ms)", f"throughput b={batch} (tokens/s)", "quality"], rows)
+    out += _table(["model", "runtime", "layers", "params (M)", "non-emb. params (M)", "size on disk (MB)",
+                   "GFLOPs/token", "latency b=1 (ms)", f"throughput b={batch} (tokens/s)", "quality"], rows,
+                  right_from=2)
     rows = []
     for m in models if len(models) > 1 else []:
         r = m["ratios"]
@@ -494,7 +518,7 @@ def render_markdown(report: dict) -> str:
         for s in m["speed"]:
             rr = speedup_row(m, s["device"], s["batch_size"], s["seq_len"])
             threads = f" ({s['threads']} thread{'s' if s['threads'] != 1 else ''})" if s["threads"] else ""
-            rows.append([m["name"], f"{s['device']} {s['dtype']}{threads}",
+            rows.append([m["name"], f"{s['device']} {s.get('runtime', 'torch')} {s['dtype']}{threads}",
                          str(s["batch_size"]), str(s["seq_len"]), f"{s['ms_per_batch']:.2f}",
                          f"{1000 * s['p25_s']:.2f}-{1000 * s['p75_s']:.2f}", f"{s['tokens_per_s']:.0f}",
                          format_value(rr and rr["speedup"], ".2f", "x"), format_value(rr and rr["efficiency"], ".2f")])

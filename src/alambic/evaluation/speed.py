@@ -62,8 +62,9 @@ def time_forward(model: torch.nn.Module, *, batch_size: int, seq_len: int, warmu
     """Time forwards of ``model`` (on the device and dtype it sits on) and summarise them (see the module doc)."""
     if repeats < 1 or warmup < 0:
         raise ValueError("repeats must be >= 1 and warmup >= 0")
-    parameter = next(model.parameters())
-    device = parameter.device
+    device = modeling.model_device(model)
+    parameter = next(model.parameters(), None)
+    precision = getattr(model, "precision", None) or str(parameter.dtype).removeprefix("torch.")
     vocab = modeling.vocab_size(model.config)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator).to(device)
@@ -85,7 +86,8 @@ def time_forward(model: torch.nn.Module, *, batch_size: int, seq_len: int, warmu
                     times.append(time.perf_counter() - start)
     finally:
         model.train(was_training)
-    return {"device": device.type, "dtype": str(parameter.dtype).removeprefix("torch."), "batch_size": batch_size,
+    return {"device": device.type, "dtype": precision, "runtime": getattr(model, "runtime", "torch"),
+            "batch_size": batch_size,
             "seq_len": seq_len, "warmup": warmup, "repeats": repeats,
             "threads": torch.get_num_threads() if device.type == "cpu" else None,
             **summarise(times, batch_size, seq_len)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from alambic.modeling import model_device
 from alambic.tasks import metrics
 from alambic.tasks.features import Feature, evaluation_batches
 from alambic.tasks.models import prediction_rows, task_logits
@@ -17,7 +18,7 @@ N_BEST = 20
 def _feature_outputs(model, task: str, features: list[Feature], tokenizer, batch_size: int) -> list[torch.Tensor]:
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     outputs: list[torch.Tensor | None] = [None] * len(features)
     try:
         for ids, batch in evaluation_batches(task, features, tokenizer, batch_size):

@@ -92,6 +92,26 @@ def load_task_model(spec, task: str, labels: list[str] | None = None, *, role: s
     return model, tokenizer, path
 
 
+def load_evaluated_model(spec, task: str):
+    """``(model, tokenizer, parameters)`` of a task model to evaluate: a model or run folder in PyTorch (as
+    :func:`load_task_model` with ``need_head``), or an ``alambic export`` folder in its own runtime."""
+    from alambic.export.runtime import export_folder, load_exported, read_manifest
+
+    folder = export_folder(spec)
+    if folder is None:
+        from alambic.students import count_parameters
+
+        model, tokenizer, _ = load_task_model(spec, task, role="model", need_head=True)
+        return model, tokenizer, count_parameters(model)
+    from transformers import AutoTokenizer
+
+    manifest = read_manifest(folder)
+    if manifest["head"] != task:
+        raise AlambicError(f"{spec} is an export of a {manifest['head']} model, not a {task} one: give the export "
+                           f"of a model fine-tuned for {task}")
+    return load_exported(folder, manifest), AutoTokenizer.from_pretrained(folder), manifest["parameters"]["total"]
+
+
 def task_logits(model: torch.nn.Module, task: str, batch: dict) -> torch.Tensor:
     """``(B, C)`` class logits, ``(B, L, C)`` token logits, or ``(2, B, L)`` start / end logits.
 

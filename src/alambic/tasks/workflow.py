@@ -148,18 +148,17 @@ def write_summary(out: Path, summary: dict) -> None:
 def evaluate_models(task: str, models: list[str], data_path, options: DataOptions) -> list[dict]:
     """One row per model (a fine-tuned task model or a distilled student): its parameters and task metrics on the
     examples of ``data_path``."""
-    from alambic.students import count_parameters
-    from alambic.tasks.models import load_task_model, model_labels
+    from alambic.tasks.models import load_evaluated_model, model_labels
 
     examples = read_examples(task, data_path, options)
     rows = []
     for spec in models:
-        model, tokenizer, _ = load_task_model(spec, task, role="model", need_head=True)
+        model, tokenizer, parameters = load_evaluated_model(spec, task)
         labels = model_labels(model) if task != "qa" else []
         check_labels(task, examples, labels, str(data_path), f"the labels of model {spec}")
         features = encode(task, examples, tokenizer, labels, max_length=options.max_length,
                           doc_stride=options.doc_stride)
         metrics = evaluate_task(model, task, examples, features, tokenizer, labels, options.eval_batch_size,
                                 options.qa_metric)
-        rows.append({"model": spec, "parameters": count_parameters(model), "examples": len(examples), **metrics})
+        rows.append({"model": spec, "parameters": parameters, "examples": len(examples), **metrics})
     return rows

@@ -1,0 +1,107 @@
+"""ONNX graphs of encoders (with their task or MLM head) and decoders, and their int8 quantisation.
+
+The graph is traced by torch's exporter (``torch.onnx.export(dynamo=True)``) with the batch and sequence dimensions
+dynamic. Inputs are ``input_ids``, ``attention_mask`` and, for models with several token types, ``token_type_ids``
+(int64); outputs are named as the transformers output fields: ``logits`` (LM, classification, NER),
+``start_logits`` / ``end_logits`` (QA) or ``last_hidden_state`` (an encoder without head). Decoders are exported
+without a KV cache: the graph scores whole sequences (perplexity, prefill, reranking), it does not generate token by
+token.
+
+int8 (ONNX Runtime): ``dynamic`` stores int8 weights and quantises activations on the fly (no data needed);
+``static`` also fixes the activation scales from calibration batches (QDQ format) and so needs calibration text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from alambic import modeling
+
+GRAPH = "model.onnx"
+OUTPUTS = {"causal": ("logits",), "masked": ("logits",), "classification": ("logits",), "ner": ("logits",),
+           "qa": ("start_logits", "end_logits"), "encoder": ("last_hidden_state",)}
+"""The graph's outputs for each head (see :func:`alambic.workflows.export.model_head`)."""
+INT8_MODES = ("dynamic", "static")
+
+
+def input_names(config) -> list[str]:
+    names = ["input_ids", "attention_mask"]
+    if getattr(modeling._config(config), "type_vocab_size", 0) > 1:
+        names.append("token_type_ids")
+    return names
+
+
+class _Signature(torch.nn.Module):
+    """Named tensors in, a tuple of the head's outputs back: the graph's signature."""
+
+    def __init__(self, model: torch.nn.Module, outputs: tuple[str, ...], causal: bool):
+        super().__init__()
+        self.model, self.outputs, self.causal = model, outputs, causal
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        if self.causal:
+            kwargs["use_cache"] = False
+        output = self.model(**kwargs)
+        return tuple(output[name] for name in self.outputs)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter prints its progress and torchvision's absence; alambic prints one line of its own."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript")]
+    loggers.append(logging.getLogger())  # ONNX Runtime's quantiser warns on the root logger
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def export_graph(model: torch.nn.Module, head: str, example: dict, path: Path) -> None:
+    """Trace ``model`` on the ``example`` batch (its ``input_names``) and write the graph, weights inline, to
+    ``path``."""
+    names = input_names(model.config)
+    args = tuple(example[name] for name in names)
+    dynamic = {name: {0: "batch", 1: "sequence"} for name in names}
+    signature = _Signature(model.eval(), OUTPUTS[head], causal=head == "causal")
+    with _quiet_exporter(), torch.no_grad():
+        torch.onnx.export(signature, args, str(path), input_names=names, output_names=list(OUTPUTS[head]),
+                          dynamic_shapes=dynamic, dynamo=True, external_data=False, verbose=False)
+
+
+class _Calibration:
+    """ONNX Runtime's CalibrationDataReader protocol over tokenised batches."""
+
+    def __init__(self, batches: list[dict]):
+        self._batches = iter(batches)
+
+    def get_next(self):
+        return next(self._batches, None)
+
+
+def quantize_int8(source: Path, target: Path, mode: str, calibration: list[dict] | None = None) -> None:
+    """int8 ``target`` from the float graph ``source``; ``static`` reads ``calibration`` batches (numpy feeds)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    with warnings.catch_warnings(), _quiet_exporter():
+        warnings.simplefilter("ignore")
+        if mode == "dynamic":
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        else:
+            quantize_static(str(source), str(target), _Calibration(calibration or []),
+                            quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
+                            weight_type=QuantType.QInt8, per_channel=True)

@@ -1,0 +1,167 @@
+"""An export folder, and the exported model loaded in the runtime it is for.
+
+An export folder (written by ``alambic export``) holds the exported file(s), the model's ``config.json`` and
+tokenizer, and ``alambic-export.json``: the format, the head, the source model's parameter counts and the parity
+measured against PyTorch. :func:`load_exported` returns a module called like a transformers model
+(``model(input_ids=..., attention_mask=...)`` -> an object with ``.logits`` or ``.start_logits`` / ``.end_logits``),
+with ``.config``, ``.runtime``, ``.precision`` and ``.exported`` (True), so evaluation and timing run on it
+unchanged (evaluation reads the full logits of an exported model rather than splitting off its head):
+
+- ONNX graphs run in ONNX Runtime (CPU, as many threads as torch uses);
+- ``model-int8.pt`` runs in PyTorch with its int8 linear layers;
+- a ``.gguf`` file runs in llama.cpp when ``llama-cpp-python`` is installed, else it is read back by transformers
+  (dequantised to float32: the quality is the file's, the speed is PyTorch's, and the report says so).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from alambic.errors import AlambicError
+
+MANIFEST = "alambic-export.json"
+
+
+def export_folder(spec) -> Path | None:
+    """The export folder ``spec`` names (the folder itself or a file in it), or None when it is not one."""
+    path = Path(str(spec)).expanduser()
+    folder = path if path.is_dir() else path.parent if path.is_file() else None
+    return folder if folder is not None and (folder / MANIFEST).is_file() else None
+
+
+def resolve_measured_path(spec) -> Path:
+    """The folder of a model to evaluate or measure: an export folder as it is, anything else as
+    :func:`alambic.teachers.resolve_model_path` resolves it."""
+    from alambic.teachers import resolve_model_path
+
+    return export_folder(spec) or resolve_model_path(spec)
+
+
+def read_manifest(folder: Path) -> dict:
+    file = Path(folder) / MANIFEST
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+        missing = [name for name in manifest["files"] if not (Path(folder) / name).is_file()]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise AlambicError(f"{file} is not a readable export manifest ({error}); export the model again") from None
+    if missing:
+        raise AlambicError(f"{folder} lacks {missing[0]}, which its {MANIFEST} lists; export the model again")
+    return manifest
+
+
+def exported_bytes(folder: Path, manifest: dict) -> int:
+    """Bytes of the exported model file(s): what a deployment ships (config and tokenizer files aside)."""
+    return sum((Path(folder) / name).stat().st_size for name in manifest["files"])
+
+
+def _outputs(named: dict[str, np.ndarray]) -> SimpleNamespace:
+    return SimpleNamespace(**{name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in named.items()})
+
+
+class OnnxModel(torch.nn.Module):
+    """An ONNX graph in an ONNX Runtime CPU session."""
+
+    runtime, exported = "onnxruntime", True
+
+    def __init__(self, graph: Path, config, outputs: list[str], precision: str):
+        import onnxruntime
+
+        super().__init__()
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # the same share of the machine as PyTorch's rows
+        options.log_severity_level = 3
+        self.session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.outputs, self.config, self.precision = outputs, config, precision
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, **_):
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask if attention_mask is not None
+                 else torch.ones_like(input_ids)}
+        if "token_type_ids" in self.input_names:
+            feeds["token_type_ids"] = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+        feeds = {name: feeds[name].cpu().numpy().astype(np.int64) for name in self.input_names}
+        return _outputs(dict(zip(self.outputs, self.session.run(self.outputs, feeds))))
+
+
+class LlamaCppModel(torch.nn.Module):
+    """A GGUF file in llama.cpp: each row's real tokens are evaluated as one sequence and its logits placed back at
+    their positions (padding positions get zeros)."""
+
+    runtime, exported = "llama.cpp", True
+
+    def __init__(self, file: Path, config, precision: str, context: int = 2048):
+        from llama_cpp import Llama
+
+        super().__init__()
+        self.llm = Llama(model_path=str(file), n_ctx=context, n_batch=context, logits_all=True, verbose=False,
+                         n_threads=torch.get_num_threads())
+        self.config, self.precision, self.outputs = config, precision, ["logits"]
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        batch, length = input_ids.shape
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        logits = np.zeros((batch, length, self.llm.n_vocab()), dtype=np.float32)
+        for row in range(batch):
+            positions = mask[row].nonzero().flatten().tolist()
+            if not positions:
+                continue
+            self.llm.reset()
+            self.llm.eval(input_ids[row, positions].tolist())
+            logits[row, positions] = np.asarray(self.llm.scores[:len(positions)], dtype=np.float32)
+        return _outputs({"logits": logits})
+
+
+def _has_llama_cpp() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:  # not installed, or installed without its dependencies
+        return False
+    return True
+
+
+def load_exported(folder: Path, manifest: dict | None = None) -> torch.nn.Module:
+    """The model of export folder ``folder`` in its runtime (see the module doc)."""
+    from transformers import AutoConfig
+
+    manifest = manifest or read_manifest(folder)
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder)
+    file = folder / manifest["files"][0]
+    fmt, precision = manifest["format"], manifest["precision"]
+    if fmt.startswith("onnx"):
+        return OnnxModel(file, config, manifest["outputs"], precision)
+    if fmt == "torch-int8":
+        from alambic.export import torch_int8
+
+        model = torch_int8.load(folder, auto_class(manifest["head"]))
+    elif fmt == "gguf" and _has_llama_cpp():
+        from alambic.evaluation.speed import max_positions
+
+        return LlamaCppModel(file, config, precision, context=min(2048, max_positions(config) or 2048))
+    elif fmt == "gguf":
+        from transformers import AutoModelForCausalLM
+
+        from alambic.teachers import _quiet_transformers
+
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file.name, dtype=torch.float32)
+        model.runtime, model.precision, model.exported = "transformers", f"{precision} dequantised to float32", True
+        return model.eval().requires_grad_(False)
+    else:
+        raise AlambicError(f"{folder}: unknown export format {fmt!r} in {MANIFEST}; export the model again")
+    model.runtime, model.precision, model.exported = "torch", precision, True
+    return model.requires_grad_(False)
+
+
+def auto_class(head: str):
+    import transformers
+
+    return {"causal": transformers.AutoModelForCausalLM, "masked": transformers.AutoModelForMaskedLM,
+            "classification": transformers.AutoModelForSequenceClassification,
+            "ner": transformers.AutoModelForTokenClassification,
+            "qa": transformers.AutoModelForQuestionAnswering, "encoder": transformers.AutoModel}[head]
