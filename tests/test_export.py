@@ -14,7 +14,7 @@ from alambic.export import torch_int8
 from alambic.export.gguf_file import write_gguf
 from alambic.export.runtime import MANIFEST, load_exported, read_manifest
 from alambic.workflows.export import SAMPLE_TEXTS, encode, export, parity
-from tiny import DECODERS, bpe_tokenizer, sample_texts, tiny_bert, tiny_llama, wordpiece_tokenizer
+from tiny import DECODERS, ENCODERS, bpe_tokenizer, sample_texts, tiny_bert, tiny_llama, wordpiece_tokenizer
 
 LABELS = ["business", "sport", "tech"]
 
@@ -39,6 +39,9 @@ def root(tmp_path_factory):
     tiny_llama().save_pretrained(root / "llama")
     bpe_tokenizer().save_pretrained(root / "llama")
     tiny_bert().save_pretrained(root / "bert")
+    for name in ("qwen2", "gpt2", "roberta", "distilbert"):
+        (DECODERS.get(name) or ENCODERS[name])().save_pretrained(root / name)
+        (wordpiece_tokenizer() if name == "distilbert" else bpe_tokenizer()).save_pretrained(root / name)
     for task in ("classification", "ner", "qa"):
         task_model(task).save_pretrained(root / task)
     for name in ("bert", "classification", "ner", "qa"):
@@ -53,8 +56,9 @@ def cli(*argv) -> int:
 
 # --- ONNX ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model, head", [("llama", "causal"), ("bert", "masked"), ("classification", "classification"),
-                                         ("ner", "ner"), ("qa", "qa")])
+@pytest.mark.parametrize("model, head", [
+    ("llama", "causal"), ("qwen2", "causal"), ("gpt2", "causal"), ("bert", "masked"), ("roberta", "masked"),
+    ("distilbert", "masked"), ("classification", "classification"), ("ner", "ner"), ("qa", "qa")])
 def test_onnx_export_matches_pytorch_on_real_text(model, head, root, tmp_path):
     out = tmp_path / "onnx"
     manifest = export(root / model, "onnx", out, log=lambda line: None)

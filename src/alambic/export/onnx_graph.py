@@ -22,12 +22,14 @@ from pathlib import Path
 import torch
 
 from alambic import modeling
+from alambic.errors import AlambicError
 
 GRAPH = "model.onnx"
 OUTPUTS = {"causal": ("logits",), "masked": ("logits",), "classification": ("logits",), "ner": ("logits",),
            "qa": ("start_logits", "end_logits"), "encoder": ("last_hidden_state",)}
 """The graph's outputs for each head (see :func:`alambic.workflows.export.model_head`)."""
 INT8_MODES = ("dynamic", "static")
+TESTED_FAMILIES = ("BERT", "RoBERTa", "DistilBERT", "Llama", "Qwen2", "GPT-2")
 
 
 def input_names(config) -> list[str]:
@@ -78,9 +80,15 @@ def export_graph(model: torch.nn.Module, head: str, example: dict, path: Path) -
     args = tuple(example[name] for name in names)
     dynamic = {name: {0: "batch", 1: "sequence"} for name in names}
     signature = _Signature(model.eval(), OUTPUTS[head], causal=head == "causal")
-    with _quiet_exporter(), torch.no_grad():
-        torch.onnx.export(signature, args, str(path), input_names=names, output_names=list(OUTPUTS[head]),
-                          dynamic_shapes=dynamic, dynamo=True, external_data=False, verbose=False)
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            torch.onnx.export(signature, args, str(path), input_names=names, output_names=list(OUTPUTS[head]),
+                              dynamic_shapes=dynamic, dynamo=True, external_data=False, verbose=False)
+    except Exception as error:  # the exporter's own errors are pages long; the first line names the cause
+        cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise AlambicError(f"torch's ONNX exporter cannot trace this {model.config.model_type} model ({cause}); "
+                           f"ONNX export is tested on the {', '.join(TESTED_FAMILIES)} families: use --format "
+                           "torch-int8, or --debug for the exporter's traceback") from error
 
 
 class _Calibration:
