@@ -5,8 +5,8 @@ teacher measured in the same run.
 
     # the BBC classification student of `make demo`
     python benchmarks/export_formats.py --teacher runs/demo/teacher/best --student runs/demo/student/best \
-        --formats onnx onnx-int8 torch-int8 --task classification --data bbc-news:heldout --max-length 64 \
-        --seq-lens 128 --out runs/export-bbc
+        --formats onnx onnx-int8 onnx-int8:static torch-int8 --calibration-data bbc-news:train \
+        --task classification --data bbc-news:heldout --max-length 64 --seq-lens 128 --out runs/export-bbc
     # the SmolLM2 15-layer student of `make demo-lm`
     python benchmarks/export_formats.py --teacher smollm2-135m --student runs/demo-lm/student \
         --formats gguf:f16 gguf:q8_0 --lm-data bbc-news:heldout --max-length 256 --seq-lens 128 --out runs/export-lm
@@ -32,10 +32,11 @@ from alambic.workflows.export import export  # noqa: E402
 def export_all(student: str, formats: list[str], out: Path, calibration) -> list[str]:
     folders = []
     for spec in formats:
-        fmt, _, gguf_type = spec.partition(":")
+        fmt, _, option = spec.partition(":")  # gguf:q8_0 (GGUF type), onnx-int8:static (int8 mode)
         folder = out / spec.replace(":", "-")
         if not (folder / "alambic-export.json").is_file():
-            export(student, fmt, folder, gguf_type=gguf_type or "f16", calibration_data=calibration)
+            export(student, fmt, folder, gguf_type=option if fmt == "gguf" else "f16",
+                   int8=option if fmt == "onnx-int8" and option else "dynamic", calibration_data=calibration)
         folders.append(str(folder))
     return folders
 
@@ -65,7 +66,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True)
     p.add_argument("--student", required=True)
-    p.add_argument("--formats", nargs="+", required=True, help="onnx, onnx-int8, torch-int8, gguf:f16, gguf:q8_0 ...")
+    p.add_argument("--formats", nargs="+", required=True,
+                   help="onnx, onnx-int8, onnx-int8:static, torch-int8, gguf:f16, gguf:q8_0 ...")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--task")
     p.add_argument("--data", nargs="+", default=[])

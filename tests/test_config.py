@@ -191,6 +191,7 @@ MINIMAL_ARGS = {  # what argparse requires of each verb; the flag check runs bef
     "eval-task": ["m", "--task", "classification", "--data", "d"],
     "augment": ["--task", "classification", "--data", "d", "--model", "m", "--out", "o"],
     "export": ["m", "--format", "onnx", "--out", "o"],
+    "cache-teacher": ["--teacher", "t", "--data", "d", "--out", "o"],
 }
 FLAG_CASES = [(verb, action.option_strings[0], action.dest) for verb, parser in _verbs().items()
               for action in parser._actions if action.type in (int, float)]

@@ -89,7 +89,7 @@ def test_a_lock_held_on_another_host_is_not_guessed_at(tmp_path):
 
 def test_two_real_runs_on_one_folder_at_once(files, tmp_path):
     """The first run holds the folder; the second, started while it runs, stops at once; the first finishes."""
-    first = subprocess.Popen(distill_cmd(files, tmp_path / "run", steps=40), stdout=subprocess.PIPE,
+    first = subprocess.Popen(distill_cmd(files, tmp_path / "run", steps=300), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         deadline = time.monotonic() + 60

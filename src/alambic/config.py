@@ -110,8 +110,8 @@ class DataConfig:
 
     RANGES: typing.ClassVar[dict] = {"max_length": Range(8), "min_tokens": POSITIVE, "eval_max_tokens": POSITIVE}
 
-    def validate(self):
-        if not self.train:
+    def validate(self, train_required: bool = True):
+        if not self.train and train_required:
             raise AlambicError("no training data: give --data PATH (a file, folder, glob or packaged corpus such as bbc-news)")
         if self.split_documents not in ("file", "line", "blank-line"):
             raise AlambicError(f"data.split_documents must be file, line or blank-line, got {self.split_documents!r}")
@@ -180,6 +180,8 @@ class TrainingConfig:
 class DistillConfig:
     teacher: str = ""
     """Teacher: a local Hugging Face model folder, a .gguf file, or a packaged name (smollm2-135m, minilm-l6)."""
+    teacher_logits: str = ""
+    """A teacher cache made by `alambic cache-teacher`: soft targets (and hidden states) are read from it and no teacher runs while training; the data are its sequences (data.train, when given, must be the cached data). The student comes from student.init, or is built from the teacher, loaded only for that."""
     out: str = ""
     """Run folder: checkpoints, metrics.jsonl, and the exported student in OUT/student."""
     recipe: str = "distilbert"
@@ -191,14 +193,23 @@ class DistillConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def validate(self) -> "DistillConfig":
-        if not self.teacher:
-            raise AlambicError("no teacher: give --teacher (a model folder, a .gguf file, or smollm2-135m / minilm-l6)")
+        if not self.teacher and not self.teacher_logits:
+            raise AlambicError("no teacher: give --teacher (a model folder, a .gguf file, or smollm2-135m / minilm-l6) "
+                               "or --teacher-logits CACHE (from `alambic cache-teacher`)")
         if not self.out:
             raise AlambicError("no output folder: give --out DIR")
+        if self.teacher_logits and self.recipe != "distilbert":
+            raise AlambicError(f"--teacher-logits serves the distilbert recipe (soft targets and hidden states); "
+                               f"{self.recipe} reads the teacher's intermediate layers, so it needs the teacher live: "
+                               "give --teacher instead")
+        if self.teacher_logits and not self.teacher and not self.student.init:
+            raise AlambicError("--teacher-logits without --teacher needs the student to train: give --student DIR, or "
+                               "--teacher to build it from (the teacher is loaded only for that)")
         if self.loss is None:
             self.loss = loss_config_class(self.recipe)()
-        for section in (self.student, self.data, self.loss, self.training):
+        for section in (self.student, self.loss, self.training):
             section.validate()
+        self.data.validate(train_required=not self.teacher_logits)
         return self
 
     def to_dict(self) -> dict:

@@ -161,6 +161,8 @@ def add_distill(sub) -> None:
     )
     p.add_argument("--config", help="YAML file of options (see configs/ for examples)")
     p.add_argument("--teacher", help=TEACHER_HELP)
+    p.add_argument("--teacher-logits", metavar="CACHE",
+                   help="train on a teacher cache from `alambic cache-teacher` instead of running the teacher")
     p.add_argument("--data", nargs="+", help="training text: " + DATA_HELP)
     p.add_argument("--eval-data", nargs="+", help="held-out text evaluated before and after training")
     p.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, exported student in OUT/student)")
@@ -183,7 +185,7 @@ def add_distill(sub) -> None:
 
 
 FLAG_TO_OPTION = {
-    "teacher": "teacher", "data": "data.train", "eval_data": "data.eval", "out": "out", "student": "student.init",
+    "teacher": "teacher", "teacher_logits": "teacher_logits", "data": "data.train", "eval_data": "data.eval", "out": "out", "student": "student.init",
     "layers": "student.layers", "recipe": "recipe", "layer_map": "loss.layer_map", "max_steps": "training.max_steps",
     "batch_size": "training.batch_size", "grad_accum": "training.grad_accum", "lr": "training.lr",
 }
@@ -216,6 +218,47 @@ def run_distill(args) -> int:
     evals = {k: v for k, v in result.metrics.items() if k.startswith("eval/")}
     if evals:
         print("held-out after training: " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in evals.items()))
+    return 0
+
+
+# --- cache-teacher ------------------------------------------------------------------------------------------------
+
+def add_cache_teacher(sub) -> None:
+    p = sub.add_parser(
+        "cache-teacher",
+        help="run a teacher once over a corpus and store its top-k outputs, for distill --teacher-logits",
+        description="Run the teacher once over the sequences `alambic distill` would train on and store, per token, "
+        "its top-k log-probabilities at --temperature and the log of the remaining mass (fp16 / uint16 shards with a "
+        "manifest: teacher, tokenizer and data fingerprints, max_length, k, temperature). `alambic distill "
+        "--teacher-logits OUT` then trains without the teacher. Encoders get static masks, drawn once and stored. "
+        "Resumable (rerun the same command), and under torchrun each process writes its share of the shards.",
+    )
+    p.add_argument("--teacher", required=True, help=TEACHER_HELP)
+    p.add_argument("--data", nargs="+", required=True, help="training text: " + DATA_HELP)
+    p.add_argument("--out", required=True, help="cache folder (a rerun with the same settings continues it)")
+    p.add_argument("--top-k", type=int, default=32, help="teacher classes kept per token (default 32)")
+    p.add_argument("--temperature", type=float, default=2.0,
+                   help="temperature of the stored distribution; distill's loss.temperature must match (default 2)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per sequence, as data.max_length (default 128)")
+    p.add_argument("--hidden-states", action="store_true",
+                   help="also store the last hidden states (fp16), for the cosine term")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per teacher forward (default 8)")
+    p.add_argument("--mlm-probability", type=float, default=0.15, help="encoders: share of tokens masked (default 0.15)")
+    p.add_argument("--seed", type=int, default=0, help="encoders: seed of the static masks (default 0)")
+    p.add_argument("--shard-examples", type=int, default=512, help="sequences per shard file (default 512)")
+    p.add_argument("--text-field", default="text", help="field or column with the text in .jsonl/.csv/.parquet")
+    p.add_argument("--split-documents", choices=("file", "line", "blank-line"), default="file",
+                   help="how text files split into documents, as data.split_documents (default file)")
+    p.set_defaults(run=run_cache_teacher)
+
+
+def run_cache_teacher(args) -> int:
+    from alambic.workflows.cache_teacher import cache_teacher
+
+    cache_teacher(args.teacher, args.data, args.out, top_k=args.top_k, temperature=args.temperature,
+                  max_length=args.max_length, hidden_states=args.hidden_states, batch_size=args.batch_size,
+                  mlm_probability=args.mlm_probability, seed=args.seed, shard_examples=args.shard_examples,
+                  text_field=args.text_field, split_documents=args.split_documents)
     return 0
 
 
@@ -294,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_init_student(sub)
     add_distill(sub)
+    add_cache_teacher(sub)
     add_eval_lm(sub)
     add_report(sub)
     add_plot_run(sub)
@@ -319,14 +363,14 @@ FLAG_RANGES = {
     "hidden_size": POSITIVE, "intermediate_size": POSITIVE, "num_heads": POSITIVE, "depth": POSITIVE,
     "max_steps": POSITIVE, "batch_size": POSITIVE, "grad_accum": POSITIVE, "eval_batch_size": POSITIVE,
     "max_tokens": POSITIVE, "repeats": POSITIVE, "threads": POSITIVE, "top_k": POSITIVE, "copies": POSITIVE,
-    "candidates": POSITIVE, "trm_steps": POSITIVE, "doc_stride": POSITIVE,
+    "candidates": POSITIVE, "trm_steps": POSITIVE, "doc_stride": POSITIVE, "shard_examples": POSITIVE,
     "max_length": Range(8), "context": Range(8), "calibration_tokens": Range(256),
     # switches where 0 means off, seeds, seconds
     "warmup": NON_NEGATIVE, "eval_every": NON_NEGATIVE, "patience": NON_NEGATIVE, "seed": NON_NEGATIVE,
     "budget": NON_NEGATIVE, "alpha_kd": NON_NEGATIVE, "alpha_ce": NON_NEGATIVE,
     # rates and shares
     "lr": ABOVE_ZERO, "trm_lr": ABOVE_ZERO, "temperature": ABOVE_ZERO, "warmup_ratio": FRACTION,
-    "probability": Range(0, 1, low_open=True),
+    "probability": Range(0, 1, low_open=True), "mlm_probability": Range(0, 1, low_open=True),
 }
 """The range of every numeric flag of every verb, by argparse destination (tests check that none is missing)."""
 

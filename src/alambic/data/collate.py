@@ -148,3 +148,19 @@ class PaddingCollator:
         input_ids, attention_mask = _pad(examples, self.pad_id)
         empty = torch.zeros(0, dtype=torch.long)
         return _batch(input_ids, attention_mask, empty, empty)
+
+
+class StoredMaskCollator:
+    """Encoder examples whose masks were drawn once and stored (static masking, as in a teacher cache): each example
+    is ``(input ids with the masks applied, targets: the original token at masked positions, -100 elsewhere)``."""
+
+    def __init__(self, tokenizer):
+        self.pad_id = _pad_id(tokenizer)
+
+    def __call__(self, examples, seed: int = 0) -> dict[str, torch.Tensor]:
+        """``seed`` is unused: the masks are the stored ones."""
+        input_ids, attention_mask = _pad([ids for ids, _ in examples], self.pad_id)
+        targets, _ = _pad([t for _, t in examples], -100)
+        targets = targets.masked_fill(~attention_mask.bool(), -100).reshape(-1)
+        lm_positions = (targets != -100).nonzero().squeeze(1)
+        return _batch(input_ids, attention_mask, lm_positions, targets[lm_positions])

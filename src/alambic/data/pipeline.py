@@ -38,6 +38,11 @@ def _examples(specs, tokenizer, kind: str, data_cfg):
     return corpus, encoder_chunks(corpus, tokenizer, data_cfg.max_length, min_tokens=data_cfg.min_tokens)
 
 
+def training_examples(specs, tokenizer, kind: str, data_cfg):
+    """The examples ``training_batches`` draws from: packed blocks (decoders) or document chunks (encoders)."""
+    return _examples(specs, tokenizer, kind, data_cfg)[1]
+
+
 def _collator(corpus, tokenizer, kind: str, masking):
     """Next-token targets for decoders; for encoders, dynamic masking when ``masking`` (an object with
     ``mlm_probability`` and ``mlm_smoothing``) is given, plain unmasked text otherwise."""

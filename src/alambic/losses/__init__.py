@@ -5,11 +5,11 @@ per-row values and divides by ``num_items``: by default the ``N`` rows given, an
 whole accumulated (and, under DDP, global) batch, so that gradient accumulation does not change the loss.
 """
 
-from alambic.losses.divergences import logit_mse, soft_target_kl
+from alambic.losses.divergences import logit_mse, soft_target_kl, topk_soft_target_kl, topk_targets
 from alambic.losses.features import attention_mse, attention_relation_kl, cosine_distance, hidden_mse
 from alambic.losses.language_modeling import token_cross_entropy
 
 __all__ = [
     "attention_mse", "attention_relation_kl", "cosine_distance", "hidden_mse", "logit_mse", "soft_target_kl",
-    "token_cross_entropy",
+    "token_cross_entropy", "topk_soft_target_kl", "topk_targets",
 ]

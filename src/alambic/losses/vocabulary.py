@@ -40,6 +40,7 @@ def fused_vocabulary_loss(
     kd_weight: float | torch.Tensor,
     ce_weight: float | torch.Tensor,
     chunk_rows: int = 0,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weighted soft-target KL plus hard cross-entropy on projected rows, and each sum for logging.
 
@@ -54,16 +55,24 @@ def fused_vocabulary_loss(
     carries gradients (to the student's features and projection), the sums are detached. ``teacher_features=None`` skips the KL, ``targets=None`` the cross-entropy. The weights are
     the caller's normalisation (``alpha / num_items``), plain numbers or tensors. Softmax math is fp32; under
     autocast the projections run in the autocast dtype. ``chunk_rows=0`` picks a chunk size from V and the device.
+
+    ``teacher_topk = (ids (N, k), log_probs (N, k), rest_log_prob (N,))`` replaces the teacher's features and
+    projection with stored top-k outputs (:func:`alambic.losses.divergences.topk_targets`, made at the same T): the
+    KL is then :func:`alambic.losses.divergences.topk_soft_target_kl`, with gradient ``T (q - p~)``.
     """
-    if teacher_features is None and targets is None:
-        raise ValueError("fused_vocabulary_loss needs teacher features (KL), targets (cross-entropy) or both")
+    if teacher_features is None and targets is None and teacher_topk is None:
+        raise ValueError("fused_vocabulary_loss needs teacher outputs (KL), targets (cross-entropy) or both")
+    if teacher_features is not None and teacher_topk is not None:
+        raise ValueError("give the teacher as features and projection, or as top-k outputs, not both")
     teacher_weight, teacher_bias = (
         (teacher_projection.weight, teacher_projection.bias) if teacher_features is not None else (None, None))
+    topk_ids, topk_log_probs, rest_log_prob = teacher_topk or (None, None, None)
     return _FusedVocabularyLoss.apply(
         student_features, student_projection.weight, student_projection.bias, teacher_features, teacher_weight,
         teacher_bias, targets,
         float(temperature), torch.as_tensor(kd_weight, dtype=torch.float32, device=student_features.device),
         torch.as_tensor(ce_weight, dtype=torch.float32, device=student_features.device), chunk_rows,
+        topk_ids, topk_log_probs, rest_log_prob,
     )
 
 
@@ -85,22 +94,25 @@ def _project(out: torch.Tensor, features: torch.Tensor, weight: torch.Tensor, bi
 
 class _FusedVocabularyLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, x_t, weight_t, bias_t, targets, temperature, kd_weight, ce_weight, chunk_rows):
+    def forward(ctx, x, weight, bias, x_t, weight_t, bias_t, targets, temperature, kd_weight, ce_weight, chunk_rows,
+                topk_ids, topk_log_probs, rest_log_prob):
         # Autocast's choice is applied by hand (matmuls in its dtype, softmax math in fp32) and autocast is then
         # switched off, so no reduction below (the KL's dot products) silently runs in bf16.
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             return _FusedVocabularyLoss._forward(ctx, dtype, x, weight, bias, x_t, weight_t, bias_t, targets,
-                                                 temperature, kd_weight, ce_weight, chunk_rows)
+                                                 temperature, kd_weight, ce_weight, chunk_rows,
+                                                 topk_ids, topk_log_probs, rest_log_prob)
 
     @staticmethod
     def _forward(ctx, dtype, x, weight, bias, x_t, weight_t, bias_t, targets, temperature, kd_weight, ce_weight,
-                 chunk_rows):
+                 chunk_rows, topk_ids, topk_log_probs, rest_log_prob):
         x_c, w_c = x.to(dtype), weight.to(dtype)
         b_c = bias.to(dtype) if bias is not None else None
         rows, vocab = x.shape[0], weight.shape[0]
-        with_kd, with_ce = x_t is not None, targets is not None
-        if with_kd:
+        sparse = topk_ids is not None
+        with_kd, with_ce = x_t is not None or sparse, targets is not None
+        if with_kd and not sparse:
             x_t, weight_t = x_t.to(dtype), weight_t.to(dtype)
             bias_t = bias_t.to(dtype) if bias_t is not None else None
         chunk = chunk_rows if chunk_rows > 0 else default_chunk_rows(vocab, x.device)
@@ -125,7 +137,7 @@ class _FusedVocabularyLoss(torch.autograd.Function):
             part = slice(start, start + chunk)
             n = min(chunk, rows - start)
             z, buf, g32 = logits[:n], spare[:n], grad[:n]
-            if with_kd:
+            if with_kd and not sparse:
                 log_p = torch.log_softmax(_project(buf, x_t[part], weight_t, bias_t, 1 / T), -1, out=teacher_buffer[:n])
             _project(z, x_c[part], w_c, b_c, 1.0)
             if with_ce:
@@ -135,9 +147,14 @@ class _FusedVocabularyLoss(torch.autograd.Function):
                 torch.mul(softmax_minus_onehot, valid[part] * ce_weight, out=g32)
             if with_kd:
                 log_q = torch.log_softmax(z.mul_(1 / T), -1, out=buf)
-                p = torch.exp(log_p, out=z)
-                kd_sum += torch.dot(p.view(-1), log_p.sub_(log_q).view(-1))
-                q_minus_p = log_q.exp_().sub_(p)
+                if sparse:
+                    kd_part, q_minus_p = _topk_kl_chunk(log_q, z, teacher_buffer[:n], topk_ids[part],
+                                                        topk_log_probs[part].float(), rest_log_prob[part].float())
+                    kd_sum += kd_part
+                else:
+                    p = torch.exp(log_p, out=z)
+                    kd_sum += torch.dot(p.view(-1), log_p.sub_(log_q).view(-1))
+                    q_minus_p = log_q.exp_().sub_(p)
                 if with_ce:
                     g32.addcmul_(q_minus_p, kd_weight * T)
                 else:
@@ -173,4 +190,21 @@ class _FusedVocabularyLoss(torch.autograd.Function):
         grad_x = grad_x.mul_(grad_loss.to(grad_x.dtype))
         grad_w = grad_w.mul_(grad_loss).to(weight_dtype)
         grad_b = grad_b.mul_(grad_loss).to(bias_dtype) if grad_b is not None else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None, None
+
+
+def _topk_kl_chunk(log_q, spare, scratch, ids, log_p, rest):
+    """One chunk of the top-k KL (before T^2) and ``q - p~`` (see ``topk_soft_target_kl``), in ``log_q``'s buffer.
+    ``spare`` and ``scratch`` are free (n, V) fp32 buffers."""
+    log_q_rest = torch.logsumexp(scratch.copy_(log_q).scatter_(1, ids, float("-inf")), dim=1)
+    has_rest = rest > float("-inf")
+    p_top, p_rest = log_p.exp(), torch.where(has_rest, rest.exp(), torch.zeros_like(rest))
+    kd = (p_top * (log_p - log_q.gather(1, ids))).sum()
+    kd = kd + torch.where(has_rest, p_rest * (rest - log_q_rest), torch.zeros_like(rest)).sum()
+    q = torch.exp(log_q, out=spare)
+    # the teacher's rest mass, spread over the other classes in the student's proportions
+    ratio = torch.where(has_rest, (rest - log_q_rest).exp(), torch.zeros_like(rest))
+    p_tilde = torch.mul(q, ratio.unsqueeze(1), out=scratch).scatter_(1, ids, p_top)
+    # q scaled by the stored mass (1 up to the fp16 rounding of the stored probabilities): the exact gradient
+    mass = p_top.sum(1) + p_rest
+    return kd, torch.mul(q, mass.unsqueeze(1), out=log_q).sub_(p_tilde)

@@ -62,6 +62,12 @@ def _token_hidden_states(model: nn.Module, batch: dict) -> torch.Tensor:
     return hidden.flatten(0, 1).index_select(0, batch["token_positions"])
 
 
+def distilbert_row_counts(batch: dict, loss: DistilBERTLossConfig) -> dict[str, int]:
+    """Rows each term averages over: tokens (or masked tokens) for the KL, hard targets, tokens for the cosine."""
+    tokens, masked = len(batch["token_positions"]), len(batch["lm_positions"])
+    return {"kd": tokens if loss.kd_rows == "tokens" else masked, "lm": masked, "cos": tokens}
+
+
 class DistilBERTObjective(nn.Module):
     """The student and the triple loss; ``forward`` returns the loss and each term (for logging)."""
 
@@ -80,20 +86,25 @@ class DistilBERTObjective(nn.Module):
         if c.alpha_kd > 0 or c.alpha_lm > 0:
             # One vocabulary projection serves both terms: on every token when soft targets cover all tokens (hard
             # targets placed on their rows), else on the masked / next-token rows only.
+            # The teacher comes live (its features and projection) or from a cache (its stored top-k outputs).
+            teacher_rows, topk = teacher.get("features"), teacher.get("topk")
             if c.alpha_kd > 0 and c.kd_rows == "tokens":
-                rows, teacher_rows = hidden, teacher["features"]
+                rows = hidden
                 targets = torch.full((len(hidden),), -100, dtype=torch.long, device=hidden.device)
                 targets = targets.index_copy(0, lm_rows, lm_targets)
             else:
                 rows = hidden.index_select(0, lm_rows)
-                teacher_rows = teacher["features"].index_select(0, lm_rows) if c.alpha_kd > 0 else None
+                teacher_rows = teacher_rows.index_select(0, lm_rows) if teacher_rows is not None else None
+                topk = tuple(t.index_select(0, lm_rows) for t in topk) if topk is not None else None
                 targets = lm_targets
+            if c.alpha_kd == 0:
+                teacher_rows = topk = None
             features, projection = self.head
             loss, kd_sum, ce_sum = fused_vocabulary_loss(
-                features(rows), projection, teacher_rows, teacher.get("projection"),  # no teacher part when alpha_kd = 0
+                features(rows), projection, teacher_rows, teacher.get("projection"),
                 targets if c.alpha_lm > 0 else None, c.temperature,
                 kd_weight=c.alpha_kd / num_items["kd"].clamp(min=1), ce_weight=c.alpha_lm / num_items["lm"].clamp(min=1),
-                chunk_rows=c.logit_chunk_rows,
+                chunk_rows=c.logit_chunk_rows, teacher_topk=topk,
             )
             kd = kd_sum / num_items["kd"].clamp(min=1)
             lm = ce_sum / num_items["lm"].clamp(min=1)
@@ -127,8 +138,7 @@ class DistilBERTRecipe:
             self.teacher_head_features, self.teacher_projection = split_lm_head(teacher)
 
     def row_counts(self, batch: dict) -> dict[str, int]:
-        tokens, masked = len(batch["token_positions"]), len(batch["lm_positions"])
-        return {"kd": tokens if self.cfg.kd_rows == "tokens" else masked, "lm": masked, "cos": tokens}
+        return distilbert_row_counts(batch, self.cfg)
 
     def teacher_targets(self, batch: dict) -> dict:
         if self.cfg.alpha_kd == 0 and self.cfg.alpha_cos == 0:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate.utils import broadcast_object_list
+from transformers import AutoTokenizer
 
 from alambic.config import DistillConfig
 from alambic.data.pipeline import heldout_batches, training_batches
@@ -25,6 +26,8 @@ from alambic.evaluation.model_card import distillation_card, last_logged
 from alambic.modeling import lm_body, model_kind, num_layers
 from alambic.recipes import recipe_parts
 from alambic.students import count_parameters, init_student, parse_layer_spec, save_student, selection
+from alambic.offline.store import TeacherOutputs, check_cache, read_manifest
+from alambic.offline.training import OfflineDistilBERTRecipe, cached_batches
 from alambic.teachers import check_same_vocabulary, load_model, load_teacher, resolve_model_path
 
 
@@ -39,14 +42,21 @@ class DistillResult:
 
 def _check_inputs(cfg: DistillConfig, resume: bool) -> list[dict] | None:
     """Everything checkable before the teacher loads; returns the calibration batches of layers=auto (else None)."""
-    describe_sources(cfg.data.train)
+    if cfg.teacher_logits:
+        manifest = read_manifest(cfg.teacher_logits)
+        check_cache(manifest, max_length=cfg.data.max_length, temperature=cfg.loss.temperature,
+                    needs_hidden=cfg.loss.alpha_cos > 0, folder=cfg.teacher_logits)
+        if not cfg.student.calibration_data and not cfg.data.train:  # layers=auto measures on the cached data
+            cfg.student.calibration_data = list(manifest["data"])
+    if cfg.data.train:
+        describe_sources(cfg.data.train)
     if cfg.data.eval:
         describe_sources(cfg.data.eval)
-    teacher_dir = resolve_model_path(cfg.teacher)
     calibration = None
     if cfg.student.init:
         resolve_model_path(cfg.student.init)
     else:
+        teacher_dir = resolve_model_path(cfg.teacher)
         from transformers import AutoConfig
 
         teacher_config = AutoConfig.from_pretrained(teacher_dir)
@@ -114,13 +124,23 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
     accelerator = make_accelerator(cfg.training, precision)
     say = accelerator.print
 
-    teacher, tokenizer = load_teacher(cfg.teacher)
-    kind = model_kind(teacher)
+    if cfg.teacher_logits:  # the teacher, if given at all, only builds the student
+        outputs = TeacherOutputs(cfg.teacher_logits, read_manifest(cfg.teacher_logits))
+        teacher, student_tokenizer = (load_teacher(cfg.teacher) if cfg.teacher and not cfg.student.init
+                                      else (None, None))
+        tokenizer, kind = AutoTokenizer.from_pretrained(cfg.teacher_logits), outputs.manifest["kind"]
+        teacher_parameters, teacher_layers = outputs.manifest["teacher_parameters"], outputs.manifest["teacher_layers"]
+    else:
+        outputs = None
+        teacher, tokenizer = load_teacher(cfg.teacher)
+        kind, student_tokenizer = model_kind(teacher), tokenizer
+        teacher_parameters, teacher_layers = count_parameters(teacher), num_layers(teacher.config)
     torch.manual_seed(cfg.training.seed)
     card = None  # the model card of a student whose layers were chosen by measurement
     if cfg.student.init:
         student, student_tokenizer = load_model(cfg.student.init, kind=kind, for_training=True)
-        check_same_vocabulary(tokenizer, student_tokenizer, teacher.config, student.config)
+        if teacher is not None:
+            check_same_vocabulary(tokenizer, student_tokenizer, teacher.config, student.config)
     else:
         built = _build_student(cfg, teacher, calibration, accelerator)
         if built.selection is not None:
@@ -137,17 +157,25 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
     _, recipe_class = recipe_parts(cfg.recipe)
     masking = cfg.loss if recipe_class.masks_inputs else None
     with accelerator.local_main_process_first():  # one process per machine tokenises, the others read its cache
-        batches = training_batches(
-            cfg.data.train, tokenizer, kind, cfg.data, masking, cfg.training.batch_size, cfg.training.seed
-        )
+        if outputs is not None:
+            batches = _cached_batches(cfg, outputs, tokenizer, student, student_tokenizer)
+        else:
+            batches = training_batches(
+                cfg.data.train, tokenizer, kind, cfg.data, masking, cfg.training.batch_size, cfg.training.seed
+            )
         held_out = heldout_batches(cfg.data.eval, tokenizer, kind, cfg.data, cfg.training.batch_size) if cfg.data.eval else None
     evaluate = (lambda model: evaluate_lm(model, held_out)) if held_out else None
 
-    recipe = recipe_class(teacher, student, cfg.loss)  # the engine places the teacher (and casts it for bf16)
+    if outputs is not None:
+        teacher = None  # built the student; the cache stands in for it from here on
+        recipe = OfflineDistilBERTRecipe(student, cfg.loss)
+    else:
+        recipe = recipe_class(teacher, student, cfg.loss)  # the engine places the teacher (and casts it for bf16)
     if cfg.training.compile:
         # Compile the transformer bodies in place: the modules (and the exported state dict) stay the same.
         for model in (student, teacher):
-            lm_body(model).compile()
+            if model is not None:
+                lm_body(model).compile()
     result = train(
         recipe, batches, cfg.training, run_dir,
         accelerator=accelerator, tokenizer=tokenizer, resume=resume, evaluate=evaluate, progress=progress,
@@ -155,12 +183,29 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
     student_dir = run_dir / "student"
     if accelerator.is_main_process:
         exported = accelerator.unwrap_model(student)
-        card = distillation_card(cfg.to_dict(), teacher_parameters=count_parameters(teacher),
+        card = distillation_card(cfg.to_dict(), teacher_parameters=teacher_parameters,
                                  student_parameters=count_parameters(exported),
-                                 teacher_layers=num_layers(teacher.config), student_layers=num_layers(exported.config),
+                                 teacher_layers=teacher_layers, student_layers=num_layers(exported.config),
                                  metrics=last_logged(run_dir), selection_card=card, kind=kind,
                                  precision=precision.describe())
         save_student(exported, tokenizer, student_dir, overwrite=True, card=card)
         say(f"student written to {student_dir}")
     accelerator.wait_for_everyone()
-    return DistillResult(run_dir, student_dir, count_parameters(teacher), count_parameters(student), result.metrics)
+    return DistillResult(run_dir, student_dir, teacher_parameters, count_parameters(student), result.metrics)
+
+
+def _cached_batches(cfg: DistillConfig, outputs, tokenizer, student, student_tokenizer):
+    """The cache's batches, once it is checked against the run (the student's tokenizer, kind, length, temperature,
+    data)."""
+    from alambic.offline.store import examples_hash
+    from alambic.teachers import vocabulary_hash
+
+    data_hash = None
+    if cfg.data.train:
+        from alambic.data.pipeline import training_examples
+
+        data_hash = examples_hash(training_examples(cfg.data.train, tokenizer, outputs.manifest["kind"], cfg.data))
+    check_cache(outputs.manifest, tokenizer_hash=vocabulary_hash(student_tokenizer), kind=model_kind(student),
+                max_length=cfg.data.max_length, temperature=cfg.loss.temperature, data_hash=data_hash,
+                needs_hidden=cfg.loss.alpha_cos > 0, folder=cfg.teacher_logits)
+    return cached_batches(outputs, tokenizer, cfg.training.batch_size, cfg.training.seed)

@@ -104,15 +104,17 @@ def _texts(calibration_data, count: int) -> list[str]:
     return texts
 
 
-def encode(tokenizer, model, texts: list[str], max_length: int) -> dict:
-    """A right-padded batch of ``texts`` with the inputs the graph takes."""
+def encode(tokenizer, model, texts: list[str], max_length: int, full_length: bool = False) -> dict:
+    """A right-padded batch of ``texts`` with the inputs the graph takes; ``full_length`` pads to ``max_length``
+    (static calibration collects activation histograms of one shape)."""
     pad = tokenizer.pad_token is None
     side = tokenizer.padding_side
     if pad:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"
     try:
-        batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        batch = tokenizer(texts, padding="max_length" if full_length else True, truncation=True,
+                          max_length=max_length, return_tensors="pt")
     finally:
         tokenizer.padding_side = side
         if pad:
@@ -207,8 +209,9 @@ def export(model_spec, fmt: str, out, *, gguf_type: str = "f16", int8: str = "dy
                 (tmp / onnx_graph.GRAPH).rename(float_graph)
                 calibration = None
                 if int8 == "static":
-                    calibration = [{k: v.numpy() for k, v in encode(tokenizer, model, texts[i:i + 8], max_length)
-                                    .items()} for i in range(0, min(len(texts), CALIBRATION_TEXTS), 8)]
+                    calibration = [{k: v.numpy() for k, v in encode(tokenizer, model, texts[i:i + 8], max_length,
+                                                                    full_length=True).items()}
+                                   for i in range(0, min(len(texts), CALIBRATION_TEXTS), 8)]
                 onnx_graph.quantize_int8(float_graph, tmp / onnx_graph.GRAPH, int8, calibration)
                 float_graph.unlink()
                 manifest.update(precision=f"int8 {int8}", int8=int8,

@@ -1,0 +1,155 @@
+"""The on-disk format of offline teacher outputs (``alambic cache-teacher``), version 1.
+
+A cache folder holds ``manifest.json``, the teacher's tokenizer, and shards ``shard-00000.safetensors``... Each
+shard covers consecutive training examples (the packed blocks of decoders, the chunks of encoders, exactly as
+``alambic distill`` builds them from the same data, tokenizer and ``max_length``) and stores, for every token of
+them, one row:
+
+| tensor | shape, dtype | meaning |
+| --- | --- | --- |
+| ``offsets`` | (n + 1,) int64 | where each example's rows start (rows of one example are its tokens, in order) |
+| ``input_ids`` | (T,) int32 | the tokens the teacher saw (for encoders: with the static masks applied) |
+| ``mlm_targets`` | (T,) int32 | encoders only: the original token where a mask was placed, else -100 |
+| ``topk_ids`` | (T, k) uint16 (vocabularies up to 65,536) or int32 | the teacher's k most probable next / masked tokens |
+| ``topk_log_probs`` | (T, k) float16 | their log-probabilities at the cache's temperature |
+| ``rest_log_prob`` | (T,) float32 | ``log(1 - sum of the k probabilities)``, -inf when k = V |
+| ``hidden`` | (T, d) float16 | optional: the teacher's last hidden states (the cosine term) |
+
+so a token costs ``4 + k (2 + 2) + 4`` bytes (k = 32: 136 bytes; +4 for encoders; +2d with hidden states). The
+manifest records what a cache is only valid for: format version, teacher fingerprint, tokenizer hash, data specs and
+the hash of the examples' token ids, ``max_length``, k, temperature, masking, and each shard's file, examples, rows and
+bytes. :func:`check_cache` refuses, in one line, a cache that does not match a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alambic.errors import AlambicError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SETTINGS = "settings.json"
+"""Written when a cache starts: a resumed or parallel run must use the same settings."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def examples_hash(examples) -> str:
+    """sha256 of every example's token ids, in order: equal exactly when a run would train on the same sequences."""
+    digest = hashlib.sha256()
+    for i in range(len(examples)):
+        ids = np.asarray(examples[i], dtype=np.int32)
+        digest.update(len(ids).to_bytes(4, "little"))
+        digest.update(ids.tobytes())
+    return digest.hexdigest()
+
+
+def ids_dtype(vocab_size: int) -> torch.dtype:
+    return torch.uint16 if vocab_size <= 2**16 else torch.int32
+
+
+def read_manifest(folder) -> dict:
+    folder = Path(folder)
+    file = folder / MANIFEST
+    if not file.is_file():
+        partial = (folder / SETTINGS).is_file()
+        raise AlambicError(f"{folder} is not a finished teacher cache (no {MANIFEST}): " + (
+            "run the same `alambic cache-teacher` command again to finish it" if partial else
+            "make one with `alambic cache-teacher --teacher T --data D --out DIR`"))
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise AlambicError(f"{file} is not readable JSON ({error}); make the cache again") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise AlambicError(f"{folder} is a teacher cache of format {manifest.get('format_version')}, this alambic "
+                           f"reads format {FORMAT_VERSION}: make the cache again")
+    for shard in manifest["shards"]:
+        path = folder / shard["file"]
+        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+            raise AlambicError(f"{path} is missing or has another size than its manifest says: the cache is "
+                               "incomplete or damaged; make it again")
+    return manifest
+
+
+def check_cache(manifest: dict, *, max_length: int, temperature: float, needs_hidden: bool, folder,
+                tokenizer_hash: str | None = None, kind: str | None = None, data_hash: str | None = None) -> None:
+    """One line for the first way ``manifest`` does not fit the run about to read it. The settings are checked
+    before any model loads; the student's tokenizer and kind, and the data, once they are known (None: later)."""
+    where = f"the teacher cache {folder}"
+    if tokenizer_hash is not None and manifest["tokenizer_hash"] != tokenizer_hash:
+        raise AlambicError(f"{where} was made with another tokenizer than the student's: cache the teacher with the "
+                           "student's vocabulary (students built by alambic share their teacher's)")
+    if kind is not None and manifest["kind"] != kind:
+        raise AlambicError(f"{where} holds {manifest['kind']}-LM outputs but the student is a {kind} LM")
+    if manifest["max_length"] != max_length:
+        raise AlambicError(f"{where} was made with max_length {manifest['max_length']}, the run uses {max_length}: "
+                           f"set data.max_length={manifest['max_length']} or cache again")
+    if abs(manifest["temperature"] - temperature) > 1e-9:
+        raise AlambicError(f"{where} stores the teacher at temperature {manifest['temperature']:g}, the run's "
+                           f"loss.temperature is {temperature:g}: set loss.temperature={manifest['temperature']:g} "
+                           "or cache again with --temperature")
+    if data_hash is not None and manifest["data_hash"] != data_hash:
+        raise AlambicError(f"{where} was made on other data ({', '.join(manifest['data'])}) than the run's: leave "
+                           "data.train empty to train on the cached sequences, or cache this data")
+    if needs_hidden and not manifest["hidden_states"]:
+        raise AlambicError(f"{where} has no hidden states, which the cosine term needs: set loss.alpha_cos=0 or "
+                           "cache again with --hidden-states")
+
+
+@dataclass
+class CachedExample:
+    input_ids: np.ndarray
+    mlm_targets: np.ndarray | None
+    rows: slice
+    shard: int
+
+
+class TeacherOutputs:
+    """The cache's examples and their teacher rows; shards are read on first use and kept."""
+
+    def __init__(self, folder, manifest: dict):
+        self.folder, self.manifest = Path(folder), manifest
+        self._shards: dict[int, dict] = {}
+        self.starts = np.cumsum([0] + [s["examples"] for s in manifest["shards"]])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _shard(self, index: int) -> dict:
+        if index not in self._shards:
+            from safetensors.torch import load_file
+
+            self._shards[index] = load_file(str(self.folder / self.manifest["shards"][index]["file"]))
+        return self._shards[index]
+
+    def example(self, index: int) -> CachedExample:
+        shard = int(np.searchsorted(self.starts, index, side="right") - 1)
+        tensors = self._shard(shard)
+        local = index - int(self.starts[shard])
+        start, end = int(tensors["offsets"][local]), int(tensors["offsets"][local + 1])
+        targets = tensors.get("mlm_targets")
+        return CachedExample(tensors["input_ids"][start:end].numpy().astype(np.int64),
+                             targets[start:end].numpy().astype(np.int64) if targets is not None else None,
+                             slice(start, end), shard)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.concatenate([np.diff(self._shard(i)["offsets"].numpy()) for i in range(len(self.starts) - 1)])
+
+    def rows(self, examples: list[CachedExample]) -> dict[str, torch.Tensor]:
+        """The teacher rows of ``examples``, concatenated in order (= the batch's non-pad tokens, row-major)."""
+        names = ["topk_ids", "topk_log_probs", "rest_log_prob"] + (["hidden"] if self.manifest["hidden_states"]
+                                                                   else [])
+        parts = {name: [self._shard(e.shard)[name][e.rows] for e in examples] for name in names}
+        out = {name: torch.cat(chunks) for name, chunks in parts.items()}
+        out["topk_ids"] = out["topk_ids"].to(torch.int64)
+        return out

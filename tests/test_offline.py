@@ -1,0 +1,241 @@
+"""Offline teacher outputs: `alambic cache-teacher` stores what the teacher computes (checked against a direct forward),
+resumes and splits across processes, and `alambic distill --teacher-logits` trains as a live teacher would (k = V:
+the same loss), refusing a cache that does not fit the run in one line."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alambic.cli import main
+from alambic.config import DataConfig
+from alambic.data.pipeline import training_examples
+from alambic.losses import topk_targets
+from alambic.offline.store import TeacherOutputs, examples_hash, read_manifest
+from alambic.offline.training import OfflineDistilBERTRecipe, cached_batches
+from alambic.recipes.distilbert import DistilBERTLossConfig, DistilBERTRecipe
+from alambic.workflows.cache_teacher import cache_teacher
+from tiny import bpe_tokenizer, sample_texts, tiny_bert, tiny_llama, wordpiece_tokenizer
+
+QUIET = {"log": lambda line: None}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("offline")
+    tiny_llama().save_pretrained(root / "llama")
+    bpe_tokenizer().save_pretrained(root / "llama")
+    tiny_bert().save_pretrained(root / "bert")
+    wordpiece_tokenizer().save_pretrained(root / "bert")
+    (root / "text.txt").write_text("\n\n".join(sample_texts(8)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def llama_cache(root):
+    cache_teacher(root / "llama", [str(root / "text.txt")], root / "cache-llama", top_k=8, temperature=2.0,
+                  max_length=32, hidden_states=True, shard_examples=16, **QUIET)
+    return root / "cache-llama"
+
+
+def test_the_cache_holds_the_teachers_top_k_for_every_token(root, llama_cache):
+    manifest = read_manifest(llama_cache)
+    tokenizer = bpe_tokenizer()
+    examples = training_examples([str(root / "text.txt")], tokenizer, "causal", DataConfig(train=["x"], max_length=32))
+    assert manifest["examples"] == len(examples) and manifest["data_hash"] == examples_hash(examples)
+    assert manifest["tokens"] == sum(len(examples[i]) for i in range(len(examples)))
+    assert len(manifest["shards"]) == -(-len(examples) // 16) and manifest["top_k"] == 8
+    assert manifest["kind"] == "causal" and manifest["masking"] is None and manifest["hidden_states"]
+    shard = load_file(str(llama_cache / manifest["shards"][1]["file"]))
+    assert shard["topk_ids"].dtype == torch.uint16 and shard["topk_log_probs"].dtype == torch.float16
+    # example 16 (the first of shard 1), recomputed directly
+    ids = torch.as_tensor(examples[16]).unsqueeze(0)
+    with torch.no_grad():
+        out = tiny_llama()(input_ids=ids, output_hidden_states=True)
+    top_ids, top_log_probs, rest = topk_targets(out.logits[0], 8, 2.0)
+    rows = slice(0, len(examples[16]))
+    assert torch.equal(shard["input_ids"][rows].long(), ids[0])
+    assert torch.equal(shard["topk_ids"][rows].long(), top_ids)
+    torch.testing.assert_close(shard["topk_log_probs"][rows].float(), top_log_probs, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(shard["rest_log_prob"][rows], rest, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shard["hidden"][rows].float(), out.hidden_states[-1][0], atol=2e-3, rtol=1e-3)
+    # the bytes per token the format documents: ids 4 + k (2 + 2) + rest 4 + hidden 2d, plus headers
+    per_token = 4 + 8 * 4 + 4 + 2 * 32
+    assert per_token <= manifest["bytes_per_token"] < per_token * 1.1
+
+
+def _loss(recipe, batch):
+    counts = {k: torch.tensor(v) for k, v in recipe.row_counts(batch).items()}
+    loss, terms = recipe.objective(batch, recipe.teacher_targets(batch), counts)
+    loss.backward()
+    return loss.detach(), {k: v.detach() for k, v in terms.items()}
+
+
+@pytest.mark.parametrize("kind", ["causal", "masked"])
+def test_with_k_equal_to_the_vocabulary_the_cached_loss_is_the_live_loss(kind, root, tmp_path):
+    model, name = (tiny_llama, "llama") if kind == "causal" else (tiny_bert, "bert")
+    tokenizer = bpe_tokenizer() if kind == "causal" else wordpiece_tokenizer()
+    vocab = model().config.vocab_size
+    cache_teacher(root / name, [str(root / "text.txt")], tmp_path / "cache", top_k=vocab, temperature=2.0,
+                  max_length=32, hidden_states=True, **QUIET)
+    outputs = TeacherOutputs(tmp_path / "cache", read_manifest(tmp_path / "cache"))
+    loss_cfg = DistilBERTLossConfig()
+    cached = cached_batches(outputs, tokenizer, batch_size=4, seed=0)(3)
+    live_batch = {k: v for k, v in cached.items() if not k.startswith("teacher_")}  # the same inputs and masks
+    live = DistilBERTRecipe(model(), model(seed=1), loss_cfg)
+    offline = OfflineDistilBERTRecipe(model(seed=1), loss_cfg)
+    live_loss, live_terms = _loss(live, live_batch)
+    offline_loss, offline_terms = _loss(offline, cached)
+    for key in ("kd", "lm", "cos"):  # fp16 storage of log-probs and hidden states: a few 1e-4 relative
+        torch.testing.assert_close(offline_terms[key], live_terms[key], rtol=2e-3, atol=1e-4)
+    for p_live, p_off in zip(live.objective.parameters(), offline.objective.parameters()):
+        torch.testing.assert_close(p_off.grad, p_live.grad, rtol=1e-2, atol=1e-4)
+
+
+def test_encoder_masks_are_static_and_stored(root, tmp_path):
+    cache_teacher(root / "bert", [str(root / "text.txt")], tmp_path / "cache", top_k=4, max_length=32, **QUIET)
+    manifest = read_manifest(tmp_path / "cache")
+    assert manifest["masking"] == {"kind": "static", "mlm_probability": 0.15, "seed": 0}
+    outputs = TeacherOutputs(tmp_path / "cache", manifest)
+    batches = cached_batches(outputs, wordpiece_tokenizer(), batch_size=4, seed=0)
+    per_epoch = batches.per_epoch
+    first, again = batches(0), batches(per_epoch * 3)  # another epoch: other order, the same masks per example
+
+    def masked_tokens(batch):
+        rows = batch["input_ids"].reshape(-1)
+        return sorted(zip(rows[batch["lm_positions"]].tolist(), batch["lm_targets"].tolist()))
+
+    mask_id = wordpiece_tokenizer().mask_token_id
+    assert len(first["lm_positions"]) > 0 and mask_id in first["input_ids"].reshape(-1)[first["lm_positions"]]
+    all_first = sorted(sum((masked_tokens(batches(i)) for i in range(per_epoch)), []))
+    all_again = sorted(sum((masked_tokens(batches(per_epoch * 3 + i)) for i in range(per_epoch)), []))
+    assert all_first == all_again
+    assert len(first["teacher_rest_log_prob"]) == int(first["attention_mask"].sum())
+    assert again is not None
+
+
+def test_an_interrupted_cache_resumes_and_two_processes_write_the_same_files(root, tmp_path, monkeypatch):
+    args = dict(top_k=8, max_length=32, shard_examples=16, **QUIET)
+    cache_teacher(root / "llama", [str(root / "text.txt")], tmp_path / "one", **args)
+    for rank in (1, 0):  # two processes, one after the other: the second to finish writes the manifest
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        result = cache_teacher(root / "llama", [str(root / "text.txt")], tmp_path / "two", **args)
+        assert (result is None) == (rank == 1)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    one, two = read_manifest(tmp_path / "one"), read_manifest(tmp_path / "two")
+    for a, b in zip(one["shards"], two["shards"]):
+        assert (tmp_path / "one" / a["file"]).read_bytes() == (tmp_path / "two" / b["file"]).read_bytes()
+    # interrupted: the manifest and a shard missing; a rerun writes only that shard
+    (tmp_path / "one" / "manifest.json").unlink()
+    (tmp_path / "one" / one["shards"][1]["file"]).unlink()
+    before = (tmp_path / "one" / one["shards"][0]["file"]).stat().st_mtime_ns
+    lines = []
+    cache_teacher(root / "llama", [str(root / "text.txt")], tmp_path / "one", top_k=8, max_length=32,
+                  shard_examples=16, log=lines.append)
+    assert read_manifest(tmp_path / "one") == one | {}
+    assert (tmp_path / "one" / one["shards"][0]["file"]).stat().st_mtime_ns == before
+    assert any("1 to write" in line for line in lines)
+
+
+def test_distill_with_teacher_logits_trains_through_the_cli(root, llama_cache, tmp_path):
+    argv = ["distill", "--teacher-logits", llama_cache, "--teacher", root / "llama", "--layers", "0,3", "--max-steps",
+            "3", "--batch-size", "2", "--set", "data.max_length=32", "--no-progress", "--out", tmp_path / "run"]
+    assert main([str(a) for a in argv]) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("loss/kd", 0) > 0 and m.get("loss/cos", 0) > 0 for m in metrics)
+    card = (tmp_path / "run" / "student" / "README.md").read_text()
+    assert "teacher" in card.lower()
+    import transformers
+
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student").config.num_hidden_layers == 2
+
+
+def test_an_interrupted_offline_run_resumes_to_the_same_weights(root, llama_cache, tmp_path):
+    from alambic.config import TrainingConfig
+    from alambic.engine.checkpoint import latest_checkpoint
+    from alambic.engine.loop import train
+    from alambic.teachers import load_model
+
+    cfg = TrainingConfig(max_steps=4, batch_size=2, save_every=2, mixed_precision="no", log_every=1)
+    cfg.validate()
+
+    def make_run():
+        outputs = TeacherOutputs(llama_cache, read_manifest(llama_cache))
+        student = load_model(root / "llama", for_training=True)[0]
+        return OfflineDistilBERTRecipe(student, DistilBERTLossConfig()), cached_batches(outputs, bpe_tokenizer(), 2, 0)
+
+    class Interrupt(Exception):
+        pass
+
+    recipe, batches = make_run()
+    train(recipe, batches, cfg, tmp_path / "straight", tokenizer=bpe_tokenizer(), progress=False)
+    straight = recipe.student.state_dict()
+
+    recipe, batches = make_run()
+
+    def interrupted(index):
+        if index >= 3:  # dies during step 4, after the checkpoint of step 2
+            raise Interrupt
+        return batches(index)
+
+    with pytest.raises(Interrupt):
+        train(recipe, interrupted, cfg, tmp_path / "resumed", tokenizer=bpe_tokenizer(), progress=False)
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-0000002"
+    recipe, batches = make_run()
+    train(recipe, batches, cfg, tmp_path / "resumed", tokenizer=bpe_tokenizer(), resume=True, progress=False)
+    resumed = recipe.student.state_dict()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    start = load_file(str(root / "llama" / "model.safetensors"))
+    assert any(not torch.equal(straight[k], start[k]) for k in start)  # it trained
+
+
+def bad_runs(root, cache):
+    other = root / "other-vocab"
+    if not other.exists():
+        tiny_llama(vocab_size=30522).save_pretrained(other)
+        wordpiece_tokenizer().save_pretrained(other)
+    (root / "unfinished").mkdir(exist_ok=True)
+    (root / "unfinished" / "settings.json").write_text("{}")
+    run = ["distill", "--teacher-logits", cache, "--student", root / "llama", "--set", "data.max_length=32"]
+    return {
+        "temperature differs": (run + ["--set", "loss.temperature=4"], "stores the teacher at temperature 2, the run's"),
+        "max_length differs": (run[:-1] + ["data.max_length=64"], "was made with max_length 32, the run uses 64"),
+        "other data": (run + ["--data", root / "other.txt"], "was made on other data"),
+        "other tokenizer": (run[:3] + ["--student", other] + run[5:], "another tokenizer than the student's"),
+        "recipe needs the teacher live": (run + ["--recipe", "tinybert"], "needs the teacher live"),
+        "no student and no teacher": (run[:3] + run[5:], "needs the student to train: give --student DIR"),
+        "unfinished cache": (["distill", "--teacher-logits", root / "unfinished", "--student", root / "llama"],
+                             "is not a finished teacher cache"),
+        "cache-teacher: top-k 0": (["cache-teacher", "--teacher", root / "llama", "--data", root / "text.txt",
+                                    "--out", root / "c0", "--top-k", "0"], "--top-k must be >= 1"),
+        "cache-teacher: other settings": (["cache-teacher", "--teacher", root / "llama", "--data", root / "text.txt",
+                                           "--out", cache, "--top-k", "4", "--max-length", "32", "--hidden-states",
+                                           "--shard-examples", "16"], "made with other settings (top_k differ)"),
+        "cache-teacher: encoder without LM head": (["cache-teacher", "--teacher", "minilm-l6", "--data",
+                                                    root / "text.txt", "--out", root / "c1"],
+                                                   "has no language-model head"),
+    }
+
+
+BAD_RUNS = ["temperature differs", "max_length differs", "other data", "other tokenizer",
+            "recipe needs the teacher live", "no student and no teacher", "unfinished cache",
+            "cache-teacher: top-k 0", "cache-teacher: other settings", "cache-teacher: encoder without LM head"]
+
+
+@pytest.mark.parametrize("case", BAD_RUNS)
+def test_a_cache_that_does_not_fit_is_refused_in_one_line(case, root, llama_cache, tmp_path, capsys):
+    (root / "other.txt").write_text("\n\n".join(sample_texts(12)[8:]))
+    runs = bad_runs(root, llama_cache)
+    assert sorted(runs) == sorted(BAD_RUNS)
+    argv, message = runs[case]
+    if argv[0] == "distill":
+        argv = argv + ["--out", tmp_path / "run", "--max-steps", "1", "--no-progress"]
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("alambic: error: ") and message in lines[0], err
+    assert not (tmp_path / "run" / "student").exists()
