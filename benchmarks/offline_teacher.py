@@ -2,12 +2,16 @@
 quality. SmolLM2-135M -> the 15-layer student `make demo-lm` builds (auto:influence), raw BBC text.
 
 1. data: the first --documents articles of bbc-news:train in one file (the training data of every run);
-2. `cache-teacher` at each --top-k (T = 2): seconds, bytes per token;
+2. `cache-teacher` at each --top-k (at --temperature, 2 by default): seconds, bytes per token;
 3. per seed, at equal steps and data (the same student start, the same batch order): `distill` with the live teacher
-   (full-vocabulary KL) and `distill --teacher-logits` on the top-32 cache: training tokens/s (non-pad tokens per
-   second over the run, from metrics.jsonl) and held-out perplexity on bbc-news:heldout.
+   (full-vocabulary KL) and `distill --teacher-logits` on the top-k cache (--train-k, 32 by default), both with the
+   soft-target KL (x5, at --temperature) and the next-token CE (x2) and no cosine term (the cache holds no hidden
+   states): training tokens/s (non-pad tokens per second, median of the logged windows) and held-out perplexity on
+   bbc-news:heldout.
 
-    python benchmarks/offline_teacher.py --out runs/offline --steps 40 --seeds 0 1 2
+    python benchmarks/offline_teacher.py --out runs/offline --documents 60 --steps 40 --seeds 0 1 2
+    python benchmarks/offline_teacher.py --out runs/offline --documents 60 --steps 40 --seeds 0 1 2 --temperature 1 \
+        --top-k 32 128 --train-k 128      # after the same with --top-k 32 --train-k 32
 
 Every figure lands in OUT/results.json as it is measured (a rerun skips what is there); the tables are printed.
 """
@@ -55,11 +59,13 @@ def student(out: Path) -> Path:
     return folder
 
 
-def distill(out: Path, name: str, data: Path, init: Path, steps: int, seed: int, cache: Path | None) -> dict:
+def distill(out: Path, name: str, data: Path, init: Path, steps: int, seed: int, cache: Path | None,
+            temperature: float) -> dict:
     run = out / "runs" / name
     cfg = alambic.load_config(overrides=[{
         "teacher": TEACHER, "teacher_logits": str(cache) if cache else "", "out": str(run),
         "student": {"init": str(init)},
+        "loss": {"alpha_cos": 0.0, "temperature": temperature},  # soft targets + CE: what the cache changes
         "data": {"train": [str(data)], "eval": ["bbc-news:heldout"], "max_length": MAX_LENGTH,
                  "eval_max_tokens": 8192},
         "training": {"max_steps": steps, "batch_size": BATCH, "seed": seed, "log_every": 5, "save_every": 10**6,
@@ -81,17 +87,20 @@ def main() -> None:
     p.add_argument("--top-k", type=int, nargs="+", default=[8, 32, 128])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--temperature", type=float, default=2.0, help="of the cache and of both runs' KL")
+    p.add_argument("--train-k", type=int, default=32, help="the cache (one of --top-k) the offline runs train on")
     args = p.parse_args()
+    tag = "" if args.temperature == 2.0 else f"-T{args.temperature:g}"  # T = 2 runs were the first ones
     args.out.mkdir(parents=True, exist_ok=True)
     results = load(args.out)
     data = args.out / "train.txt"
     if not data.is_file():
         data.write_text("\n\n".join(read_documents(["bbc-news:train"], split_documents="file")[:args.documents]))
     for k in args.top_k:
-        key = f"cache-k{k}"
+        key = f"cache-k{k}{tag}"
         if key not in results:
             start = time.perf_counter()
-            manifest = cache_teacher(TEACHER, [str(data)], args.out / key, top_k=k, temperature=2.0,
+            manifest = cache_teacher(TEACHER, [str(data)], args.out / key, top_k=k, temperature=args.temperature,
                                      max_length=MAX_LENGTH, batch_size=8)
             results[key] = {"seconds": time.perf_counter() - start, "tokens": manifest["tokens"],
                             "bytes_per_token": manifest["bytes_per_token"],
@@ -99,30 +108,30 @@ def main() -> None:
             save(args.out, results)
     init = student(args.out)
     for seed in args.seeds:
-        for variant, cache in (("live", None), ("top32", args.out / "cache-k32")):
-            key = f"{variant}-seed{seed}"
+        for variant, cache in (("live", None), (f"top{args.train_k}", args.out / f"cache-k{args.train_k}{tag}")):
+            key = f"{variant}{tag}-seed{seed}"
             if key not in results:
-                results[key] = distill(args.out, key, data, init, args.steps, seed, cache)
+                results[key] = distill(args.out, key, data, init, args.steps, seed, cache, args.temperature)
                 save(args.out, results)
     print("\n| top-k | cache size (MB) | tokens | bytes / token | seconds to cache |\n|---:|---:|---:|---:|---:|")
     for k in args.top_k:
-        r = results[f"cache-k{k}"]
+        r = results[f"cache-k{k}{tag}"]
         print(f"| {k} | {r['bytes'] / 1e6:.1f} | {r['tokens']:,} | {r['bytes_per_token']:.0f} | {r['seconds']:.0f} |")
-    print(f"\n{args.steps} steps of {BATCH} x {MAX_LENGTH} tokens, seeds {args.seeds}")
+    print(f"\n{args.steps} steps of {BATCH} x {MAX_LENGTH} tokens, seeds {args.seeds}, T = {args.temperature:g}")
     print("| teacher | held-out perplexity | training tokens/s (median of logged steps) | wall seconds |\n|---|---:|---:|---:|")
-    for variant, label in (("live", "live (full-vocabulary KL)"), ("top32", "cache, top-32")):
-        rows = [results[f"{variant}-seed{s}"] for s in args.seeds]
+    for variant, label in (("live", "live (full-vocabulary KL)"), (f"top{args.train_k}", f"cache, top-{args.train_k}")):
+        rows = [results[f"{variant}{tag}-seed{s}"] for s in args.seeds]
         ppl = [r["perplexity"] for r in rows]
         tps = [r["tokens_per_s"] for r in rows]
         spread = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
         print(f"| {label} | {statistics.mean(ppl):.2f} ± {spread:.2f} | {statistics.mean(tps):.0f} | "
               f"{statistics.mean(r['seconds'] for r in rows):.0f} |")
-    live = [results[f"live-seed{s}"]["perplexity"] for s in args.seeds]
-    top = [results[f"top32-seed{s}"]["perplexity"] for s in args.seeds]
+    live = [results[f"live{tag}-seed{s}"]["perplexity"] for s in args.seeds]
+    top = [results[f"top{args.train_k}{tag}-seed{s}"]["perplexity"] for s in args.seeds]
     ratio = statistics.mean(t / l for t, l in zip(top, live))
-    speed = statistics.mean(results[f"top32-seed{s}"]["tokens_per_s"] / results[f"live-seed{s}"]["tokens_per_s"]
-                            for s in args.seeds)
-    print(f"\ntop-32 / live perplexity: {ratio:.4f} (target within 2%); tokens/s ratio {speed:.2f}x")
+    speed = statistics.mean(results[f"top{args.train_k}{tag}-seed{s}"]["tokens_per_s"]
+                            / results[f"live{tag}-seed{s}"]["tokens_per_s"] for s in args.seeds)
+    print(f"\ntop-{args.train_k} / live perplexity: {ratio:.4f} (target within 2%); tokens/s ratio {speed:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2``: a 4-step DDP run straight through, and the
-same run interrupted during step 3 (on every process, after the checkpoint of step 2) and resumed. The runs are
+"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2``: a 4-step DDP (or, with a third argument
+``fsdp``, FSDP) run straight through, and the same run interrupted during step 3 (on every process, after the
+checkpoint of step 2) and resumed. The runs are
 tests/test_engine.py's; the tiny BERT student keeps its dropout, so each process's RNG state matters for an exact
 resume."""
 
@@ -10,8 +11,8 @@ from alambic.engine.loop import train
 from test_engine import Interrupt, make_run
 
 
-def main(text_dir: str, out: Path) -> None:
-    run = dict(family="masked", text_dir=text_dir, max_steps=4, save_every=2)
+def main(text_dir: str, out: Path, distributed: str = "ddp") -> None:
+    run = dict(family="masked", text_dir=text_dir, max_steps=4, save_every=2, distributed=distributed)
     recipe, batches, cfg, tokenizer = make_run(**run)
     train(recipe, batches, cfg, out / "straight", tokenizer=tokenizer, progress=False)
 
@@ -34,4 +35,4 @@ def main(text_dir: str, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]), *sys.argv[3:])

@@ -64,18 +64,21 @@ def test_two_processes_match_one_process_with_the_same_global_batch(llama_and_te
 
 
 @needs_torchrun
-def test_ddp_run_interrupted_and_resumed_equals_the_straight_run(tmp_path):
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_run_interrupted_and_resumed_equals_the_straight_run(distributed, tmp_path):
     (tmp_path / "text").mkdir()
     for i, text in enumerate(sample_texts(10)):  # documents of many lengths: the processes draw unequal dropout masks
         (tmp_path / "text" / f"{i}.txt").write_text(" ".join(text.split()[: 6 + 5 * i]))
     worker = os.path.join(os.path.dirname(__file__), "ddp_resume_worker.py")
-    torchrun(worker, str(tmp_path / "text"), str(tmp_path))
+    torchrun(worker, str(tmp_path / "text"), str(tmp_path), distributed)
 
     def final(run):
         return load_file(str(tmp_path / run / "checkpoints" / "step-0000004" / "student" / "model.safetensors"))
 
     straight, resumed = final("straight"), final("resumed")
-    assert all((straight[k] == resumed[k]).all() for k in straight), "the resumed DDP run differs"
+    assert all((straight[k] == resumed[k]).all() for k in straight), f"the resumed {distributed} run differs"
+    if distributed == "fsdp":  # sharded checkpoints, each with the student gathered whole
+        assert (tmp_path / "resumed" / "checkpoints" / "step-0000004" / "sharded" / ".metadata").is_file()
     steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
 
@@ -89,8 +92,60 @@ def test_sharding_engines_are_refused_in_words():
     for engine in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         check_engine(engine)
     for engine in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        with pytest.raises(AlambicError, match="multi-GPU"):
+        with pytest.raises(AlambicError, match="set training.distributed=fsdp"):
             check_engine(engine)
+
+
+@needs_torchrun
+def test_fsdp_matches_one_process_with_the_same_global_batch_and_exports_a_plain_student(llama_and_text):
+    """FSDP over two processes (each holds half of every sharded tensor) against one process accumulating the same
+    global batch: the same weights up to float summation order (reduce-scatter vs one accumulation), 1e-5."""
+    import torch
+    import transformers
+
+    tmp_path = llama_and_text
+    common = ["distill", "--teacher", str(tmp_path / "teacher"), "--data", str(tmp_path / "text"), "--max-steps", "3",
+              "--batch-size", "2", "--no-progress", "--set", "training.log_every=1", "--set", "data.max_length=32",
+              "--set", "training.save_every=2", "--set", "training.mixed_precision=no", "--layers", "0,2",
+              "--eval-data", str(tmp_path / "text")]  # evaluation runs the sharded student's forward too
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun("-m", "alambic", *common, "--set", "training.distributed=fsdp", "--out", str(tmp_path / "fsdp"))
+    subprocess.run([sys.executable, "-m", "alambic", *common, "--grad-accum", "2", "--out", str(tmp_path / "one")],
+                   check=True, env=env, capture_output=True, timeout=TIMEOUT_S)
+    fsdp = load_file(str(tmp_path / "fsdp" / "student" / "model.safetensors"))
+    one = load_file(str(tmp_path / "one" / "student" / "model.safetensors"))
+    assert sorted(fsdp) == sorted(one)
+    assert max((fsdp[k] - one[k]).abs().max().item() for k in one) < 1e-5
+    start = tiny_llama().state_dict()
+    assert (fsdp["model.norm.weight"] - start["model.norm.weight"]).abs().max() > 1e-4  # it trained
+    logs = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("fsdp", "one")}
+    for a, b in zip(logs["fsdp"], logs["one"]):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key.startswith(("loss", "eval/")):
+                assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    assert any("eval/perplexity" in record for record in logs["fsdp"])
+    # the exported student is a plain transformers model, equal to the one gathered into the last checkpoint
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "student")
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 2
+    checkpoint = tmp_path / "fsdp" / "checkpoints" / "step-0000003"
+    assert (checkpoint / "sharded").is_dir()
+    gathered = load_file(str(checkpoint / "student" / "model.safetensors"))
+    assert all(torch.equal(gathered[k], fsdp[k]) for k in fsdp)
+
+
+@needs_torchrun
+def test_fsdp_is_refused_in_words_where_it_cannot_run(llama_and_text, capsys):
+    from alambic.cli import main
+
+    tmp_path = llama_and_text
+    base = ["distill", "--teacher", str(tmp_path / "teacher"), "--data", str(tmp_path / "text"), "--max-steps", "1",
+            "--set", "data.max_length=32", "--set", "training.distributed=fsdp", "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 2
+    assert "shards over several processes: launch with `torchrun" in capsys.readouterr().err
+    assert main(base + ["--recipe", "tinybert", "--out", str(tmp_path / "b")]) == 2
+    assert "training.distributed=fsdp runs the distilbert recipe" in capsys.readouterr().err
 
 
 @needs_torchrun

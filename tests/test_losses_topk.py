@@ -3,10 +3,10 @@ vocabulary loss with stored top-k targets against autograd on the formula (value
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from alambic.losses import soft_target_kl, token_cross_entropy, topk_soft_target_kl, topk_targets
 from alambic.losses.vocabulary import fused_vocabulary_loss
+from test_losses import _linear
 
 
 def _logits(n=12, v=40, seed=0, scale=3.0):
@@ -47,15 +47,6 @@ def test_topk_kl_is_the_kl_over_k_plus_one_classes():
     value = topk_soft_target_kl(student, ids, log_p, rest, T, num_items=1)
     torch.testing.assert_close(value, T**2 * expected, rtol=1e-5, atol=1e-6)
     assert topk_soft_target_kl(teacher, ids, log_p, rest, T) < 1e-6  # the teacher matches itself
-
-
-def _linear(weight, bias=None):
-    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    return layer
 
 
 @pytest.mark.parametrize("k", [1, 8, 50])

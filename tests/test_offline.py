@@ -60,6 +60,8 @@ def test_the_cache_holds_the_teachers_top_k_for_every_token(root, llama_cache):
     torch.testing.assert_close(shard["topk_log_probs"][rows].float(), top_log_probs, atol=2e-3, rtol=1e-3)
     torch.testing.assert_close(shard["rest_log_prob"][rows], rest, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shard["hidden"][rows].float(), out.hidden_states[-1][0], atol=2e-3, rtol=1e-3)
+    rests = torch.cat([load_file(str(llama_cache / s["file"]))["rest_log_prob"] for s in manifest["shards"]])
+    assert manifest["mean_rest_mass"] == pytest.approx(float(rests.exp().mean()), rel=1e-5)
     # the bytes per token the format documents: ids 4 + k (2 + 2) + rest 4 + hidden 2d, plus headers
     per_token = 4 + 8 * 4 + 4 + 2 * 32
     assert per_token <= manifest["bytes_per_token"] < per_token * 1.1
@@ -213,6 +215,7 @@ def bad_runs(root, cache):
                                     "--out", root / "c0", "--top-k", "0"], "--top-k must be >= 1"),
         "cache-teacher: other settings": (["cache-teacher", "--teacher", root / "llama", "--data", root / "text.txt",
                                            "--out", cache, "--top-k", "4", "--max-length", "32", "--hidden-states",
+                                           "--temperature", "2",
                                            "--shard-examples", "16"], "made with other settings (top_k differ)"),
         "cache-teacher: encoder without LM head": (["cache-teacher", "--teacher", "minilm-l6", "--data",
                                                     root / "text.txt", "--out", root / "c1"],

@@ -237,8 +237,9 @@ def add_cache_teacher(sub) -> None:
     p.add_argument("--data", nargs="+", required=True, help="training text: " + DATA_HELP)
     p.add_argument("--out", required=True, help="cache folder (a rerun with the same settings continues it)")
     p.add_argument("--top-k", type=int, default=32, help="teacher classes kept per token (default 32)")
-    p.add_argument("--temperature", type=float, default=2.0,
-                   help="temperature of the stored distribution; distill's loss.temperature must match (default 2)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="temperature of the stored distribution; distill's loss.temperature must match (default 1: "
+                   "at 2, SmolLM2's top 32 hold 21%% of the softened probability, at 1 82%%; docs/offline.md)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per sequence, as data.max_length (default 128)")
     p.add_argument("--hidden-states", action="store_true",
                    help="also store the last hidden states (fp16), for the cosine term")

@@ -182,16 +182,18 @@ def _trainer_state(path: Path) -> dict:
 
 
 def resume_checkpoint(run_dir: Path, objective, student, optimizer, scheduler, process_index: int = 0,
-                      say=print) -> tuple[Path, int, dict]:
-    """Load the newest checkpoint of ``run_dir`` that verifies and loads, saying which newer ones were skipped and
-    why; returns it with :func:`load_checkpoint`'s step and loop state. None usable is one clear error."""
+                      say=print, load=None) -> tuple[Path, int, dict]:
+    """Load the newest checkpoint of ``run_dir`` that verifies and loads (with ``load``, :func:`load_checkpoint`
+    by default), saying which newer ones were skipped and why; returns it with the step and loop state. None usable
+    is one clear error."""
+    load = load or load_checkpoint
     found = require_checkpoints(run_dir)
     problems = []
     for path in found:
         problem = verify_checkpoint(path)
         if problem is None:
             try:
-                step, loop_state = load_checkpoint(path, objective, student, optimizer, scheduler, process_index)
+                step, loop_state = load(path, objective, student, optimizer, scheduler, process_index)
             except _LOAD_ERRORS as error:
                 problem = f"does not load: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
             else:
@@ -208,6 +210,9 @@ def load_checkpoint(path: Path, objective, student, optimizer, scheduler, proces
     """Restore everything :func:`save_checkpoint` wrote, with process ``process_index``'s RNG states; returns the
     step to continue from and the loop state."""
     path = Path(path)
+    if (path / "sharded").is_dir():
+        raise AlambicError(f"checkpoint {path} was written under FSDP (sharded): resume it with "
+                           "training.distributed=fsdp on the same number of processes")
     trained = type(student).from_pretrained(path / "student", dtype=next(student.parameters()).dtype)
     student.load_state_dict(trained.state_dict())
     extra = load_file(str(path / "objective-extra.safetensors"))

@@ -1,4 +1,5 @@
-"""The one training loop every recipe runs on (accelerate: one process or DDP over many, with no code change).
+"""The one training loop every recipe runs on (accelerate: one process, or DDP over many with no code change, or
+FSDP2 with ``training.distributed: fsdp``, see :mod:`alambic.engine.sharding`).
 
 Reads top to bottom as one optimiser step:
 1. take this process's ``grad_accum`` micro-batches of the global batch (indexed, so resume is exact);
@@ -12,6 +13,7 @@ Reads top to bottom as one optimiser step:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -25,8 +27,9 @@ from tqdm.auto import tqdm
 
 from alambic.cache import atomic_write_text
 from alambic.config import TrainingConfig
-from alambic.engine.checkpoint import (latest_checkpoint, resume_checkpoint, rng_state, save_checkpoint,
-                                       save_model_folder)
+from alambic.engine import sharding
+from alambic.engine.checkpoint import (latest_checkpoint, load_checkpoint, resume_checkpoint, rng_state,
+                                       save_checkpoint, save_model_folder)
 from alambic.engine.precision import PrecisionChoice, choose_precision
 from alambic.errors import AlambicError
 
@@ -62,6 +65,9 @@ class NonFiniteLoss(AlambicError):
 class TrainResult:
     step: int
     metrics: dict
+    student: torch.nn.Module | None = None
+    """Under FSDP, the student gathered whole on the main process (the one to export); else None: export the
+    recipe's student as it is."""
 
 
 def _lr_lambda(cfg: TrainingConfig) -> Callable[[int], float]:
@@ -108,9 +114,8 @@ def check_engine(distributed_type) -> None:
     name = getattr(distributed_type, "value", str(distributed_type))
     if name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         raise AlambicError(
-            f"accelerate is configured for {name}, which alambic does not support yet (its checkpoints need the "
-            "whole student on the main process): run `accelerate config` and choose multi-GPU (DDP), or launch "
-            "with `accelerate launch --multi_gpu`"
+            f"accelerate is configured for {name}; alambic shards with its own FSDP2 set-up instead: launch with "
+            "`accelerate launch --multi_gpu` (or torchrun) and set training.distributed=fsdp"
         )
 
 
@@ -155,8 +160,11 @@ class Evaluator:
     """Evaluation at the start, every ``eval_every`` steps and at the end; keeps the best student by one metric in
     ``RUN/best`` and says when ``early_stopping_patience`` evaluations in a row brought no improvement."""
 
-    def __init__(self, evaluate, cfg: TrainingConfig, run_dir: Path, tokenizer, log: "MetricsLog", main: bool):
+    def __init__(self, evaluate, cfg: TrainingConfig, run_dir: Path, tokenizer, log: "MetricsLog", main: bool,
+                 whole_student=None):
         self.evaluate, self.cfg, self.run_dir, self.tokenizer, self.log, self.main = evaluate, cfg, run_dir, tokenizer, log, main
+        self.whole_student = whole_student or (lambda student: student)
+        """The student to save as the best: itself, or (FSDP) gathered whole on the main process by every process."""
         self.best_value: float | None = None
         self.best_step: int | None = None
         self.stale = 0
@@ -178,8 +186,9 @@ class Evaluator:
                                                  else value < self.best_value)
             if better:
                 self.best_value, self.best_step, self.stale = value, step, 0
+                whole = self.whole_student(student)
                 if self.main:
-                    save_model_folder(student, self.tokenizer, self.run_dir / "best")
+                    save_model_folder(whole, self.tokenizer, self.run_dir / "best")
             else:
                 self.stale += 1
             metrics[f"eval/best_{name}"] = self.best_value
@@ -219,23 +228,35 @@ def train(
     accelerator = accelerator or make_accelerator(cfg)
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
-    optimizer = build_optimizer(recipe.objective, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    objective, optimizer = accelerator.prepare(recipe.objective, optimizer)
+    processes, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.grad_accum
+    fsdp = cfg.distributed == "fsdp"
     if getattr(recipe, "teacher", None) is not None:
         recipe.teacher.to(accelerator.device)
         if accelerator.mixed_precision == "bf16":
             recipe.teacher.to(torch.bfloat16)
+    if fsdp:
+        sharding.check_sharding(recipe, processes)
+        recipe.objective.to(accelerator.device)
+        sharding.shard(recipe, bf16=accelerator.mixed_precision == "bf16", shard_teacher=cfg.fsdp_teacher == "shard")
+        optimizer = build_optimizer(recipe.objective, cfg)  # over the shards
+        objective = recipe.objective
+        if evaluate is not None:
+            evaluate = _gathered_for(evaluate, objective)
+    else:
+        optimizer = build_optimizer(recipe.objective, cfg)
+        objective, optimizer = accelerator.prepare(recipe.objective, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     student = recipe.student
-    processes, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.grad_accum
 
     step, loop_state = 0, {}
     if resume:
+        load = (functools.partial(_load_sharded, processes=processes) if fsdp else load_checkpoint)
         checkpoint, step, loop_state = resume_checkpoint(run_dir, accelerator.unwrap_model(objective), student,
-                                                         optimizer, scheduler, rank, say=accelerator.print)
+                                                         optimizer, scheduler, rank, say=accelerator.print, load=load)
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     log = MetricsLog(run_dir, accelerator.is_main_process, step if resume else None)
-    evaluator = Evaluator(evaluate, cfg, run_dir, tokenizer, log, accelerator.is_main_process)
+    whole = (lambda model: sharding.whole_student(objective, model, accelerator.is_main_process)) if fsdp else None
+    evaluator = Evaluator(evaluate, cfg, run_dir, tokenizer, log, accelerator.is_main_process, whole)
     evaluator.load_state_dict(loop_state.get("evaluation", {}))
 
     metrics: dict = {}
@@ -269,7 +290,10 @@ def train(
             batch = _to_device(batch, device)
             with accelerator.autocast():
                 targets = recipe.teacher_targets(batch)
-            sync = contextlib.nullcontext() if a == accum - 1 else accelerator.no_sync(objective)
+            if fsdp:
+                sync = sharding.gradient_sync(objective, a == accum - 1)
+            else:
+                sync = contextlib.nullcontext() if a == accum - 1 else accelerator.no_sync(objective)
             with sync:
                 loss, loss_terms = objective(batch, targets, num_items)
                 # DDP averages gradients over processes; each loss is already a share of the global mean.
@@ -281,6 +305,7 @@ def train(
 
         # The norm is computed even without clipping: a non-finite gradient must stop the run before it is saved.
         grad_norm = accelerator.clip_grad_norm_(objective.parameters(), cfg.grad_clip or float("inf"))
+        grad_norm = sharding.local_norm(grad_norm) if fsdp else grad_norm
         nonfinite |= ~torch.isfinite(grad_norm)
         optimizer.step()
         scheduler.step()
@@ -322,9 +347,13 @@ def train(
             if step % cfg.save_every == 0 or last:
                 # Each process's RNG (dropout) goes into the checkpoint, so every process resumes where it stopped.
                 rng_states = gather_object([rng_state()]) if processes > 1 else [rng_state()]
+                loop_state = {"evaluation": evaluator.state_dict(), "tokens": tokens_seen}
                 accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    loop_state = {"evaluation": evaluator.state_dict(), "tokens": tokens_seen}
+                if fsdp:  # every process writes its shards
+                    sharding.save_sharded_checkpoint(run_dir, step, objective, student, optimizer, scheduler,
+                                                     tokenizer, cfg.keep_checkpoints, loop_state, rng_states,
+                                                     accelerator.is_main_process, processes)
+                elif accelerator.is_main_process:
                     save_checkpoint(run_dir, step, accelerator.unwrap_model(objective), student, optimizer,
                                     scheduler, tokenizer, cfg.keep_checkpoints, loop_state, rng_states)
                 accelerator.wait_for_everyone()
@@ -334,4 +363,16 @@ def train(
     if evaluate is not None and evaluator.last_step != step:
         metrics.update(evaluator(step, student))
     log.close()
-    return TrainResult(step=step, metrics=metrics)
+    return TrainResult(step=step, metrics=metrics, student=whole(student) if fsdp else None)
+
+
+def _gathered_for(evaluate, objective):
+    """``evaluate`` run with the sharded objective's root parameters gathered (the student's forward needs them)."""
+    def run(model):
+        with sharding.gathered(objective):
+            return evaluate(model)
+    return run
+
+
+def _load_sharded(path, objective, student, optimizer, scheduler, process_index, *, processes):
+    return sharding.load_sharded_checkpoint(path, objective, optimizer, scheduler, process_index, processes)

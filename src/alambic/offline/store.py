@@ -17,8 +17,9 @@ them, one row:
 
 so a token costs ``4 + k (2 + 2) + 4`` bytes (k = 32: 136 bytes; +4 for encoders; +2d with hidden states). The
 manifest records what a cache is only valid for: format version, teacher fingerprint, tokenizer hash, data specs and
-the hash of the examples' token ids, ``max_length``, k, temperature, masking, and each shard's file, examples, rows and
-bytes. :func:`check_cache` refuses, in one line, a cache that does not match a run.
+the hash of the examples' token ids, ``max_length``, k, temperature, masking, the mean probability outside the top k
+(``mean_rest_mass``), and each shard's file, examples, rows and bytes. :func:`check_cache` refuses, in one line, a
+cache that does not match a run.
 """
 
 from __future__ import annotations

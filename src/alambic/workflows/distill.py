@@ -123,6 +123,9 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
     precision = choose_precision(cfg.training.mixed_precision)
     accelerator = make_accelerator(cfg.training, precision)
     say = accelerator.print
+    if cfg.training.distributed == "fsdp" and accelerator.num_processes < 2:
+        raise AlambicError("training.distributed=fsdp shards over several processes: launch with `torchrun "
+                           "--nproc_per_node N` or `accelerate launch`, or use training.distributed=ddp")
 
     if cfg.teacher_logits:  # the teacher, if given at all, only builds the student
         outputs = TeacherOutputs(cfg.teacher_logits, read_manifest(cfg.teacher_logits))
@@ -182,7 +185,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
     )
     student_dir = run_dir / "student"
     if accelerator.is_main_process:
-        exported = accelerator.unwrap_model(student)
+        exported = result.student or accelerator.unwrap_model(student)
         card = distillation_card(cfg.to_dict(), teacher_parameters=teacher_parameters,
                                  student_parameters=count_parameters(exported),
                                  teacher_layers=teacher_layers, student_layers=num_layers(exported.config),

@@ -1,0 +1,164 @@
+"""Sharded training with FSDP2 (``torch.distributed.fsdp.fully_shard``), for ``training.distributed: fsdp``.
+
+Every transformer layer of the student is its own FSDP unit, and the objective is the root unit: its own parameters
+(embeddings, final norm, LM head, any projection) are gathered for the whole of the objective's forward, which is
+what lets the fused vocabulary loss read the LM head's weight directly. Each process then holds 1/N of the student's
+parameters, gradients and AdamW state between steps. The frozen teacher's layers are sharded too
+(``training.fsdp_teacher: shard``, gathered layer by layer in its forward) or kept whole on every process
+(``replicate``); its embeddings and head stay whole (the fused loss reads its projection). In bf16, parameters are
+gathered in bf16 and gradients reduced in fp32.
+
+Checkpoints are sharded with ``torch.distributed.checkpoint`` (each process writes its shards of the model and
+optimiser state), next to the trainer state and the student gathered whole on the main process (a checkpoint stays
+usable on its own); they resume on the same number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from alambic import modeling
+from alambic.errors import AlambicError
+
+SHARDED = "sharded"
+"""The folder of a checkpoint holding the model and optimiser shards (torch.distributed.checkpoint)."""
+
+
+def check_sharding(recipe, processes: int) -> None:
+    if processes < 2:
+        raise AlambicError("training.distributed=fsdp shards over several processes: launch with `torchrun "
+                           "--nproc_per_node N` or `accelerate launch`, or use training.distributed=ddp")
+    if type(recipe).__name__ not in ("DistilBERTRecipe", "OfflineDistilBERTRecipe"):
+        raise AlambicError(f"training.distributed=fsdp runs the distilbert recipe (live or --teacher-logits) for "
+                           f"now; {type(recipe).__name__} reads intermediate layers through hooks, untested under "
+                           "FSDP: use training.distributed=ddp for it")
+
+
+def shard(recipe, *, bf16: bool, shard_teacher: bool) -> None:
+    """Shard the student's layers and the objective (the root) in place, and the teacher's layers if asked."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+              else MixedPrecisionPolicy())
+    for layer in modeling.transformer_layers(recipe.student):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(recipe.objective, mp_policy=policy)
+    # Make the objective the root now: FSDP initialises roots lazily, on their first forward, and a student forward
+    # run first (the evaluation at step 0) would otherwise make each layer a root of its own. torch has no public
+    # call for this in 2.13.
+    recipe.objective._get_fsdp_state()._lazy_init()
+    if recipe.teacher is not None and shard_teacher:
+        for layer in modeling.transformer_layers(recipe.teacher):
+            fully_shard(layer)
+            # Each teacher layer is a root of its own (the teacher's embeddings and head stay whole), and FSDP keeps a
+            # root's parameters gathered after its forward, expecting a backward: the teacher has none, so free them.
+            layer.register_forward_hook(lambda module, args, output: module.reshard())
+
+
+@contextlib.contextmanager
+def gathered(objective):
+    """The objective's root parameters gathered, for a forward of the student outside the objective (evaluation)."""
+    objective.unshard()
+    try:
+        yield
+    finally:
+        objective.reshard()
+
+
+def gradient_sync(objective, enabled: bool):
+    objective.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
+def local_norm(norm):
+    """A gradient norm as a plain tensor (clipping sharded gradients returns a DTensor)."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def whole_student(objective, student, is_main: bool):
+    """The student with every weight gathered, as a plain transformers model on the main process (None elsewhere).
+    Every process must call it: the weights are gathered collectively."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main:
+        return None
+    with torch.random.fork_rng(devices=[]):  # a fresh model draws initial weights: keep the run's RNG untouched
+        plain = type(student)(student.config)
+    prefix = "student."
+    plain.load_state_dict({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)})
+    return plain.eval()
+
+
+def save_sharded_checkpoint(run_dir: Path, step: int, objective, student, optimizer, scheduler, tokenizer, keep: int,
+                            loop_state: dict, rng_states: list[dict], is_main: bool, processes: int) -> None:
+    """The checkpoint of :mod:`alambic.engine.checkpoint`, with the model and optimiser sharded: every process
+    writes its shards into a temporary folder, the main process the rest, verifies, renames and prunes."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    from alambic.cache import atomic_write_text
+    from alambic.engine.checkpoint import FORMAT, LATEST, MANIFEST, UnusableCheckpoint, checkpoints, verify_checkpoint
+
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step:07d}"
+    tmp = root / f".{final.name}.partial"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save({"model": get_model_state_dict(objective), "optim": get_optimizer_state_dict(objective, optimizer)},
+             checkpoint_id=str(tmp / SHARDED))
+    plain = whole_student(objective, student, is_main)
+    if is_main:
+        plain.save_pretrained(tmp / "student")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "student")
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_states, "loop": loop_state,
+                    "processes": processes}, tmp / "trainer-state.pt")
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "sharded": True, "files": files},
+                                               indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        problem = verify_checkpoint(final)
+        if problem is not None:
+            raise UnusableCheckpoint(f"checkpoint {final} did not verify after writing ({problem}); the older "
+                                     "checkpoints are kept: free disk space and rerun with --resume")
+        atomic_write_text(root / LATEST, final.name)
+        for old in checkpoints(run_dir)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_sharded_checkpoint(path: Path, objective, optimizer, scheduler, process_index: int,
+                            processes: int) -> tuple[int, dict]:
+    """Restore what :func:`save_sharded_checkpoint` wrote (every process reads its own shards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    from alambic.engine.checkpoint import _set_rng_state, _trainer_state
+
+    path = Path(path)
+    if not (path / SHARDED).is_dir():
+        raise AlambicError(f"checkpoint {path} was written without FSDP: resume it with training.distributed=ddp")
+    state = _trainer_state(path)
+    if state.get("processes") != processes:
+        raise AlambicError(f"checkpoint {path} was written by {state.get('processes')} processes and FSDP resumes "
+                           f"on the same number: launch {state.get('processes')} processes (now {processes})")
+    shards = {"model": get_model_state_dict(objective), "optim": get_optimizer_state_dict(objective, optimizer)}
+    dcp.load(shards, checkpoint_id=str(path / SHARDED))
+    set_model_state_dict(objective, shards["model"])
+    set_optimizer_state_dict(objective, optimizer, shards["optim"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"][process_index % len(state["rng"])])
+    return int(state["step"]), state.get("loop", {})
