@@ -181,7 +181,7 @@ def test_gguf_export_carries_a_gguf_teachers_tokenizer_over(root, tmp_path):
 
 
 def test_gguf_runs_in_llama_cpp(root, tmp_path):
-    pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp", exc_type=ImportError)  # not installed, or installed without its deps
     manifest = export(root / "llama", "gguf", tmp_path / "out", log=lambda line: None)
     model = load_exported(tmp_path / "out")
     assert model.runtime == "llama.cpp"
