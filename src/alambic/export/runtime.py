@@ -159,9 +159,13 @@ def load_exported(folder: Path, manifest: dict | None = None) -> torch.nn.Module
 
 
 def auto_class(head: str):
+    """The transformers Auto class of an export's head (see :func:`alambic.workflows.export.model_head`)."""
     import transformers
 
+    from alambic.tasks.models import HEAD_SUFFIX
+    from alambic.tasks.models import auto_class as task_auto_class
+
+    if head in HEAD_SUFFIX:
+        return task_auto_class(head)
     return {"causal": transformers.AutoModelForCausalLM, "masked": transformers.AutoModelForMaskedLM,
-            "classification": transformers.AutoModelForSequenceClassification,
-            "ner": transformers.AutoModelForTokenClassification,
-            "qa": transformers.AutoModelForQuestionAnswering, "encoder": transformers.AutoModel}[head]
+            "encoder": transformers.AutoModel}[head]

@@ -57,11 +57,10 @@ def check_request(fmt: str, out: Path, *, gguf_type: str, int8: str, calibration
     if out.exists():
         raise AlambicError(f"--out {out} already exists; remove it or choose another folder (an export never "
                            "overwrites)")
-    if fmt.startswith("onnx") or fmt == "torch-int8":
+    if fmt.startswith("onnx"):
         import importlib.util
 
-        if fmt.startswith("onnx") and (importlib.util.find_spec("onnxruntime") is None
-                                       or importlib.util.find_spec("onnxscript") is None):
+        if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None:
             raise AlambicError(f"--format {fmt} needs ONNX Runtime and torch's ONNX exporter: "
                                "pip install 'alambic[onnx]'")
 
