@@ -9,7 +9,8 @@ teacher measured in the same run.
         --task classification --data bbc-news:heldout --max-length 64 --seq-lens 128 --out runs/export-bbc
     # the SmolLM2 15-layer student of `make demo-lm`
     python benchmarks/export_formats.py --teacher smollm2-135m --student runs/demo-lm/student \
-        --formats gguf:f16 gguf:q8_0 --lm-data bbc-news:heldout --max-length 256 --seq-lens 128 --out runs/export-lm
+        --formats gguf:f16 gguf:q8_0 --lm-data bbc-news:heldout --max-length 256 --seq-lens 128 --generate 64 \
+        --out runs/export-lm
 
 Exports are written to OUT/<format> (kept, and reused by a rerun); the report to OUT/report; the table is printed.
 """
@@ -62,6 +63,48 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+PROMPT = "The central bank raised interest rates on Tuesday, and analysts said"
+
+
+def decode_tokens_per_s(spec: str, new_tokens: int, repeats: int = 3) -> tuple[float, str]:
+    """Greedy generation of ``new_tokens`` after a short prompt, batch 1, with a KV cache: llama.cpp for a GGUF export
+    (when llama-cpp-python is installed), else transformers' ``generate``. The median over ``repeats`` runs."""
+    import statistics
+    import time
+
+    import torch
+
+    from alambic.export.runtime import export_folder, read_manifest
+    from alambic.teachers import load_model
+
+    folder = export_folder(spec)
+    manifest = read_manifest(folder) if folder else None
+    times = []
+    if manifest and manifest["format"] == "gguf":
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(folder / manifest["files"][0]), n_ctx=512, n_threads=torch.get_num_threads(),
+                    verbose=False)
+        prompt = llm.tokenize(PROMPT.encode(), add_bos=False)
+        for _ in range(repeats + 1):  # the first run warms up
+            llm.reset()
+            start = time.perf_counter()
+            for i, _token in enumerate(llm.generate(prompt, top_k=1, reset=True)):
+                if i + 1 == new_tokens:
+                    break
+            times.append(time.perf_counter() - start)
+        return new_tokens / statistics.median(times[1:]), "llama.cpp"
+    model, tokenizer = load_model(spec)
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=tokenizer.eos_token_id)
+            times.append(time.perf_counter() - start)
+    return new_tokens / statistics.median(times[1:]), "transformers generate, fp32"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True)
@@ -78,6 +121,8 @@ def main() -> None:
     p.add_argument("--seq-lens", default="128")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="decoders: also time greedy generation of N tokens at batch 1 (prompt included in the time)")
     args = p.parse_args()
     folders = export_all(args.student, args.formats, args.out, args.calibration_data)
     names = ["teacher", "student (PyTorch)"] + [Path(f).name for f in folders]
@@ -89,6 +134,11 @@ def main() -> None:
     write_report(report, args.out / "report")
     print(f"\n{report['machine']['cpu']}, {report['machine']['torch_threads']} threads\n")
     print(table(report))
+    if args.generate:
+        print(f"\n| model | greedy generation, batch 1, {args.generate} new tokens (tokens/s) | runtime |\n|---|---:|---|")
+        for name, spec in zip(names, [args.teacher, args.student, *folders]):
+            speed, runtime = decode_tokens_per_s(spec, args.generate)
+            print(f"| {name} | {speed:.1f} | {runtime} |")
 
 
 if __name__ == "__main__":

@@ -120,11 +120,11 @@ def test_encoder_masks_are_static_and_stored(root, tmp_path):
 def test_an_interrupted_cache_resumes_and_two_processes_write_the_same_files(root, tmp_path, monkeypatch):
     args = dict(top_k=8, max_length=32, shard_examples=16, **QUIET)
     cache_teacher(root / "llama", [str(root / "text.txt")], tmp_path / "one", **args)
-    for rank in (1, 0):  # two processes, one after the other: the second to finish writes the manifest
+    for rank in (0, 1):  # two processes, one after the other: the second to finish writes the manifest
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
         result = cache_teacher(root / "llama", [str(root / "text.txt")], tmp_path / "two", **args)
-        assert (result is None) == (rank == 1)
+        assert (result is None) == (rank == 0)
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
     one, two = read_manifest(tmp_path / "one"), read_manifest(tmp_path / "two")
@@ -241,4 +241,16 @@ def test_a_cache_that_does_not_fit_is_refused_in_one_line(case, root, llama_cach
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("alambic: error: ") and message in lines[0], err
+    assert not (tmp_path / "run" / "student").exists()
+
+
+def test_a_student_of_another_width_or_vocabulary_is_refused_before_training(root, llama_cache, tmp_path, capsys):
+    # the cache holds hidden states of width 32; a narrower student with the cosine term on cannot use them
+    tiny_llama(hidden_size=16, intermediate_size=32).save_pretrained(tmp_path / "narrow")
+    bpe_tokenizer().save_pretrained(tmp_path / "narrow")
+    argv = ["distill", "--teacher-logits", llama_cache, "--student", tmp_path / "narrow", "--set",
+            "data.max_length=32", "--set", "loss.temperature=2", "--max-steps", "1", "--no-progress", "--out",
+            tmp_path / "run"]
+    assert main([str(a) for a in argv]) == 2
+    assert "stores hidden states of width 32, the student's are 16" in capsys.readouterr().err
     assert not (tmp_path / "run" / "student").exists()

@@ -176,6 +176,9 @@ class TrainingConfig:
             raise AlambicError(f"training.distributed must be ddp or fsdp, got {self.distributed!r}")
         if self.fsdp_teacher not in ("shard", "replicate"):
             raise AlambicError(f"training.fsdp_teacher must be shard or replicate, got {self.fsdp_teacher!r}")
+        if self.distributed == "fsdp" and self.mixed_precision == "fp16":
+            raise AlambicError("training.distributed=fsdp trains in fp32 or bf16 (fp16 needs a gradient scaler FSDP "
+                               "does not get here): set training.mixed_precision to bf16, auto or no")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise AlambicError(f"training.mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
         if self.best_metric_mode not in ("max", "min"):

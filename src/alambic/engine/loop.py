@@ -109,8 +109,8 @@ def make_accelerator(cfg: TrainingConfig, precision: PrecisionChoice | None = No
 
 
 def check_engine(distributed_type) -> None:
-    """Refuse engines that shard the student: checkpoints are written from the main process's full copy of the
-    student and optimiser, which FSDP and DeepSpeed ZeRO split across processes (the files would be incomplete)."""
+    """Refuse accelerate's own sharding plugins: alambic's sharding is its FSDP2 set-up (``training.distributed:
+    fsdp``, :mod:`alambic.engine.sharding`), whose checkpoints and export it knows how to gather."""
     name = getattr(distributed_type, "value", str(distributed_type))
     if name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         raise AlambicError(
@@ -367,10 +367,16 @@ def train(
 
 
 def _gathered_for(evaluate, objective):
-    """``evaluate`` run with the sharded objective's root parameters gathered (the student's forward needs them)."""
+    """``evaluate`` run with the sharded objective's root parameters gathered (the student's forward needs them).
+    The main process's results are the ones every process acts on: saving the best student is a collective, so the
+    processes must not disagree about it over a rounding difference."""
+    from accelerate.utils import broadcast_object_list
+
     def run(model):
         with sharding.gathered(objective):
-            return evaluate(model)
+            results = [evaluate(model)]
+        broadcast_object_list(results)
+        return results[0]
     return run
 
 

@@ -31,6 +31,11 @@ SHARDED = "sharded"
 
 
 def check_sharding(recipe, processes: int) -> None:
+    import torch.distributed.fsdp as fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        raise AlambicError(f"training.distributed=fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch 2.6 or "
+                           f"later); this torch is {torch.__version__}: upgrade torch or use training.distributed=ddp")
     if processes < 2:
         raise AlambicError("training.distributed=fsdp shards over several processes: launch with `torchrun "
                            "--nproc_per_node N` or `accelerate launch`, or use training.distributed=ddp")
@@ -48,7 +53,11 @@ def shard(recipe, *, bf16: bool, shard_teacher: bool) -> None:
               else MixedPrecisionPolicy())
     for layer in modeling.transformer_layers(recipe.student):
         fully_shard(layer, mp_policy=policy)
-    fully_shard(recipe.objective, mp_policy=policy)
+    # The objective's inputs are the teacher's targets and the row counts: cast to bf16 they would lose the stored
+    # log-probabilities' precision and round the counts, so only the layers (whose inputs are activations) cast.
+    root_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                        cast_forward_inputs=False) if bf16 else policy)
+    fully_shard(recipe.objective, mp_policy=root_policy)
     # Make the objective the root now: FSDP initialises roots lazily, on their first forward, and a student forward
     # run first (the evaluation at step 0) would otherwise make each layer a root of its own. torch has no public
     # call for this in 2.13.
@@ -77,7 +86,7 @@ def gradient_sync(objective, enabled: bool):
 
 
 def local_norm(norm):
-    """A gradient norm as a plain tensor (clipping sharded gradients returns a DTensor)."""
+    """The global gradient norm as a plain tensor (clipping sharded gradients returns it as a replicated DTensor)."""
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 

@@ -52,7 +52,7 @@ def fused_vocabulary_loss(
 
     Shapes: features ``(N, d_s)`` / ``(N, d_t)``, projections ``d -> V`` (the models' output Linear layers, see
     :func:`alambic.modeling.split_lm_head`), targets ``(N,)``. Returns ``(loss, kd_sum, ce_sum)``; only ``loss``
-    carries gradients (to the student's features and projection), the sums are detached. ``teacher_features=None`` skips the KL, ``targets=None`` the cross-entropy. The weights are
+    carries gradients (to the student's features and projection), the sums are detached. ``teacher_features=None`` (and no ``teacher_topk``) skips the KL, ``targets=None`` the cross-entropy. The weights are
     the caller's normalisation (``alpha / num_items``), plain numbers or tensors. Softmax math is fp32; under
     autocast the projections run in the autocast dtype. ``chunk_rows=0`` picks a chunk size from V and the device.
 
@@ -202,9 +202,10 @@ def _topk_kl_chunk(log_q, spare, scratch, ids, log_p, rest):
     kd = (p_top * (log_p - log_q.gather(1, ids))).sum()
     kd = kd + torch.where(has_rest, p_rest * (rest - log_q_rest), torch.zeros_like(rest)).sum()
     q = torch.exp(log_q, out=spare)
-    # the teacher's rest mass, spread over the other classes in the student's proportions
-    ratio = torch.where(has_rest, (rest - log_q_rest).exp(), torch.zeros_like(rest))
-    p_tilde = torch.mul(q, ratio.unsqueeze(1), out=scratch).scatter_(1, ids, p_top)
+    # the teacher's rest mass, spread over the other classes in the student's proportions: p_rest q_j / q_rest, in
+    # log space (a vanishing q_rest would overflow the ratio); the clamp keeps 0 * inf out where q_j is 0
+    log_ratio = torch.where(has_rest, (rest - log_q_rest).clamp(max=80.0), torch.full_like(rest, float("-inf")))
+    p_tilde = torch.add(log_q, log_ratio.unsqueeze(1), out=scratch).exp_().scatter_(1, ids, p_top)
     # q scaled by the stored mass (1 up to the fp16 rounding of the stored probabilities): the exact gradient
     mass = p_top.sum(1) + p_rest
     return kd, torch.mul(q, mass.unsqueeze(1), out=log_q).sub_(p_tilde)

@@ -82,7 +82,8 @@ def read_manifest(folder) -> dict:
 
 
 def check_cache(manifest: dict, *, max_length: int, temperature: float, needs_hidden: bool, folder,
-                tokenizer_hash: str | None = None, kind: str | None = None, data_hash: str | None = None) -> None:
+                tokenizer_hash: str | None = None, kind: str | None = None, data_hash: str | None = None,
+                student_vocab_size: int | None = None, student_hidden_size: int | None = None) -> None:
     """One line for the first way ``manifest`` does not fit the run about to read it. The settings are checked
     before any model loads; the student's tokenizer and kind, and the data, once they are known (None: later)."""
     where = f"the teacher cache {folder}"
@@ -104,6 +105,12 @@ def check_cache(manifest: dict, *, max_length: int, temperature: float, needs_hi
     if needs_hidden and not manifest["hidden_states"]:
         raise AlambicError(f"{where} has no hidden states, which the cosine term needs: set loss.alpha_cos=0 or "
                            "cache again with --hidden-states")
+    if student_vocab_size is not None and student_vocab_size != manifest["vocab_size"]:
+        raise AlambicError(f"{where} holds a teacher with {manifest['vocab_size']} output rows, the student has "
+                           f"{student_vocab_size}: resize the student's embeddings to {manifest['vocab_size']} rows")
+    if student_hidden_size is not None and manifest["hidden_size"] != student_hidden_size:
+        raise AlambicError(f"{where} stores hidden states of width {manifest['hidden_size']}, the student's are "
+                           f"{student_hidden_size}: the cosine term needs equal widths, set loss.alpha_cos=0")
 
 
 @dataclass

@@ -7,8 +7,9 @@ here and stored with the cache (static masking, as early BERT and TinyBERT's cac
 trains on the same masks, where a live teacher gets fresh ones.
 
 Resumable and parallel: shards are written atomically one by one, a rerun skips the finished ones, and under
-``torchrun`` each process writes the shards whose number is its rank modulo the world size; whichever process finds
-every shard written writes the manifest.
+``torchrun`` each process writes the shards whose number is its rank modulo the world size (the first process
+tokenises and starts the folder before the others begin); whichever process finds every shard written writes the
+manifest.
 """
 
 from __future__ import annotations
@@ -56,6 +57,17 @@ def _settings(teacher_spec, path, config, tokenizer, data, examples, *, top_k, t
                     else None),
         "shard_examples": shard_examples,
     }
+
+
+def _wait_for(file: Path, timeout_s: float = 3600) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not file.is_file():
+        if time.monotonic() > deadline:
+            raise AlambicError(f"{file} did not appear in {timeout_s:.0f} s: the first process (rank 0) starts the "
+                               "cache; check its output")
+        time.sleep(0.5)
 
 
 def _check_folder(out: Path, settings: dict, first_process: bool) -> None:
@@ -162,6 +174,9 @@ def cache_teacher(teacher_spec, data, out, *, top_k: int = 32, temperature: floa
     from alambic.teachers import load_teacher, resolve_model_path
 
     out = Path(out)
+    rank, world = _rank_and_world()
+    if rank != 0:  # the first process tokenises (into the shared token cache) and starts the folder, then the others
+        _wait_for(out / SETTINGS)
     describe_sources(list(data))
     path = resolve_model_path(teacher_spec)
     config = AutoConfig.from_pretrained(path)
@@ -174,7 +189,6 @@ def cache_teacher(teacher_spec, data, out, *, top_k: int = 32, temperature: floa
     settings = _settings(teacher_spec, path, config, tokenizer, data, examples, top_k=top_k, temperature=temperature,
                          max_length=max_length, hidden_states=hidden_states, mlm_probability=mlm_probability,
                          seed=seed, shard_examples=shard_examples, kind=kind)
-    rank, world = _rank_and_world()
     _check_folder(out, settings, first_process=rank == 0)
     n_shards = math.ceil(len(examples) / shard_examples)
     mine = [s for s in range(rank, n_shards, world) if not (out / shard_name(s)).is_file()]

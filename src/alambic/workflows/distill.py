@@ -23,7 +23,7 @@ from alambic.engine.run_folder import locked_run
 from alambic.errors import AlambicError
 from alambic.evaluation.lm import evaluate_lm
 from alambic.evaluation.model_card import distillation_card, last_logged
-from alambic.modeling import lm_body, model_kind, num_layers
+from alambic.modeling import hidden_size, lm_body, model_kind, num_layers, vocab_size
 from alambic.recipes import recipe_parts
 from alambic.students import count_parameters, init_student, parse_layer_spec, save_student, selection
 from alambic.offline.store import TeacherOutputs, check_cache, read_manifest
@@ -210,5 +210,7 @@ def _cached_batches(cfg: DistillConfig, outputs, tokenizer, student, student_tok
         data_hash = examples_hash(training_examples(cfg.data.train, tokenizer, outputs.manifest["kind"], cfg.data))
     check_cache(outputs.manifest, tokenizer_hash=vocabulary_hash(student_tokenizer), kind=model_kind(student),
                 max_length=cfg.data.max_length, temperature=cfg.loss.temperature, data_hash=data_hash,
-                needs_hidden=cfg.loss.alpha_cos > 0, folder=cfg.teacher_logits)
+                needs_hidden=cfg.loss.alpha_cos > 0, folder=cfg.teacher_logits,
+                student_vocab_size=vocab_size(student.config),
+                student_hidden_size=hidden_size(student.config) if cfg.loss.alpha_cos > 0 else None)
     return cached_batches(outputs, tokenizer, cfg.training.batch_size, cfg.training.seed)
