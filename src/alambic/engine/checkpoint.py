@@ -101,16 +101,27 @@ def save_checkpoint(run_dir: Path, step: int, objective, student, optimizer, sch
              "loop": loop_state or {}},
             tmp / "trainer-state.pt",
         )
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
+        write_manifest(tmp, step)
+    publish_checkpoint(run_dir, final, keep)
+    return final
+
+
+def write_manifest(folder: Path, step: int, **extra) -> None:
+    """``manifest.json``, written last: the step and every file's size (what :func:`verify_checkpoint` checks)."""
+    files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+    (folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, **extra, "files": files}, indent=1))
+
+
+def publish_checkpoint(run_dir: Path, final: Path, keep: int) -> None:
+    """Once ``final`` is in place: verify it, point ``latest`` at it, and only then prune all but the ``keep``
+    newest (a checkpoint that does not verify leaves every older one)."""
     problem = verify_checkpoint(final)
     if problem is not None:  # e.g. a disk that filled up unnoticed: keep every older checkpoint
         raise UnusableCheckpoint(f"checkpoint {final} did not verify after writing ({problem}); the older "
                                  "checkpoints are kept: free disk space and rerun with --resume")
-    atomic_write_text(root / LATEST, final.name)
+    atomic_write_text(Path(run_dir) / "checkpoints" / LATEST, final.name)
     for old in checkpoints(run_dir)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

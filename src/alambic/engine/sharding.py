@@ -16,7 +16,6 @@ usable on its own); they resume on the same number of processes.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -113,8 +112,7 @@ def save_sharded_checkpoint(run_dir: Path, step: int, objective, student, optimi
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    from alambic.cache import atomic_write_text
-    from alambic.engine.checkpoint import FORMAT, LATEST, MANIFEST, UnusableCheckpoint, checkpoints, verify_checkpoint
+    from alambic.engine.checkpoint import publish_checkpoint, write_manifest
 
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:07d}"
@@ -132,19 +130,11 @@ def save_sharded_checkpoint(run_dir: Path, step: int, objective, student, optimi
             tokenizer.save_pretrained(tmp / "student")
         torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_states, "loop": loop_state,
                     "processes": processes}, tmp / "trainer-state.pt")
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "sharded": True, "files": files},
-                                               indent=1))
+        write_manifest(tmp, step, sharded=True)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        problem = verify_checkpoint(final)
-        if problem is not None:
-            raise UnusableCheckpoint(f"checkpoint {final} did not verify after writing ({problem}); the older "
-                                     "checkpoints are kept: free disk space and rerun with --resume")
-        atomic_write_text(root / LATEST, final.name)
-        for old in checkpoints(run_dir)[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_checkpoint(run_dir, final, keep)
     dist.barrier()
 
 

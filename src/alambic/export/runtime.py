@@ -116,6 +116,19 @@ class LlamaCppModel(torch.nn.Module):
         return _outputs({"logits": logits})
 
 
+def gguf_round_trip(folder: Path, manifest: dict) -> torch.nn.Module:
+    """A GGUF export read back by transformers (``gguf_file=``, dequantised to float32)."""
+    from transformers import AutoModelForCausalLM
+
+    from alambic.teachers import _quiet_transformers
+
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=manifest["files"][0], dtype=torch.float32)
+    model.runtime, model.precision = "transformers", f"{manifest['precision']} dequantised to float32"
+    model.exported = True
+    return model.eval().requires_grad_(False)
+
+
 def _has_llama_cpp() -> bool:
     try:
         import llama_cpp  # noqa: F401
@@ -144,14 +157,7 @@ def load_exported(folder: Path, manifest: dict | None = None) -> torch.nn.Module
 
         return LlamaCppModel(file, config, precision, context=min(2048, max_positions(config) or 2048))
     elif fmt == "gguf":
-        from transformers import AutoModelForCausalLM
-
-        from alambic.teachers import _quiet_transformers
-
-        with _quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file.name, dtype=torch.float32)
-        model.runtime, model.precision, model.exported = "transformers", f"{precision} dequantised to float32", True
-        return model.eval().requires_grad_(False)
+        return gguf_round_trip(folder, manifest)
     else:
         raise AlambicError(f"{folder}: unknown export format {fmt!r} in {MANIFEST}; export the model again")
     model.runtime, model.precision, model.exported = "torch", precision, True

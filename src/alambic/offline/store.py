@@ -132,6 +132,9 @@ class TeacherOutputs:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def __getitem__(self, index: int) -> "CachedExample":
+        return self.example(index)
+
     def _shard(self, index: int) -> dict:
         if index not in self._shards:
             from safetensors.torch import load_file

@@ -32,25 +32,13 @@ class _CachedCollator:
         return batch
 
 
-class _Examples:
-    def __init__(self, outputs: TeacherOutputs):
-        self.outputs = outputs
-
-    def __len__(self) -> int:
-        return len(self.outputs)
-
-    def __getitem__(self, index: int):
-        return self.outputs.example(index)
-
-
 def cached_batches(outputs: TeacherOutputs, tokenizer, batch_size: int, seed: int) -> IndexedBatches:
     n = len(outputs)
     if outputs.manifest["kind"] == "causal":
         plan = functools.partial(sequential_batches, n, batch_size, seed=seed)
     else:
         plan = functools.partial(length_grouped_batches, outputs.lengths, batch_size, seed=seed)
-    return IndexedBatches(_Examples(outputs), _CachedCollator(outputs, tokenizer), lambda epoch: plan(epoch=epoch),
-                          seed)
+    return IndexedBatches(outputs, _CachedCollator(outputs, tokenizer), lambda epoch: plan(epoch=epoch), seed)
 
 
 class OfflineDistilBERTRecipe:

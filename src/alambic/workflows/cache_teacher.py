@@ -96,9 +96,8 @@ def _static_masks(examples, first: int, count: int, masker, seed: int):
 
 
 @torch.inference_mode()
-def _shard(teacher, examples, first: int, count: int, settings: dict, masker, pad_id: int, batch_size: int,
+def _shard(teacher, examples, first: int, count: int, settings: dict, masker, padder, batch_size: int,
            device) -> dict[str, torch.Tensor]:
-    from alambic.data.collate import _pad
     from alambic.losses import topk_targets
     from alambic.modeling import lm_body, lm_head
 
@@ -110,7 +109,8 @@ def _shard(teacher, examples, first: int, count: int, settings: dict, masker, pa
                "hidden": []}
     for start in range(0, len(pairs), batch_size):
         part = pairs[start:start + batch_size]
-        ids, mask = _pad([p[0].numpy() for p in part], pad_id)
+        padded = padder([p[0].numpy() for p in part])
+        ids, mask = padded["input_ids"], padded["attention_mask"]
         hidden = lm_body(teacher)(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         rows = hidden.flatten(0, 1)[mask.reshape(-1).bool().to(device)]  # non-pad tokens, row-major
         top_ids, top_log_probs, rest = topk_targets(lm_head(teacher)(rows), settings["top_k"],
@@ -167,7 +167,7 @@ def cache_teacher(teacher_spec, data, out, *, top_k: int = 32, temperature: floa
     from transformers import AutoConfig, AutoTokenizer
 
     from alambic.config import DataConfig
-    from alambic.data.collate import MaskedLMCollator, _pad_id
+    from alambic.data.collate import MaskedLMCollator, PaddingCollator
     from alambic.data.pipeline import training_examples
     from alambic.data.sources import describe_sources
     from alambic.modeling import has_lm_head, model_kind
@@ -210,8 +210,8 @@ def cache_teacher(teacher_spec, data, out, *, top_k: int = 32, temperature: floa
         for s in mine:
             first = s * shard_examples
             count = min(shard_examples, len(examples) - first)
-            tensors = _shard(teacher, examples, first, count, settings, masker, _pad_id(tokenizer), batch_size,
-                             device)
+            tensors = _shard(teacher, examples, first, count, settings, masker, PaddingCollator(tokenizer),
+                             batch_size, device)
             _write_atomically(tensors, out / shard_name(s))
             log(f"shard {s + 1}/{n_shards}: {count} examples, {len(tensors['rest_log_prob'])} tokens")
     manifest = _finish(out, settings, n_shards, shard_examples)

@@ -20,7 +20,7 @@ from alambic.cache import atomic_directory
 from alambic.errors import AlambicError, did_you_mean
 from alambic.export import onnx_graph, torch_int8
 from alambic.export.gguf_file import GGUF_TYPES, check_gguf_model, gguf_token_list, write_gguf
-from alambic.export.runtime import MANIFEST, load_exported
+from alambic.export.runtime import MANIFEST, gguf_round_trip, load_exported
 
 FORMATS = ("onnx", "onnx-int8", "torch-int8", "gguf")
 SAMPLE_TEXTS = (
@@ -236,15 +236,7 @@ def _check_parity(folder: Path, manifest: dict, reference, batch, head: str, log
     """Load the export back in each runtime that can run it here and compare with PyTorch."""
     loaded = [load_exported(folder, manifest)]
     if manifest["format"] == "gguf" and loaded[0].runtime != "transformers":  # the transformers round trip too
-        from transformers import AutoModelForCausalLM
-
-        from alambic.teachers import _quiet_transformers
-
-        with _quiet_transformers():
-            round_trip = AutoModelForCausalLM.from_pretrained(folder, gguf_file=manifest["files"][0],
-                                                              dtype=torch.float32)
-        round_trip.runtime, round_trip.precision = "transformers", manifest["precision"]
-        loaded.append(round_trip)
+        loaded.append(gguf_round_trip(folder, manifest))
     results = []
     for model in loaded:
         exported = _outputs(model, batch, head)
