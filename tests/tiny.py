@@ -118,3 +118,51 @@ def save_llama_teacher_and_text(root: Path, teacher: str = "teacher") -> Path:
     bpe_tokenizer().save_pretrained(root / teacher)
     (root / "text.txt").write_text("\n\n".join(sample_texts(8)))
     return root
+
+
+# SmolLM2-Instruct's chat template (ChatML with a default system prompt), as its GGUF file carries it.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@functools.lru_cache(maxsize=None)
+def chat_tokenizer():
+    """The BBC byte-level BPE tokenizer with ChatML's turn markers and SmolLM2-Instruct's chat template."""
+    import copy
+
+    tok = copy.deepcopy(bpe_tokenizer())
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def chat_records(n: int = 12) -> list[dict]:
+    """``n`` real single- and multi-turn conversations about BBC articles (topic and headline questions)."""
+    records = []
+    for i, path in enumerate(sorted(BBC_DIR.glob("*/*.txt"))[::181][:n]):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        headline, body = text.split("\n", 1)
+        question = {"role": "user", "content": f"Which topic is this article about?\n{body.strip()[:300]}"}
+        answer = {"role": "assistant", "content": path.parent.name}
+        messages = [question, answer]
+        if i % 3 == 2:
+            messages += [{"role": "user", "content": "Write its headline."}, {"role": "assistant", "content": headline}]
+        records.append({"messages": messages})
+    return records
+
+
+def save_chat_teacher_and_data(root: Path, teacher: str = "teacher") -> Path:
+    """A saved tiny Llama with the chat tokenizer in ``root / teacher`` and conversations in ``root/chat.jsonl``."""
+    import json
+
+    tok = chat_tokenizer()
+    tiny_llama(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id).save_pretrained(
+        root / teacher)
+    tok.save_pretrained(root / teacher)
+    (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat_records()))
+    return root

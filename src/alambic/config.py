@@ -19,6 +19,7 @@ from alambic.ranges import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, Range, 
 
 
 SELECTION_METHODS = ("greedy", "influence")
+DATA_FORMATS = ("auto", "text", "chat")
 WIDTH_INITS = ("importance", "random")
 
 
@@ -97,6 +98,8 @@ class DataConfig:
     """Training text: files, folders, globs (.txt, .jsonl, .json, .csv, .parquet) or packaged corpora (bbc-news)."""
     eval: list[str] = field(default_factory=list)
     """Held-out text evaluated at the start and end of training (optional)."""
+    format: str = "auto"
+    """text (raw text), chat (conversations: .jsonl / .json / .parquet records with messages, or prompt and completion; rendered with the chat template, loss on assistant tokens only) or auto (chat when the records have one of those fields)."""
     text_field: str = "text"
     """Field or column holding the text in .jsonl / .json / .csv / .parquet files."""
     split_documents: str = "file"
@@ -113,6 +116,9 @@ class DataConfig:
     def validate(self, train_required: bool = True):
         if not self.train and train_required:
             raise AlambicError("no training data: give --data PATH (a file, folder, glob or packaged corpus such as bbc-news)")
+        if self.format not in DATA_FORMATS:
+            raise AlambicError(f"data.format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}"
+                               f"{did_you_mean(self.format, DATA_FORMATS)}")
         if self.split_documents not in ("file", "line", "blank-line"):
             raise AlambicError(f"data.split_documents must be file, line or blank-line, got {self.split_documents!r}")
         check_ranges(self, "data.")

@@ -19,14 +19,14 @@ def smoothed_token_weights(counts, power: float = 0.7) -> np.ndarray:
     return np.maximum(np.asarray(counts, dtype=np.float64), 1.0) ** -power
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id_of(tokenizer) -> int:
     for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if pad is not None:
             return int(pad)
     return 0  # the attention mask, not the id, marks padding
 
 
-def _pad(examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest example; the mask comes from lengths, since a pad id may also occur as a token."""
     rows = [torch.as_tensor(np.asarray(e, dtype=np.int64)) for e in examples]
     if not rows:
@@ -40,7 +40,7 @@ def _pad(examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids, attention_mask
 
 
-def _batch(input_ids, attention_mask, lm_positions, lm_targets) -> dict[str, torch.Tensor]:
+def batch_contract(input_ids, attention_mask, lm_positions, lm_targets) -> dict[str, torch.Tensor]:
     flat_mask = attention_mask.reshape(-1)
     token_positions = flat_mask.nonzero().squeeze(1)
     row_of = torch.cumsum(flat_mask, 0) - 1  # flat position -> its index among non-pad tokens
@@ -75,7 +75,7 @@ class MaskedLMCollator:
                                "use an encoder tokenizer or set tokenizer.mask_token")
         self.p, self.mask_ratio, self.random_ratio = mlm_probability, mask_ratio, random_ratio
         self.mask_id = tokenizer.mask_token_id
-        self.pad_id = _pad_id(tokenizer)
+        self.pad_id = pad_id_of(tokenizer)
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
         vocab = torch.arange(len(tokenizer))
         self.random_ids = vocab[~torch.isin(vocab, self.special_ids)]
@@ -88,7 +88,7 @@ class MaskedLMCollator:
             self.token_weights = weights.clamp_min(1e-12)  # every maskable token stays drawable
 
     def __call__(self, examples, seed: int) -> dict[str, torch.Tensor]:
-        input_ids, attention_mask = _pad(examples, self.pad_id)
+        input_ids, attention_mask = pad_rows(examples, self.pad_id)
         generator = torch.Generator().manual_seed(int(seed))
         maskable = attention_mask.bool() & ~torch.isin(input_ids, self.special_ids)
         chosen = self._choose(input_ids, maskable, generator).reshape(-1)
@@ -102,7 +102,7 @@ class MaskedLMCollator:
         flat[lm_positions[to_mask]] = self.mask_id if self.mask_id is not None else 0
         picks = torch.randint(len(self.random_ids), (int(to_random.sum()),), generator=generator)
         flat[lm_positions[to_random]] = self.random_ids[picks]
-        return _batch(input_ids, attention_mask, lm_positions, lm_targets)
+        return batch_contract(input_ids, attention_mask, lm_positions, lm_targets)
 
     def _choose(self, input_ids, maskable, generator) -> torch.Tensor:
         flat_maskable = maskable.reshape(-1)
@@ -125,16 +125,16 @@ class CausalLMCollator:
     """Next-token targets: every real token that has a real successor in its row predicts it."""
 
     def __init__(self, tokenizer):
-        self.pad_id = _pad_id(tokenizer)
+        self.pad_id = pad_id_of(tokenizer)
 
     def __call__(self, examples, seed: int = 0) -> dict[str, torch.Tensor]:
         """``seed`` is unused (nothing is random) and accepted so both collators are called the same way."""
-        input_ids, attention_mask = _pad(examples, self.pad_id)
+        input_ids, attention_mask = pad_rows(examples, self.pad_id)
         has_next = torch.zeros_like(attention_mask, dtype=torch.bool)
         has_next[:, :-1] = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
         lm_positions = has_next.reshape(-1).nonzero().squeeze(1)
         lm_targets = input_ids.reshape(-1)[lm_positions + 1]
-        return _batch(input_ids, attention_mask, lm_positions, lm_targets)
+        return batch_contract(input_ids, attention_mask, lm_positions, lm_targets)
 
 
 class PaddingCollator:
@@ -142,12 +142,12 @@ class PaddingCollator:
     attention, as TinyBERT's and MiniLM's general distillation do."""
 
     def __init__(self, tokenizer):
-        self.pad_id = _pad_id(tokenizer)
+        self.pad_id = pad_id_of(tokenizer)
 
     def __call__(self, examples, seed: int = 0) -> dict[str, torch.Tensor]:
-        input_ids, attention_mask = _pad(examples, self.pad_id)
+        input_ids, attention_mask = pad_rows(examples, self.pad_id)
         empty = torch.zeros(0, dtype=torch.long)
-        return _batch(input_ids, attention_mask, empty, empty)
+        return batch_contract(input_ids, attention_mask, empty, empty)
 
 
 class StoredMaskCollator:
@@ -155,12 +155,12 @@ class StoredMaskCollator:
     is ``(input ids with the masks applied, targets: the original token at masked positions, -100 elsewhere)``."""
 
     def __init__(self, tokenizer):
-        self.pad_id = _pad_id(tokenizer)
+        self.pad_id = pad_id_of(tokenizer)
 
     def __call__(self, examples, seed: int = 0) -> dict[str, torch.Tensor]:
         """``seed`` is unused: the masks are the stored ones."""
-        input_ids, attention_mask = _pad([ids for ids, _ in examples], self.pad_id)
-        targets, _ = _pad([t for _, t in examples], -100)
+        input_ids, attention_mask = pad_rows([ids for ids, _ in examples], self.pad_id)
+        targets, _ = pad_rows([t for _, t in examples], -100)
         targets = targets.masked_fill(~attention_mask.bool(), -100).reshape(-1)
         lm_positions = (targets != -100).nonzero().squeeze(1)
-        return _batch(input_ids, attention_mask, lm_positions, targets[lm_positions])
+        return batch_contract(input_ids, attention_mask, lm_positions, targets[lm_positions])

@@ -11,8 +11,10 @@ import functools
 from typing import Callable
 
 from alambic.data.batching import length_grouped_batches, sequential_batches
+from alambic.data.chat import ChatCollator, is_chat_data, read_chat, tokenize_chat
 from alambic.data.collate import CausalLMCollator, MaskedLMCollator, PaddingCollator, smoothed_token_weights
 from alambic.data.tokenized import build_or_load, encoder_chunks, packed_blocks
+from alambic.errors import AlambicError
 
 
 class IndexedBatches:
@@ -24,14 +26,32 @@ class IndexedBatches:
         self.per_epoch = len(self._batches)
 
     def __call__(self, index: int) -> dict:
+        return self.collator(self.examples_at(index), seed=self.batch_seed(index))
+
+    def examples_at(self, index: int) -> list:
+        """The examples of micro-batch ``index``, before collation."""
         epoch, position = divmod(index, self.per_epoch)
         if epoch != self._epoch:  # micro-batches are read in order, so one epoch's plan is kept at a time
             self._epoch, self._batches = epoch, self.plan(epoch)
-        ids = self._batches[position]
-        return self.collator([self.examples[i] for i in ids], seed=self.seed * 1_000_003 + index)
+        return [self.examples[i] for i in self._batches[position]]
+
+    def batch_seed(self, index: int) -> int:
+        return self.seed * 1_000_003 + index
+
+
+def is_chat(specs, data_cfg) -> bool:
+    """Whether ``specs`` are read as conversations (``data.format``: chat, text, or auto: chat records found)."""
+    if data_cfg.format != "auto":
+        return data_cfg.format == "chat"
+    return is_chat_data(specs)
 
 
 def _examples(specs, tokenizer, kind: str, data_cfg):
+    if is_chat(specs, data_cfg):
+        if kind != "causal":
+            raise AlambicError("chat data trains decoders (causal LMs); this model is an encoder: give raw text, or a "
+                               "decoder teacher")
+        return None, tokenize_chat(read_chat(specs, need_response=True), tokenizer, data_cfg.max_length)
     corpus = build_or_load(list(specs), tokenizer, text_field=data_cfg.text_field, split_documents=data_cfg.split_documents)
     if kind == "causal":
         return corpus, packed_blocks(corpus, tokenizer, data_cfg.max_length)
@@ -46,6 +66,8 @@ def training_examples(specs, tokenizer, kind: str, data_cfg):
 def _collator(corpus, tokenizer, kind: str, masking):
     """Next-token targets for decoders; for encoders, dynamic masking when ``masking`` (an object with
     ``mlm_probability`` and ``mlm_smoothing``) is given, plain unmasked text otherwise."""
+    if corpus is None:
+        return ChatCollator(tokenizer)
     if kind == "causal":
         return CausalLMCollator(tokenizer)
     if masking is None:
@@ -57,9 +79,9 @@ def _collator(corpus, tokenizer, kind: str, masking):
 
 
 def training_batches(specs, tokenizer, kind: str, data_cfg, masking, batch_size: int, seed: int) -> IndexedBatches:
-    """Length-grouped batches of encoder chunks, or shuffled packed blocks for decoders."""
+    """Length-grouped batches of encoder chunks or conversations, or shuffled packed blocks of decoder text."""
     corpus, examples = _examples(specs, tokenizer, kind, data_cfg)
-    if kind == "causal":
+    if corpus is not None and kind == "causal":
         plan = functools.partial(sequential_batches, len(examples), batch_size, seed=seed)
     else:
         plan = functools.partial(length_grouped_batches, examples.lengths, batch_size, seed=seed)
@@ -69,7 +91,7 @@ def training_batches(specs, tokenizer, kind: str, data_cfg, masking, batch_size:
 def heldout_batches(specs, tokenizer, kind: str, data_cfg, batch_size: int = 8, seed: int = 0) -> list[dict]:
     """Fixed held-out micro-batches (same order and masks on every call), up to ``data_cfg.eval_max_tokens`` tokens."""
     corpus, examples = _examples(specs, tokenizer, kind, data_cfg)
-    collator = CausalLMCollator(tokenizer) if kind == "causal" else MaskedLMCollator(tokenizer)
+    collator = _collator(corpus, tokenizer, kind, None) if kind == "causal" else MaskedLMCollator(tokenizer)
     batches, tokens = [], 0
     for start in range(0, len(examples), batch_size):
         batch = collator([examples[i] for i in range(start, min(start + batch_size, len(examples)))], seed=seed + start)

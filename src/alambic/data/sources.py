@@ -79,11 +79,11 @@ def read_documents(specs: list[str], *, text_field: str = "text", split_document
         raise AlambicError("no data given: name at least one file, folder, glob or packaged corpus")
     documents = []
     for spec in specs:
-        packaged = _packaged(str(spec))
+        packaged = packaged_spec(str(spec))
         if packaged is not None:
             documents += _read_packaged(*packaged, split_documents)
         else:
-            for path in _resolve_files(str(spec)):
+            for path in resolve_files(str(spec)):
                 documents += _read_file(path, text_field, split_documents)
     documents = [d for d in documents if d.strip()]
     if not documents:
@@ -97,18 +97,18 @@ def describe_sources(specs: list[str]) -> str:
     specs = [specs] if isinstance(specs, (str, Path)) else list(specs)
     parts = []
     for spec in specs:
-        packaged = _packaged(str(spec))
+        packaged = packaged_spec(str(spec))
         if packaged is not None:
             name, split = packaged
             parts.append(f"packaged:{name}:{split}:{PACKAGED_CORPORA[name].version()}")
         else:
-            for path in _resolve_files(str(spec)):
+            for path in resolve_files(str(spec)):
                 stat = path.stat()
                 parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
     return "\n".join(parts)
 
 
-def _packaged(spec: str):
+def packaged_spec(spec: str):
     """``(name, split)`` when ``spec`` names a packaged corpus and is not a local path, else None."""
     if Path(spec).exists():
         return None
@@ -124,7 +124,7 @@ def _packaged(spec: str):
 def packaged_labelled_texts(spec: str) -> list[tuple[str, str]] | None:
     """``[(text, label)]`` of a labelled packaged corpus (``bbc-news``, ``bbc-news:train``, ``bbc-news:heldout``;
     label = the file's folder), deduplicated and split like :func:`read_documents`; None when ``spec`` is not one."""
-    found = _packaged(str(spec))
+    found = packaged_spec(str(spec))
     if found is None:
         return None
     name, split = found
@@ -150,7 +150,7 @@ def _read_packaged(name: str, split, split_documents: str) -> list[str]:
     return [part for _, text in _packaged_files(name, split) for part in _split_text(text, split_documents)]
 
 
-def _resolve_files(spec: str) -> list[Path]:
+def resolve_files(spec: str) -> list[Path]:
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() not in SUFFIXES and path.suffix:
@@ -197,9 +197,9 @@ def _read_records(path: Path, suffix: str, field: str) -> list[str]:
         rows = []
         for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
             if line.strip():
-                rows.append(_json(line, f"{path}:{number}"))
+                rows.append(parse_json(line, f"{path}:{number}"))
     elif suffix == ".json":
-        rows = _json(path.read_text(encoding="utf-8", errors="replace"), str(path))
+        rows = parse_json(path.read_text(encoding="utf-8", errors="replace"), str(path))
         if not isinstance(rows, list):
             raise AlambicError(f"{path} holds a JSON {type(rows).__name__}, not a list of objects: write [{{"
                                f'"{field}": "..."}}, ...] or use .jsonl')
@@ -216,7 +216,7 @@ def _read_records(path: Path, suffix: str, field: str) -> list[str]:
     return texts
 
 
-def _json(text: str, where: str):
+def parse_json(text: str, where: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:

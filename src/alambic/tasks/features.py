@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from alambic.data.batching import length_grouped_batches
-from alambic.data.collate import _pad, _pad_id
+from alambic.data.collate import pad_rows, pad_id_of
 from alambic.data.tokenized import tokenize_checked
 from alambic.errors import AlambicError
 
@@ -165,8 +165,8 @@ def features_fingerprint(features: list[Feature]) -> str:
 
 def collate(task: str, features: list[Feature], ids: list[int], pad_id: int) -> dict[str, torch.Tensor]:
     """The batch of ``features`` (whose indices are ``ids``) as described in the module docstring."""
-    input_ids, attention_mask = _pad([f.input_ids for f in features], pad_id)
-    token_type_ids, _ = _pad([f.token_type_ids for f in features], 0)
+    input_ids, attention_mask = pad_rows([f.input_ids for f in features], pad_id)
+    token_type_ids, _ = pad_rows([f.token_type_ids for f in features], 0)
     length = input_ids.shape[1]
     batch = {
         "input_ids": input_ids,
@@ -218,7 +218,7 @@ class TaskBatches:
         if not features:
             raise AlambicError("no training features: the training data is empty")
         self.task, self.features, self.batch_size, self.seed = task, features, batch_size, seed
-        self.pad_id = _pad_id(tokenizer)
+        self.pad_id = pad_id_of(tokenizer)
         self.lengths = np.array([len(f.input_ids) for f in features])
         self.per_epoch = -(-len(features) // batch_size)
         self._epoch, self._order = None, None
@@ -234,7 +234,7 @@ class TaskBatches:
 
 def evaluation_batches(task: str, features: list[Feature], tokenizer, batch_size: int = 32):
     """Every feature once, longest first (little padding), as ``(ids, batch)`` pairs."""
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_id_of(tokenizer)
     order = sorted(range(len(features)), key=lambda i: -len(features[i].input_ids))
     for begin in range(0, len(order), batch_size):
         ids = order[begin:begin + batch_size]

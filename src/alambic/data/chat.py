@@ -1,0 +1,301 @@
+"""Chat and instruction data: conversations rendered with the tokenizer's chat template, loss on assistant tokens.
+
+A record is ``{"messages": [{"role": ..., "content": ...}, ...]}`` (TRL, Axolotl and most chat datasets) or
+``{"prompt": ..., "completion": ...}`` (each a string, or a list of messages), in .jsonl, .json or .parquet files.
+A prompt file (``alambic generate``, on-policy prompts, evaluation) may stop before the assistant's answer.
+
+Which tokens are the assistant's is found from the rendered text, not guessed from token ids: for every assistant
+turn, the conversation up to it rendered with the generation prompt must be a prefix of the conversation rendered
+through it, and the characters between the two are the turn (its end-of-turn marker included, so the student learns
+to stop). One tokenisation of the whole conversation with character offsets then marks the assistant tokens. A
+template that rewrites earlier turns (some strip past reasoning) breaks the prefix property and is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alambic.data.collate import batch_contract, pad_rows, pad_id_of
+from alambic.errors import AlambicError
+
+ROLES = ("system", "user", "assistant", "tool")
+CHAT_FIELDS = ("messages", "prompt")
+CHAT_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class ChatRecord:
+    """One conversation: ``messages`` whole, ``where`` it came from (``file:line``) for error messages."""
+
+    messages: tuple[dict, ...]
+    where: str
+
+    @property
+    def has_response(self) -> bool:
+        return bool(self.messages) and self.messages[-1]["role"] == "assistant"
+
+    @property
+    def prompt(self) -> list[dict]:
+        """The messages before the final assistant answer (all of them when there is none)."""
+        return list(self.messages[:-1] if self.has_response else self.messages)
+
+    @property
+    def response(self) -> str | None:
+        """The final assistant answer (a gold or teacher-written reference), or None."""
+        return self.messages[-1]["content"] if self.has_response else None
+
+
+@dataclass
+class ChatExample:
+    """Token ids of a rendered conversation and which of them are assistant tokens (the ones the loss covers).
+    ``prompt_length``: tokens before the final assistant answer (what a model answering the prompt is given)."""
+
+    ids: np.ndarray  # (L,) int64
+    assistant: np.ndarray  # (L,) bool
+    prompt_length: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class ChatExamples:
+    """Tokenised conversations, with how many had their answer cut to ``max_length`` or were dropped (their prompt
+    alone did not fit)."""
+
+    examples: list[ChatExample]
+    truncated: int
+    dropped: int
+    max_length: int
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> ChatExample:
+        return self.examples[index]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(e) for e in self.examples], dtype=np.int64)
+
+    def describe(self) -> str:
+        text = f"chat data: {len(self.examples)} conversations, loss on assistant tokens only"
+        if self.truncated:
+            text += f"; {self.truncated} answers cut to data.max_length={self.max_length} (--max-length)"
+        if self.dropped:
+            text += f"; {self.dropped} dropped: their prompt alone is longer than data.max_length={self.max_length}"
+        return text
+
+
+# --- reading --------------------------------------------------------------------------------------------------------
+
+def _chat_files(specs) -> list[Path]:
+    from alambic.data.sources import packaged_spec, resolve_files
+
+    files = []
+    for spec in [specs] if isinstance(specs, (str, Path)) else list(specs):
+        if packaged_spec(str(spec)) is not None:
+            return []  # packaged corpora are raw text
+        files.extend(resolve_files(str(spec)))
+    return files
+
+
+def _records(path: Path) -> list[tuple[dict, str]]:
+    """``(record, where)`` for every record of a .jsonl / .json / .parquet file."""
+    from alambic.data.sources import parse_json
+
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        return [(parse_json(line, f"{path}:{n}"), f"{path}:{n}") for n, line in enumerate(lines, 1) if line.strip()]
+    if suffix == ".json":
+        rows = parse_json(path.read_text(encoding="utf-8", errors="replace"), str(path))
+        rows = rows if isinstance(rows, list) else [rows]
+        return [(row, f"{path} record {n}") for n, row in enumerate(rows, 1)]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return [(row, f"{path} row {n}") for n, row in enumerate(pq.read_table(path).to_pylist(), 1)]
+    raise AlambicError(f"{path}: chat data must be .jsonl, .json or .parquet records with a 'messages' or 'prompt' "
+                       "field")
+
+
+def is_chat_data(specs) -> bool:
+    """Whether ``specs`` are chat records (their first record has a ``messages`` or ``prompt`` field)."""
+    files = _chat_files(specs)
+    if not files or any(f.suffix.lower() not in CHAT_SUFFIXES for f in files):
+        return False
+    first = next((r for f in files[:1] for r, _ in _records(f)[:1]), None)
+    return isinstance(first, dict) and any(k in first for k in CHAT_FIELDS)
+
+
+def _as_messages(value, role: str, where: str, field: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list):
+        return list(value)
+    raise AlambicError(f"{where}: {field!r} must be a string or a list of messages, got {type(value).__name__}")
+
+
+def _record_messages(record, where: str) -> list[dict]:
+    if not isinstance(record, dict):
+        raise AlambicError(f"{where}: a chat record must be an object with 'messages' or 'prompt', "
+                           f"got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list):
+            raise AlambicError(f"{where}: 'messages' must be a list of {{\"role\", \"content\"}} objects")
+    elif "prompt" in record:
+        messages = _as_messages(record["prompt"], "user", where, "prompt")
+        if record.get("completion") is not None:
+            messages += _as_messages(record["completion"], "assistant", where, "completion")
+    else:
+        raise AlambicError(f"{where}: no 'messages' nor 'prompt' field (fields: {', '.join(sorted(record)) or 'none'})"
+                           ": write {\"messages\": [{\"role\": \"user\", \"content\": ...}, {\"role\": \"assistant\", "
+                           "...}]} or {\"prompt\": ..., \"completion\": ...}")
+    checked = []
+    for number, message in enumerate(messages, 1):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise AlambicError(f"{where}: message {number} is not a {{\"role\", \"content\"}} object")
+        if message["role"] not in ROLES:
+            raise AlambicError(f"{where}: message {number} has unknown role {message['role']!r}; roles: "
+                               f"{', '.join(ROLES)}")
+        if not isinstance(message["content"], str):
+            raise AlambicError(f"{where}: message {number}'s content must be a string")
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise AlambicError(f"{where}: message {number} is an empty assistant turn: remove the record or write "
+                               "the answer")
+        checked.append({"role": message["role"], "content": message["content"]})
+    if not checked:
+        raise AlambicError(f"{where}: the conversation has no messages")
+    return checked
+
+
+def read_chat(specs, *, need_response: bool) -> list[ChatRecord]:
+    """Every conversation of ``specs``, checked. ``need_response``: each must hold an assistant turn (training
+    data); otherwise prompts without answers are welcome (prompt files)."""
+    files = _chat_files(specs)
+    if not files:
+        raise AlambicError(f"no chat records in {', '.join(map(str, specs))}: chat data are .jsonl, .json or .parquet "
+                           "files of {\"messages\": [...]} or {\"prompt\": ..., \"completion\": ...} records")
+    records = []
+    for path in files:
+        for record, where in _records(path):
+            messages = _record_messages(record, where)
+            if need_response and not any(m["role"] == "assistant" for m in messages):
+                raise AlambicError(f"{where}: the conversation has no assistant turn, so nothing to learn from: add "
+                                   "the answer (or write the answers with `alambic generate`)")
+            if not need_response and messages[-1]["role"] == "assistant" and len(messages) == 1:
+                raise AlambicError(f"{where}: the conversation is only an assistant turn: give a prompt")
+            records.append(ChatRecord(tuple(messages), where))
+    if not records:
+        raise AlambicError(f"{', '.join(map(str, specs))} holds no chat records")
+    return records
+
+
+def write_chat(path: Path, records) -> None:
+    """``{"messages": [...]}`` JSON lines, the format :func:`read_chat` reads."""
+    with Path(path).open("w", encoding="utf-8") as handle:
+        for messages in records:
+            handle.write(json.dumps({"messages": list(messages)}, ensure_ascii=False) + "\n")
+
+
+# --- rendering ------------------------------------------------------------------------------------------------------
+
+def check_chat_template(tokenizer, what: str = "the teacher's tokenizer") -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise AlambicError(f"{what} has no chat template, so conversations cannot be rendered: use an instruct "
+                           "model's tokenizer, or set tokenizer.chat_template in its tokenizer_config.json")
+    if not getattr(tokenizer, "is_fast", False):
+        raise AlambicError(f"{what} is a slow (Python) tokenizer; chat data needs a fast one (tokenizer.json) to find "
+                           "the assistant tokens")
+
+
+def _render(tokenizer, messages, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def prompt_ids(tokenizer, messages) -> list[int]:
+    """The ids a model answering ``messages`` is given: the conversation rendered with the generation prompt."""
+    text = _render(tokenizer, messages, True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def assistant_spans(tokenizer, messages, where: str = "a conversation") -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span ``[start, end)`` of every assistant turn."""
+    full = _render(tokenizer, messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], True) if i else ""
+        through = _render(tokenizer, messages[:i + 1], False)
+        if not through.startswith(before) or not full.startswith(through):
+            raise AlambicError(
+                f"{where}: the chat template does not render a conversation as its prompt followed by the answer "
+                f"(turn {i + 1}): the prompt rendered with the generation prompt is not a prefix of the rendered "
+                "conversation, so the assistant tokens cannot be found; use a template without history rewriting")
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def tokenize_conversation(tokenizer, record: ChatRecord, max_length: int) -> tuple[ChatExample | None, bool]:
+    """``(example, truncated)``: the conversation's ids and assistant mask, cut to ``max_length`` inside an answer,
+    never inside the first prompt (None when that prompt alone does not fit)."""
+    text, spans = assistant_spans(tokenizer, record.messages, record.where)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(encoded["input_ids"], dtype=np.int64)
+    starts = np.asarray([start for start, _ in encoded["offset_mapping"]], dtype=np.int64)
+    assistant = np.zeros(len(ids), dtype=bool)
+    for start, end in spans:
+        assistant |= (starts >= start) & (starts < end)
+    if not assistant.any():
+        raise AlambicError(f"{record.where}: the assistant turns render to no tokens: check the chat template")
+    last = int(np.flatnonzero(assistant)[-1]) + 1  # nothing after the last answer is learned
+    ids, assistant = ids[:last], assistant[:last]
+    first_answer = int(np.flatnonzero(assistant)[0])
+    final_start = spans[-1][0] if record.has_response else len(text)
+    prompt_length = int(np.searchsorted(starts[:last], final_start)) if record.has_response else last
+    if first_answer >= max_length:
+        return None, False
+    truncated = len(ids) > max_length
+    return ChatExample(ids[:max_length], assistant[:max_length], min(prompt_length, max_length)), truncated
+
+
+def tokenize_chat(records: list[ChatRecord], tokenizer, max_length: int) -> ChatExamples:
+    check_chat_template(tokenizer)
+    examples, truncated, dropped = [], 0, 0
+    for record in records:
+        example, cut = tokenize_conversation(tokenizer, record, max_length)
+        if example is None:
+            dropped += 1
+            continue
+        examples.append(example)
+        truncated += cut
+    if not examples:
+        raise AlambicError(f"every conversation's prompt is longer than data.max_length={max_length}: raise it "
+                           "(--max-length)")
+    return ChatExamples(examples, truncated, dropped, max_length)
+
+
+class ChatCollator:
+    """Conversations in the batch contract: next-token targets only where the next token is an assistant token, so
+    every loss on ``lm_positions`` is completion-only."""
+
+    def __init__(self, tokenizer):
+        self.pad_id = pad_id_of(tokenizer)
+
+    def __call__(self, examples: list[ChatExample], seed: int = 0) -> dict[str, torch.Tensor]:
+        """``seed`` is unused (nothing is random), accepted so every collator is called the same way."""
+        input_ids, attention_mask = pad_rows([e.ids for e in examples], self.pad_id)
+        assistant, _ = pad_rows([e.assistant.astype(np.int64) for e in examples], 0)
+        is_target = torch.zeros_like(attention_mask, dtype=torch.bool)
+        is_target[:, :-1] = assistant[:, 1:].bool()
+        lm_positions = is_target.reshape(-1).nonzero().squeeze(1)
+        lm_targets = input_ids.reshape(-1)[lm_positions + 1]
+        return batch_contract(input_ids, attention_mask, lm_positions, lm_targets)
