@@ -9,7 +9,7 @@ DEMO_DIR ?= runs/demo
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-lm test bench clean
+.PHONY: setup demo demo-lm test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,7 +42,11 @@ demo-lm: setup
 		--data bbc-news:heldout --max-tokens 8192
 
 test: setup
-	$(PY) -m pytest -q || [ $$? -eq 5 ]
+	$(PY) -m pytest -q -m "not slow" || [ $$? -eq 5 ]
+
+# The few tests that take minutes (README blocks run on the real SmolLM2); CI runs them after `make test`.
+test-slow: setup
+	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
 
 bench: setup
 	$(PY) benchmarks/distill_step.py

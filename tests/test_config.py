@@ -46,7 +46,7 @@ def test_override_parsing():
     [
         ("loss.alpah_kd=1", "did you mean 'loss.alpha_kd'"),
         ("loss.temperature=0", "temperature must be > 0"),
-        ("loss.kd_rows=all", "tokens or masked"),
+        ("loss.kd_rows=all", "one of auto, tokens, masked"),
         ("training.max_steps=1.5", "expects an integer"),
         ("training.batch_size=0", "training.batch_size must be >= 1, got 0"),
         ("training.compile=maybe", "true or false"),
@@ -192,6 +192,8 @@ MINIMAL_ARGS = {  # what argparse requires of each verb; the flag check runs bef
     "augment": ["--task", "classification", "--data", "d", "--model", "m", "--out", "o"],
     "export": ["m", "--format", "onnx", "--out", "o"],
     "cache-teacher": ["--teacher", "t", "--data", "d", "--out", "o"],
+    "generate": ["--teacher", "t", "--prompts", "p", "--out", "o"],
+    "eval-chat": ["m", "--data", "d"],
 }
 FLAG_CASES = [(verb, action.option_strings[0], action.dest) for verb, parser in _verbs().items()
               for action in parser._actions if action.type in (int, float)]

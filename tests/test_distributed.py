@@ -161,3 +161,25 @@ def test_measured_layer_selection_under_ddp_builds_one_student(llama_and_text):
     assert done.stdout.count("layers kept") == 1  # printed by the main process only (accelerate.print)
     card = (tmp_path / "ddp" / "student" / "README.md").read_text()
     assert "influence" in card  # the main process's selection is recorded with the student
+
+
+@needs_torchrun
+def test_on_policy_under_ddp_samples_each_process_its_prompts_like_one_process(tmp_path):
+    """GKD batches under DDP: each process answers its own micro-batch's prompts with the coin and generator of
+    that micro-batch's index, so two processes train exactly as one accumulating the same two micro-batches."""
+    from tiny import save_chat_teacher_and_data
+
+    save_chat_teacher_and_data(tmp_path)
+    common = ["distill", "--teacher", str(tmp_path / "teacher"), "--data", str(tmp_path / "chat.jsonl"),
+              "--max-steps", "2", "--batch-size", "2", "--max-length", "256", "--layers", "0,3", "--no-progress",
+              "--set", "on_policy.lmbda=1", "--set", "on_policy.max_new_tokens=6", "--divergence", "reverse_kl",
+              "--set", "loss.alpha_cos=0", "--set", "training.log_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun("-m", "alambic", *common, "--out", str(tmp_path / "ddp"))
+    subprocess.run([sys.executable, "-m", "alambic", *common, "--grad-accum", "2", "--out", str(tmp_path / "one")],
+                   check=True, env=env, capture_output=True, timeout=TIMEOUT_S)
+    ddp = load_file(str(tmp_path / "ddp" / "student" / "model.safetensors"))
+    one = load_file(str(tmp_path / "one" / "student" / "model.safetensors"))
+    assert max((ddp[k] - one[k]).abs().max().item() for k in one) < 1e-6
+    logs = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert all("generate_share" in r for r in logs)

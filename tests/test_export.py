@@ -2,6 +2,7 @@
 GGUF writer checked against transformers' own GGUF reader (and llama.cpp where installed); the report and eval-task
 measuring export folders like models; bad requests refused in one line."""
 
+import copy
 import json
 
 import pytest
@@ -168,7 +169,7 @@ def test_gguf_export_carries_a_gguf_teachers_tokenizer_over(root, tmp_path):
     # a "teacher" GGUF with a chat template and a pre-tokenizer name of its own: the student's export copies both
     import gguf
 
-    tokenizer = bpe_tokenizer()
+    tokenizer = copy.deepcopy(bpe_tokenizer())  # the cached tokenizer is shared: other tests need it template-free
     tokenizer.chat_template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
     write_gguf(tiny_llama(), tokenizer, tmp_path / "teacher.gguf", "f16")
     manifest = export(root / "llama", "gguf", tmp_path / "out", gguf_type="q8_0",

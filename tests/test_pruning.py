@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import transformers
 
 from alambic import modeling
-from alambic.data.collate import _pad
+from alambic.data.collate import pad_rows
 from alambic.errors import AlambicError
 from alambic.students import init_student
 from alambic.students.pruning import measure_importance
@@ -21,7 +21,7 @@ def text_batches(model, n_batches=3, length=48):
     batches = []
     for i in range(n_batches):
         encoded = tokenizer(texts[4 * i: 4 * i + 4], truncation=True, max_length=length)["input_ids"]
-        ids, mask = _pad([[x % model.config.vocab_size for x in seq] for seq in encoded], tokenizer.pad_token_id or 0)
+        ids, mask = pad_rows([[x % model.config.vocab_size for x in seq] for seq in encoded], tokenizer.pad_token_id or 0)
         batches.append({"input_ids": ids, "attention_mask": mask,
                         "token_positions": mask.reshape(-1).nonzero().squeeze(1)})
     return batches

@@ -75,8 +75,9 @@ def test_json_layout_is_stable(report):
             assert {"device", "dtype", "runtime", "batch_size", "seq_len", "warmup", "repeats", "threads", "times_s",
                     "median_s", "p25_s", "p75_s", "min_s", "max_s", "ms_per_batch", "tokens_per_s"} == set(s)
         assert {"parameters", "non_embedding_parameters", "disk", "flops", "speed", "summary",
-                "quality_retention_pct"} == set(row["ratios"])
+                "quality_retention_pct", "chat_retention_pct"} == set(row["ratios"])
         assert {"metric", "value", "source"} <= set(row["quality"])
+        assert row["chat"] is None and row["ratios"]["chat_retention_pct"] is None  # no --chat-data
     assert {"cpu", "cpu_count", "torch_threads", "torch", "transformers", "gpu"} <= set(report["machine"])
     assert report["settings"]["devices"] == (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     assert json.loads(json.dumps(report)) == json.loads(json.dumps(report, default=str))

@@ -144,7 +144,7 @@ def chat_tokenizer():
 def chat_records(n: int = 12) -> list[dict]:
     """``n`` real single- and multi-turn conversations about BBC articles (topic and headline questions)."""
     records = []
-    for i, path in enumerate(sorted(BBC_DIR.glob("*/*.txt"))[::181][:n]):
+    for i, path in enumerate(sorted(BBC_DIR.glob("*/*.txt"))[::max(1, 2200 // n)][:n]):
         text = path.read_text(encoding="utf-8", errors="replace")
         headline, body = text.split("\n", 1)
         question = {"role": "user", "content": f"Which topic is this article about?\n{body.strip()[:300]}"}

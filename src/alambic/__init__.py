@@ -22,6 +22,7 @@ _API = {
     "evaluate_lm": "alambic.evaluation.lm", "heldout_batches": "alambic.data.pipeline",
     "build_report": "alambic.evaluation.report", "ReportSettings": "alambic.evaluation.report",
     "write_report": "alambic.evaluation.report", "evaluate_models": "alambic.tasks.workflow",
+    "generate": "alambic.workflows.generate",
 }
 __all__ = ["__version__", *_API]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from alambic.errors import AlambicError, did_you_mean
-from alambic.ranges import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, Range, check_ranges
+from alambic.ranges import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, Range, check_ranges
 
 
 SELECTION_METHODS = ("greedy", "influence")
@@ -194,6 +194,26 @@ class TrainingConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """GKD's mixed data (Agarwal et al. 2024): some batches' answers are written by the student itself."""
+
+    lmbda: float = 0.0
+    """Probability that a batch's answers are sampled from the current student (on-policy) instead of read from the data; the teacher scores the sampled tokens. 0: off (chat data only)."""
+    max_new_tokens: int = 64
+    """Longest sampled answer (also capped by data.max_length)."""
+    temperature: float = 1.0
+    """Sampling temperature of the student's answers (0: greedy); unrelated to loss.temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens holding this share of probability."""
+
+    RANGES: typing.ClassVar[dict] = {"lmbda": UNIT_INTERVAL, "max_new_tokens": POSITIVE, "temperature": NON_NEGATIVE,
+                                     "top_p": Range(0, 1, low_open=True)}
+
+    def validate(self):
+        check_ranges(self, "on_policy.")
+
+
+@dataclass
 class DistillConfig:
     teacher: str = ""
     """Teacher: a local Hugging Face model folder, a .gguf file, or a packaged name (smollm2-135m, minilm-l6)."""
@@ -208,6 +228,7 @@ class DistillConfig:
     loss: typing.Any = None
     """The recipe's loss options (see ``alambic distill --help``); defaults depend on the recipe."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
     def validate(self) -> "DistillConfig":
         if not self.teacher and not self.teacher_logits:
@@ -226,9 +247,14 @@ class DistillConfig:
             raise AlambicError(f"training.distributed=fsdp runs the distilbert recipe (live or --teacher-logits) for "
                                f"now; {self.recipe} reads intermediate layers through hooks, untested under FSDP: use "
                                "training.distributed=ddp for it")
+        if self.on_policy.lmbda > 0 and (self.teacher_logits or self.recipe != "distilbert"
+                                         or self.training.distributed == "fsdp"):
+            raise AlambicError("on_policy.lmbda > 0 needs the teacher live to score the student's answers, with the "
+                               "distilbert recipe and training.distributed=ddp: drop --teacher-logits / use those, or "
+                               "set on_policy.lmbda=0")
         if self.loss is None:
             self.loss = loss_config_class(self.recipe)()
-        for section in (self.student, self.loss, self.training):
+        for section in (self.student, self.loss, self.training, self.on_policy):
             section.validate()
         self.data.validate(train_required=not self.teacher_logits)
         return self

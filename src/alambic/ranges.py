@@ -45,6 +45,8 @@ FRACTION = Range(0, 1, high_open=True)
 """Shares of a whole that must leave some of it: [0, 1)."""
 PROBABILITY = Range(0, 1, low_open=True, high_open=True)
 """(0, 1)."""
+UNIT_INTERVAL = Range(0, 1)
+"""Mixing weights and probabilities that may be 0 or 1: [0, 1]."""
 
 
 def check_value(name: str, value, allowed: Range) -> None:

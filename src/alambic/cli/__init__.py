@@ -15,7 +15,9 @@ from alambic import __version__
 from alambic.config import TOKEN_TYPES
 from alambic.errors import AlambicError
 from alambic.ranges import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, Range, check_value
+from alambic.cli.chat_eval import add_eval_chat
 from alambic.cli.export import add_export
+from alambic.cli.generate import add_generate
 from alambic.cli.report import add_plot_run, add_plot_temperature, add_report
 from alambic.cli.tasks import add_augment, add_distill_task, add_eval_task, add_finetune
 
@@ -153,8 +155,11 @@ def add_distill(sub) -> None:
         options += f"\n\nloss options of --recipe {recipe}:\n" + listing(config_help(loss_config_class(recipe), "loss."))
     p = sub.add_parser(
         "distill",
-        help="general distillation on raw text (DistilBERT / DistilGPT2, TinyBERT, MiniLM)",
-        description="Distil a teacher into a student on raw text. Options come from defaults, then --config FILE.yaml, "
+        help="distillation on raw text or chat data (DistilBERT / DistilGPT2, TinyBERT, MiniLM, chat models, GKD)",
+        description="Distil a teacher into a student on raw text, or on chat data (.jsonl / .json / .parquet records "
+        "with messages, or prompt and completion: rendered with the teacher's chat template, loss on the assistant "
+        "tokens only; on_policy.lmbda > 0 has the student write some answers itself, as GKD). "
+        "Options come from defaults, then --config FILE.yaml, "
         "then the flags below, then --set KEY=VALUE overrides; all are checked before any model loads.",
         epilog="every option (YAML keys, or --set KEY=VALUE):\n" + options,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -163,7 +168,8 @@ def add_distill(sub) -> None:
     p.add_argument("--teacher", help=TEACHER_HELP)
     p.add_argument("--teacher-logits", metavar="CACHE",
                    help="train on a teacher cache from `alambic cache-teacher` instead of running the teacher")
-    p.add_argument("--data", nargs="+", help="training text: " + DATA_HELP)
+    p.add_argument("--data", nargs="+", help="training text or chat records: " + DATA_HELP)
+    p.add_argument("--max-length", type=int, help="tokens per training sequence (data.max_length)")
     p.add_argument("--eval-data", nargs="+", help="held-out text evaluated before and after training")
     p.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, exported student in OUT/student)")
     p.add_argument("--student", help="an existing student model folder to train instead of building one from the teacher")
@@ -176,6 +182,8 @@ def add_distill(sub) -> None:
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step")
     p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--divergence", help="soft-target divergence (loss.divergence): forward_kl (default), reverse_kl, "
+                   "jsd, skew_kl, skew_reverse_kl, tvd; its parameter is loss.divergence_param")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any option by its dotted name, e.g. --set loss.temperature=4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -188,6 +196,7 @@ FLAG_TO_OPTION = {
     "teacher": "teacher", "teacher_logits": "teacher_logits", "data": "data.train", "eval_data": "data.eval", "out": "out", "student": "student.init",
     "layers": "student.layers", "recipe": "recipe", "layer_map": "loss.layer_map", "max_steps": "training.max_steps",
     "batch_size": "training.batch_size", "grad_accum": "training.grad_accum", "lr": "training.lr",
+    "max_length": "data.max_length", "divergence": "loss.divergence",
 }
 
 
@@ -346,8 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune(sub)
     add_distill_task(sub)
     add_eval_task(sub)
+    add_eval_chat(sub)
     add_augment(sub)
     add_export(sub)
+    add_generate(sub)
     return parser
 
 
@@ -365,21 +376,27 @@ FLAG_RANGES = {
     "max_steps": POSITIVE, "batch_size": POSITIVE, "grad_accum": POSITIVE, "eval_batch_size": POSITIVE,
     "max_tokens": POSITIVE, "repeats": POSITIVE, "threads": POSITIVE, "top_k": POSITIVE, "copies": POSITIVE,
     "candidates": POSITIVE, "trm_steps": POSITIVE, "doc_stride": POSITIVE, "shard_examples": POSITIVE,
+    "max_new_tokens": POSITIVE, "num_return_sequences": POSITIVE, "max_examples": POSITIVE,
+    "chat_max_new_tokens": POSITIVE, "chat_max_examples": POSITIVE,
     "max_length": Range(8), "context": Range(8), "calibration_tokens": Range(256),
     # switches where 0 means off, seeds, seconds
     "warmup": NON_NEGATIVE, "eval_every": NON_NEGATIVE, "patience": NON_NEGATIVE, "seed": NON_NEGATIVE,
-    "budget": NON_NEGATIVE, "alpha_kd": NON_NEGATIVE, "alpha_ce": NON_NEGATIVE,
+    "budget": NON_NEGATIVE, "alpha_kd": NON_NEGATIVE, "alpha_ce": NON_NEGATIVE, "sampling_temperature": NON_NEGATIVE,
     # rates and shares
     "lr": ABOVE_ZERO, "trm_lr": ABOVE_ZERO, "temperature": ABOVE_ZERO, "warmup_ratio": FRACTION,
     "probability": Range(0, 1, low_open=True), "mlm_probability": Range(0, 1, low_open=True),
+    "divergence_param": Range(0, 1), "max_prompts": POSITIVE,
+    "top_p": Range(0, 1, low_open=True),
 }
 """The range of every numeric flag of every verb, by argparse destination (tests check that none is missing)."""
+FLAG_SPELLINGS = {"sampling_temperature": "--temperature"}
+"""Flags whose destination is not their spelling (generate's --temperature allows 0, other verbs' do not)."""
 
 
 def check_flags(args: argparse.Namespace) -> None:
     """One line for the first numeric flag outside its range, before a verb runs."""
     for dest, allowed in FLAG_RANGES.items():
-        check_value(f"--{dest.replace('_', '-')}", getattr(args, dest, None), allowed)
+        check_value(FLAG_SPELLINGS.get(dest, f"--{dest.replace('_', '-')}"), getattr(args, dest, None), allowed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,13 +32,14 @@ def add_report(sub) -> None:
         description="Measure each model: parameters (total and without embeddings), size on disk, FLOPs per token "
         "(formula checked against a counted forward), latency (batch 1) and throughput (--batch-size) at each "
         "--seq-lens with warm-up and repeats (CPU fp32 always, GPU bf16 when present), and quality (--lm-data: "
-        "held-out perplexity or masked-token accuracy; --task: a task metric). The first model is the reference: "
+        "held-out perplexity or masked-token accuracy; --task: a task metric; --chat-data: the chat metrics of "
+        "`alambic eval-chat`, the first model being the teacher). The first model is the reference: "
         "every other one gets its size ratio, speed-up, speed-up against the FLOP ratio, and quality retained. "
         "Files are written only once everything is measured, each atomically.",
     )
     p.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP + "; the first is the reference")
     p.add_argument("--out", required=True, help="folder for report.md, report.json, quality_vs_speed.png, speed.png")
-    quality = p.add_argument_group("quality (one of)")
+    quality = p.add_argument_group("quality (--lm-data or --task)")
     quality.add_argument("--lm-data", nargs="+", metavar="PATH", help="held-out text: " + DATA_HELP)
     quality.add_argument("--task", help="classification, ner or qa: the main metric of `alambic eval-task` "
                          "(accuracy, entity F1, SQuAD F1) of fine-tuned task models")
@@ -47,10 +48,19 @@ def add_report(sub) -> None:
     quality.add_argument("--max-length", type=int,
                          help="tokens per evaluated sequence (default: the largest --seq-lens)")
     quality.add_argument("--max-tokens", type=int, default=8192, help="cap on held-out tokens evaluated (default 8192)")
-    quality.add_argument("--eval-batch-size", type=int, default=8, help="sequences per evaluation batch (default 8)")
+    quality.add_argument("--eval-batch-size", type=int, default=8,
+                         help="sequences (or chat prompts) per evaluation batch (default 8)")
     quality.add_argument("--text-field", default="text", help="field or column with the text in .jsonl/.csv/.parquet")
     quality.add_argument("--qa-metric", choices=("squad", "korquad"), default="squad",
                          help="--task qa: SQuAD v1.1 F1 over words, or KorQuAD 1.0 F1 over characters (Korean)")
+    chat = p.add_argument_group("chat quality (instruct models; alone or with --lm-data)")
+    chat.add_argument("--chat-data", nargs="+", metavar="FILE",
+                      help="held-out chat records with gold answers, as `alambic eval-chat --data` reads them: every "
+                      "PyTorch model answers greedily; accuracy, option accuracy, ROUGE-L, and teacher NLL and "
+                      "forward KL against the first model (the teacher)")
+    chat.add_argument("--chat-max-new-tokens", type=int, default=64,
+                      help="tokens per answer at most (eval-chat's --max-new-tokens; default 64)")
+    chat.add_argument("--chat-max-examples", type=int, help="evaluate the first N chat records only")
     timing = p.add_argument_group("speed")
     timing.add_argument("--seq-lens", default="64,128,256", help="sequence lengths timed (default 64,128,256)")
     timing.add_argument("--batch-size", type=int, default=8, help="batch of the throughput measurement (default 8)")
@@ -74,7 +84,12 @@ def _command(args) -> str:
         parts += ["--task", args.task, "--data", *(args.data or [])]
         if args.qa_metric != "squad":
             parts += ["--qa-metric", args.qa_metric]
+    if args.chat_data:
+        parts += ["--chat-data", *args.chat_data, "--chat-max-new-tokens", str(args.chat_max_new_tokens)]
+        if args.chat_max_examples is not None:
+            parts += ["--chat-max-examples", str(args.chat_max_examples)]
     for flag, value in (("--max-length", args.max_length), ("--max-tokens", args.max_tokens),
+                        ("--eval-batch-size", args.eval_batch_size),
                         ("--seq-lens", args.seq_lens), ("--batch-size", args.batch_size), ("--warmup", args.warmup),
                         ("--repeats", args.repeats), ("--threads", args.threads), ("--devices", args.devices),
                         ("--names", args.names)):
@@ -110,7 +125,8 @@ def run_report(args) -> int:
         devices=[d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None,
         lm_data=list(args.lm_data or []), max_length=args.max_length, max_tokens=args.max_tokens,
         eval_batch_size=args.eval_batch_size, text_field=args.text_field, task=args.task, data=list(args.data or []),
-        qa_metric=args.qa_metric,
+        qa_metric=args.qa_metric, chat_data=list(args.chat_data or []),
+        chat_max_new_tokens=args.chat_max_new_tokens, chat_max_examples=args.chat_max_examples,
         names=[n.strip() for n in args.names.split(",")] if args.names else None)
     check_out_dir(args.out)
     cards = _card_indices(args.models, args.card)

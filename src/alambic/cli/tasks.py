@@ -42,8 +42,8 @@ def _training_options(p) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _common(p) -> None:
-    p.add_argument("--task", required=True, choices=TASK_CHOICES)
+def _common(p, tasks=TASK_CHOICES) -> None:
+    p.add_argument("--task", required=True, choices=tasks)
     p.add_argument("--train", required=True, metavar="FILE", help=FORMATS)
     p.add_argument("--validation", metavar="FILE",
                    help="validation data (default: a seeded, stratified 10%% of --train is held out)")
@@ -69,12 +69,16 @@ def _data(args):
 # --- finetune -----------------------------------------------------------------------------------------------------
 
 def add_finetune(sub) -> None:
-    p = sub.add_parser("finetune", help="fine-tune a model on a task (classification, NER, extractive QA)",
+    p = sub.add_parser("finetune", help="fine-tune a model on a task (classification, NER, extractive QA, chat)",
                        description="Fine-tune an encoder on labelled task data, e.g. to make a task teacher. A model "
                        "without a task head (such as the packaged minilm-l6) gets a fresh one. The best model by "
-                       "validation metric (accuracy / entity F1 / SQuAD F1) is kept in OUT/best with its labels.")
-    _common(p)
-    p.add_argument("--model", required=True, help="a model folder or packaged encoder (minilm-l6)")
+                       "validation metric (accuracy / entity F1 / SQuAD F1) is kept in OUT/best with its labels. "
+                       "--task chat fine-tunes a decoder (e.g. smollm2-135m) on chat data (.jsonl / .json / .parquet "
+                       "records with messages, or prompt and completion), with the loss on the assistant tokens only; "
+                       "the model with the lowest validation perplexity of the answers is kept in OUT/best.")
+    _common(p, TASK_CHOICES + ("chat",))
+    p.add_argument("--model", required=True, help="a model folder or packaged model (minilm-l6; smollm2-135m for "
+                   "--task chat)")
     _data_options(p)
     _training_options(p)
     p.set_defaults(run=run_finetune)
@@ -84,6 +88,14 @@ def run_finetune(args) -> int:
     from alambic.workflows.finetune import finetune
 
     cfg, data = _training_config(args), _data(args)
+    if args.task == "chat":
+        from alambic.workflows.finetune import finetune_chat
+
+        summary = finetune_chat(args.model, args.train, args.out, validation=args.validation, training=cfg,
+                                max_length=args.max_length, resume=args.resume, progress=not args.no_progress)
+        print(f"best validation perplexity of the answers: {summary['best_validation_perplexity']:.4f}; model in "
+              f"{summary['best_model']}")
+        return 0
     summary = finetune(args.task, args.model, args.train, args.out, validation=args.validation, training=cfg,
                        data=data, resume=args.resume, progress=not args.no_progress)
     print(f"best validation {cfg.best_metric}: {summary[f'best_validation_{cfg.best_metric}']:.4f}; "
@@ -121,6 +133,10 @@ def add_distill_task(sub) -> None:
                    "or joint")
     l.add_argument("--pred-loss", choices=("kl", "mse"), default="kl", help="kl: soft targets x T^2; mse: on logits")
     l.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the kl loss (default 1)")
+    l.add_argument("--divergence", default="forward_kl", help="divergence of the kl loss: forward_kl (default), "
+                   "reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd")
+    l.add_argument("--divergence-param", type=float, help="its parameter in [0, 1]: jsd's beta (default 0.5), the "
+                   "skew divergences' alpha (default 0.1)")
     l.add_argument("--alpha-kd", type=float, default=1.0, help="weight of the soft-target loss (default 1)")
     l.add_argument("--alpha-ce", type=float, default=1.0,
                    help="weight of the hard-label cross-entropy, on labelled examples (default 1; 0: soft targets "
@@ -140,7 +156,8 @@ def run_distill_task(args) -> int:
     from alambic.recipes.tinybert import TinyBERTLossConfig
 
     parse_stages(args.stages)
-    loss = TaskLossConfig(args.pred_loss, args.temperature, args.alpha_kd, args.alpha_ce).validate()
+    loss = TaskLossConfig(args.pred_loss, args.temperature, args.alpha_kd, args.alpha_ce, args.divergence,
+                          args.divergence_param).validate()
     cfg = _training_config(args)
     summary = distill_task(
         args.task, args.teacher, args.train, args.out, student=args.student, student_layers=args.student_layers,

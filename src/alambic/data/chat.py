@@ -30,10 +30,12 @@ CHAT_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 @dataclass(frozen=True)
 class ChatRecord:
-    """One conversation: ``messages`` whole, ``where`` it came from (``file:line``) for error messages."""
+    """One conversation: ``messages`` whole, ``where`` it came from (``file:line``) for error messages, and the
+    record's optional ``options`` (answer choices, the final answer among them: ``alambic eval-chat`` accuracy)."""
 
     messages: tuple[dict, ...]
     where: str
+    options: tuple[str, ...] | None = None
 
     @property
     def has_response(self) -> bool:
@@ -176,6 +178,21 @@ def _record_messages(record, where: str) -> list[dict]:
     return checked
 
 
+def _record_options(record: dict, messages: list[dict], where: str) -> tuple[str, ...] | None:
+    """The record's ``"options"`` (two or more distinct strings); its final assistant answer must be one of them."""
+    options = record.get("options")
+    if options is None:
+        return None
+    if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o.strip() for o in options):
+        raise AlambicError(f"{where}: 'options' must be a list of two or more non-empty strings (the answer choices)")
+    if len(set(options)) != len(options):
+        raise AlambicError(f"{where}: 'options' lists the same choice twice: keep each once")
+    if messages[-1]["role"] == "assistant" and messages[-1]["content"] not in options:
+        raise AlambicError(f"{where}: the final answer {messages[-1]['content']!r} is not one of 'options' "
+                           f"({', '.join(map(repr, options))}): write the gold option as the answer")
+    return tuple(options)
+
+
 def read_chat(specs, *, need_response: bool) -> list[ChatRecord]:
     """Every conversation of ``specs``, checked. ``need_response``: each must hold an assistant turn (training
     data); otherwise prompts without answers are welcome (prompt files)."""
@@ -192,17 +209,15 @@ def read_chat(specs, *, need_response: bool) -> list[ChatRecord]:
                                    "the answer (or write the answers with `alambic generate`)")
             if not need_response and messages[-1]["role"] == "assistant" and len(messages) == 1:
                 raise AlambicError(f"{where}: the conversation is only an assistant turn: give a prompt")
-            records.append(ChatRecord(tuple(messages), where))
+            records.append(ChatRecord(tuple(messages), where, _record_options(record, messages, where)))
     if not records:
         raise AlambicError(f"{', '.join(map(str, specs))} holds no chat records")
     return records
 
 
-def write_chat(path: Path, records) -> None:
+def chat_jsonl(conversations) -> str:
     """``{"messages": [...]}`` JSON lines, the format :func:`read_chat` reads."""
-    with Path(path).open("w", encoding="utf-8") as handle:
-        for messages in records:
-            handle.write(json.dumps({"messages": list(messages)}, ensure_ascii=False) + "\n")
+    return "".join(json.dumps({"messages": list(m)}, ensure_ascii=False) + "\n" for m in conversations)
 
 
 # --- rendering ------------------------------------------------------------------------------------------------------
@@ -299,3 +314,25 @@ class ChatCollator:
         lm_positions = is_target.reshape(-1).nonzero().squeeze(1)
         lm_targets = input_ids.reshape(-1)[lm_positions + 1]
         return batch_contract(input_ids, attention_mask, lm_positions, lm_targets)
+
+
+def split_chat(records: list[ChatRecord], folder: Path) -> tuple[list[str], list[str]]:
+    """A stable 10% of ``records`` held out (by content hash, the same on every machine), written to
+    ``folder/train.jsonl`` and ``folder/validation.jsonl``; returns the two specs."""
+    from alambic.cache import atomic_write_text
+    from alambic.data.sources import is_heldout
+
+    parts = {"train": [], "validation": []}
+    for record in records:
+        held = is_heldout(json.dumps(record.messages, sort_keys=True))
+        parts["validation" if held else "train"].append(record.messages)
+    if not parts["validation"] or not parts["train"]:
+        raise AlambicError(f"{len(records)} conversations are too few to hold 10% out for validation: give "
+                           "--validation FILE, or more conversations")
+    specs = []
+    for name, messages in parts.items():
+        path = Path(folder) / f"{name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, chat_jsonl(messages))
+        specs.append(str(path))
+    return [specs[0]], [specs[1]]

@@ -269,6 +269,8 @@ def train(
     # Throughput counts real tokens (non-pad), so padding never flatters it; ``tokens`` is the running total.
     tokens_seen = int(loop_state.get("tokens", 0))
     window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+    # A batch source that samples (on-policy distillation) says how long it spent generating.
+    window_generation = getattr(batches, "generation_seconds", None)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and accelerator.is_main_process),
                desc="distill", unit="step", dynamic_ncols=True)
     objective.train()
@@ -341,6 +343,9 @@ def train(
             metrics.update(lr=scheduler.get_last_lr()[0], tokens_per_s=window_tokens / max(elapsed, 1e-9),
                            tokens=tokens_seen)
             metrics["grad_norm"] = float(grad_norm)
+            if window_generation is not None:
+                metrics["generate_share"] = (batches.generation_seconds - window_generation) / max(elapsed, 1e-9)
+                window_generation = batches.generation_seconds
             log.write({"step": step, **metrics})
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             term_sums, window_tokens, window_steps, window_start = {}, 0, 0, time.perf_counter()

@@ -40,7 +40,12 @@ SCHEMA_VERSION = 1
 REPORT_KEYS = ("schema_version", "kind", "created", "command", "machine", "settings", "reference", "models",
                "warnings")
 MODEL_KEYS = ("name", "spec", "path", "kind", "architecture", "layers", "hidden_size", "vocab_size", "tokenizer",
-              "parameters", "disk_bytes", "flops", "speed", "quality", "ratios", "format", "runtime")
+              "parameters", "disk_bytes", "flops", "speed", "quality", "ratios", "format", "runtime", "chat")
+CHAT_RETAINED = ("accuracy", "option_accuracy", "rouge_l")
+"""The gold chat metrics (higher is better) retained, model / reference in %, in ``ratios["chat_retention_pct"]``."""
+CHAT_COLUMNS = (("accuracy", "accuracy"), ("option_accuracy", "option acc."), ("rouge_l", "ROUGE-L"),
+                ("teacher_nll", "teacher NLL"), ("forward_kl", "forward KL"))
+"""The chat metrics of the summary table (all of them are in report.json and the *Chat* table)."""
 
 
 @dataclass
@@ -65,6 +70,11 @@ class ReportSettings:
     qa_metric: str = "squad"
     """--task qa: squad (word F1) or korquad (KorQuAD 1.0, character F1)."""
     data: list[str] = field(default_factory=list)
+    chat_data: list[str] = field(default_factory=list)
+    """Chat records with gold answers (``alambic eval-chat``'s data): every PyTorch model answers them; the first
+    model is the teacher of the teacher-scored metrics."""
+    chat_max_new_tokens: int = 64
+    chat_max_examples: int | None = None
     names: list[str] | None = None
 
     def check(self, n_models: int) -> None:
@@ -74,6 +84,10 @@ class ReportSettings:
             if getattr(self, name) < low:
                 flag = "--" + name.replace("_", "-")
                 raise AlambicError(f"{flag} must be at least {low}, got {getattr(self, name)}")
+        if self.chat_max_new_tokens < 1:
+            raise AlambicError(f"--chat-max-new-tokens must be at least 1, got {self.chat_max_new_tokens}")
+        if self.chat_max_examples is not None and self.chat_max_examples < 1:
+            raise AlambicError(f"--chat-max-examples must be at least 1, got {self.chat_max_examples}")
         if self.threads is not None and self.threads < 1:
             raise AlambicError(f"--threads must be at least 1, got {self.threads}")
         if self.max_length is not None and self.max_length < 8:
@@ -81,6 +95,9 @@ class ReportSettings:
         if self.task and self.lm_data:
             raise AlambicError("give either --task T --data F (task metric) or --lm-data F (held-out perplexity), "
                                "not both")
+        if self.task and self.chat_data:
+            raise AlambicError("give either --task T --data F (task heads) or --chat-data F (instruct models answering "
+                               "chat prompts), not both")
         if self.task and not self.data:
             raise AlambicError(f"--task {self.task} needs its evaluation data: add --data FILE")
         if self.data and not self.task:
@@ -140,7 +157,17 @@ class _Prepared:
     export: dict | None = None  # the manifest of an `alambic export` folder, measured in its own runtime
 
 
-def _prepare(models: list[str], settings: ReportSettings, warn, log) -> list[_Prepared]:
+@dataclass
+class _ChatPlan:
+    """What ``--chat-data`` evaluates, checked before any weights load: the records rendered with the reference's
+    chat template, and the models left out (export folders) with the reason."""
+
+    items: list
+    tokenizer: object
+    skipped: dict[str, str]
+
+
+def _prepare(models: list[str], settings: ReportSettings, warn, log) -> tuple[list[_Prepared], _ChatPlan | None]:
     """Every check that needs no weights: model folders, configs, sequence lengths, data and tokenizers."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -188,6 +215,7 @@ def _prepare(models: list[str], settings: ReportSettings, warn, log) -> list[_Pr
                                "save one next to the model")
         prepared.append(_Prepared(str(spec), name, path, config, kind, tokenizer, export=manifest))
     fingerprints = {p.name: vocabulary_hash(p.tokenizer)[:16] for p in prepared}
+    chat = _prepare_chat(prepared, settings, fingerprints, warn) if settings.chat_data else None
     if settings.lm_data:  # tokenise (cached) and check the data now: too little text fails before any timing
         built = {}
         for p in prepared:
@@ -203,7 +231,46 @@ def _prepare(models: list[str], settings: ReportSettings, warn, log) -> list[_Pr
                 "perplexity, FLOPs and speed are per token of each model's own tokenizer, so quality and speed "
                 "ratios compare different units; read them with care")
         warn(line)
-    return prepared
+    return prepared, chat
+
+
+def _prepare_chat(prepared: list[_Prepared], settings: ReportSettings, fingerprints: dict, warn) -> _ChatPlan:
+    """The checks of ``alambic eval-chat`` for ``--chat-data``: chat template, final gold answers, one vocabulary,
+    the positions each prompt needs; the first model is the teacher and must be a PyTorch model."""
+    from alambic.data.chat import read_chat
+    from alambic.evaluation.chat import chat_items, check_positions
+
+    ref = prepared[0]
+    if ref.export:
+        raise AlambicError(f"--chat-data: the first model, {ref.name}, is an `alambic export` folder "
+                           f"({ref.export['format']}), but it is the teacher of the chat metrics and they need a "
+                           "PyTorch model: put the PyTorch teacher first")
+    records = read_chat(settings.chat_data, need_response=False)  # as eval-chat: chat_items names a missing answer
+    items = chat_items(records, ref.tokenizer, settings.chat_max_examples, f"{ref.name}'s tokenizer")
+    skipped = {}
+    for p in prepared:
+        if p.export:
+            skipped[p.name] = (f"chat metrics need a PyTorch model: {p.name} is an `alambic export` folder "
+                               f"({p.export['format']}), so its chat columns are empty (report its PyTorch source "
+                               "for them)")
+            warn(f"{p.name}: {skipped[p.name]}")
+            continue
+        if p.kind != "causal":
+            raise AlambicError(f"--chat-data: {p.name} is a {p.kind} model, not a causal language model: chat "
+                               "metrics need decoder (instruct) models")
+        if fingerprints[p.name] != fingerprints[ref.name]:
+            raise AlambicError(f"--chat-data: {p.name} uses another tokenizer than {ref.name}: every model answers "
+                               f"the same prompt tokens and is scored with {ref.name}'s tokenizer; report it without "
+                               "--chat-data")
+        if modeling.vocab_size(p.config) != modeling.vocab_size(ref.config):
+            raise AlambicError(f"--chat-data: {p.name} has {modeling.vocab_size(p.config)} logit columns but "
+                               f"{ref.name} {modeling.vocab_size(ref.config)}: the forward KL needs one vocabulary; "
+                               "resize its embeddings")
+        try:
+            check_positions(p.config, items, settings.chat_max_new_tokens, p.name)
+        except AlambicError as err:
+            raise AlambicError(str(err).replace("--max-new-tokens", "--chat-max-new-tokens")) from None
+    return _ChatPlan(items, ref.tokenizer, skipped)
 
 
 def _heldout(p: _Prepared, settings: ReportSettings) -> list[dict]:
@@ -254,7 +321,62 @@ def _task_quality(p: _Prepared, settings: ReportSettings) -> dict:
             "max_length": settings.eval_length}
 
 
-def _measure(p: _Prepared, index: int, total: int, settings: ReportSettings, devices: list[str], log) -> dict:
+def _chat_quality(chat: dict) -> dict:
+    """The report's main quality from the chat figures (when no --lm-data is given): the accuracy of the generated
+    answers on records with options, else ROUGE-L against the gold answers."""
+    metrics = chat["metrics"]
+    if metrics is None:
+        return {"metric": None, "value": None, "source": "chat", "reason": chat["reason"]}
+    metric = "accuracy" if "accuracy" in metrics else "rouge_l"
+    return {"metric": metric, "value": metrics[metric], "higher_is_better": True, "source": "chat",
+            "data": list(chat["data"]), "examples": chat["examples"]}
+
+
+def _run_chat(prepared: list[_Prepared], plan: _ChatPlan, settings: ReportSettings, log) -> dict[str, dict]:
+    """Per model name, the chat figures of :func:`alambic.evaluation.chat.evaluate_chat` with the first model as the
+    teacher (the teacher's greedy answers are generated once, and are its own answers too)."""
+    from alambic.evaluation.chat import TeacherAnswers, evaluate_model, generate_answers
+    from alambic.teachers import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ref, items = prepared[0], plan.items
+    options = dict(max_new_tokens=settings.chat_max_new_tokens, batch_size=settings.eval_batch_size)
+    common = {"data": list(settings.chat_data), "teacher": ref.name, "examples": len(items),
+              "option_examples": sum(1 for item in items if item.options), "decoding": "greedy",
+              "max_new_tokens": settings.chat_max_new_tokens, "max_examples": settings.chat_max_examples,
+              "batch_size": settings.eval_batch_size, "device": device, "dtype": "float32"}
+    log(f"chat: {len(items)} records of {' '.join(settings.chat_data)}, greedy answers of at most "
+        f"{settings.chat_max_new_tokens} tokens; teacher {ref.name}")
+    out: dict[str, dict] = {}
+    teacher = load_model(ref.spec, kind="causal")[0].to(device)
+    try:
+        log(f"chat: {ref.name} answers (the teacher)")
+        answers = generate_answers(teacher, plan.tokenizer, items, **options)
+        taught = TeacherAnswers(teacher, answers)
+        for p in prepared:
+            if p.name in plan.skipped:
+                out[p.name] = {**common, "metrics": None, "reason": plan.skipped[p.name]}
+                log(f"chat: {p.name}: skipped ({plan.skipped[p.name].split(':')[0]})")
+                continue
+            model = teacher if p is ref else load_model(p.spec, kind="causal")[0].to(device)
+            metrics = evaluate_model(model, plan.tokenizer, items, teacher=taught,
+                                     answers=answers if p is ref else None, **options)
+            del model
+            metrics.pop("examples", None)
+            metrics.pop("option_examples", None)
+            out[p.name] = {**common, "metrics": metrics}
+            log(f"chat: {p.name}: " + ", ".join(f"{label} {metrics[key]:.4g}" for key, label in CHAT_COLUMNS
+                                                   if key in metrics))
+    finally:
+        del teacher
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return out
+
+
+def _measure(p: _Prepared, index: int, total: int, settings: ReportSettings, devices: list[str], log,
+             chat: dict | None = None) -> dict:
     from alambic.evaluation.lm import weights_size_bytes
 
     tag = f"[{index}/{total}] {p.name}"
@@ -289,9 +411,11 @@ def _measure(p: _Prepared, index: int, total: int, settings: ReportSettings, dev
     elif settings.lm_data:
         log(f"{tag}: held-out quality on {' '.join(settings.lm_data)}")
         quality = _lm_quality(model, architecture, p, settings)
+    elif chat is not None:
+        quality = _chat_quality(chat)
     else:
         quality = {"metric": None, "value": None, "source": None,
-                   "reason": "no quality data given (--lm-data or --task)"}
+                   "reason": "no quality data given (--lm-data, --task or --chat-data)"}
     if quality.get("value") is not None:
         log(f"{tag}: {quality['metric']} {quality['value']:.4g}")
     elif quality.get("reason"):
@@ -318,6 +442,7 @@ def _measure(p: _Prepared, index: int, total: int, settings: ReportSettings, dev
         "tokenizer": vocabulary_hash(p.tokenizer)[:16], "parameters": params,
         "disk_bytes": disk, "flops": flop_rows, "speed": speed_rows, "quality": quality,
         "ratios": None, "format": p.export["format"] if p.export else "pytorch", "runtime": runtime,
+        "chat": chat,
     }
     del model, architecture
     gc.collect()
@@ -375,6 +500,11 @@ def _ratios(row: dict, ref: dict) -> dict:
             retention = 100 * q["value"] / rq["value"] if rq["value"] else None
         else:
             retention = 100 * rq["value"] / q["value"] if q["value"] else None
+    chat, ref_chat = (row.get("chat") or {}).get("metrics"), (ref.get("chat") or {}).get("metrics")
+    chat_retention = None
+    if chat is not None and ref_chat is not None:  # gold metrics, higher is better: model / reference
+        chat_retention = {k: 100 * chat[k] / ref_chat[k] if ref_chat[k] else None
+                          for k in CHAT_RETAINED if k in chat and k in ref_chat}
     return {
         "parameters": row["parameters"]["total"] / ref["parameters"]["total"],
         "non_embedding_parameters": (row["parameters"]["non_embedding"] / ref["parameters"]["non_embedding"]
@@ -385,6 +515,7 @@ def _ratios(row: dict, ref: dict) -> dict:
         "speed": speed,
         "summary": summary,
         "quality_retention_pct": retention,
+        "chat_retention_pct": chat_retention,
     }
 
 
@@ -400,12 +531,12 @@ def build_report(models: list[str], settings: ReportSettings | None = None, *,
     settings = settings or ReportSettings()
     log = log or (lambda line: None)
     notes = _Notes(warn)
-    prepared = _prepare(list(models), settings, notes, log)
+    prepared, chat = _prepare(list(models), settings, notes, log)
     threads = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(settings.threads)
     try:
-        return _build(prepared, settings, notes, log, command)
+        return _build(prepared, chat, settings, notes, log, command)
     finally:
         torch.set_num_threads(threads)  # the caller's setting, as it was
 
@@ -423,7 +554,8 @@ class _Notes:
             self.warn(line)
 
 
-def _build(prepared: list[_Prepared], settings: ReportSettings, note: _Notes, log, command) -> dict:
+def _build(prepared: list[_Prepared], chat: _ChatPlan | None, settings: ReportSettings, note: _Notes, log,
+           command) -> dict:
     devices = sorted(set(settings.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])))
     machine = speed_mod.machine_info()
     cores, load = machine["cpu_affinity"], machine["load_average"]
@@ -431,7 +563,10 @@ def _build(prepared: list[_Prepared], settings: ReportSettings, note: _Notes, lo
         line = (f"the machine was busy when the report started (load average {machine['load_average'][0]:.1f} on "
                 f"{machine['cpu_affinity']} cores): timings are slower and noisier than on an idle machine")
         note(line)
-    rows = [_measure(p, i, len(prepared), settings, devices, log) for i, p in enumerate(prepared, 1)]
+    # chat first, in float32, with the teacher and one model in memory; then one model at a time for the rest
+    chats = _run_chat(prepared, chat, settings, log) if chat is not None else {}
+    rows = [_measure(p, i, len(prepared), settings, devices, log, chats.get(p.name))
+            for i, p in enumerate(prepared, 1)]
     for row in rows:
         row["ratios"] = _ratios(row, rows[0])
         for f in row["flops"]:
@@ -465,6 +600,41 @@ def _quality_cell(q: dict) -> str:
     return f"{q['metric']} {q['value']:.4g}"
 
 
+def _chat_metrics(m: dict) -> dict | None:
+    return (m.get("chat") or {}).get("metrics")
+
+
+def _chat_cell(metrics: dict | None, key: str) -> str:
+    value = metrics.get(key) if metrics else None
+    return format_value(value, ".4g" if key in ("teacher_nll", "forward_kl", "mean_tokens") else ".3f")
+
+
+CHAT_DETAIL = (("accuracy", "accuracy"), ("option_accuracy", "option acc."), ("option_accuracy_norm",
+               "option acc. (norm)"), ("rouge_l", "ROUGE-L"), ("rouge_l_teacher", "ROUGE-L vs teacher"),
+               ("teacher_nll", "teacher NLL"), ("forward_kl", "forward KL"), ("mean_tokens", "mean tokens"),
+               ("hit_max_new_tokens", "cut off"))
+
+
+def _chat_section(models: list[dict]) -> list[str]:
+    """The *Chat* table: every chat metric of every model, and how they were measured."""
+    ref = models[0]["chat"]
+    keys = [(k, label) for k, label in CHAT_DETAIL if k in (ref["metrics"] or {})]
+    with_options = (f" ({ref['option_examples']} with options)" if ref["option_examples"] else " (none with options)")
+    out = [f"{ref['examples']} chat records of {' '.join(ref['data'])}{with_options}, prompts rendered with "
+           f"{ref['teacher']}'s chat template, answered greedily (at most {ref['max_new_tokens']} new tokens, "
+           f"{ref['dtype']} on {ref['device']}), as `alambic eval-chat --teacher {ref['teacher']}` scores them. "
+           "accuracy: the answer's words begin with the gold answer's; option acc.: the gold option is the most "
+           "likely answer (lm-eval's acc; norm: per byte); ROUGE-L: F1 against the gold answer (vs teacher: "
+           f"against {ref['teacher']}'s answer); teacher NLL: {ref['teacher']}'s per-token NLL of the model's "
+           f"answers; forward KL: KL({ref['teacher']} || model) per token of {ref['teacher']}'s answers; cut off: "
+           "share of answers stopped by the token limit.", ""]
+    rows = []
+    for m in models:
+        metrics = _chat_metrics(m)
+        rows.append([m["name"]] + [_chat_cell(metrics, k) for k, _ in keys])
+    return out + _table(["model"] + [label for _, label in keys], rows)
+
+
 def _table(header: list[str], rows: list[list[str]], right_from: int = 1, right_to: int | None = None) -> list[str]:
     right_to = len(header) if right_to is None else right_to
     align = ["---:" if right_from <= i < right_to else "---" for i in range(len(header))]
@@ -482,6 +652,11 @@ def render_markdown(report: dict) -> str:
     if report.get("command"):
         out += ["```", report["command"], "```", ""]
     out += [f"## Summary ({dev}, {length} tokens)", ""]
+    ref_chat = _chat_metrics(models[0])
+    chat_columns = [(k, label) for k, label in CHAT_COLUMNS if k in (ref_chat or {})]
+    chat_retained = [(k, label) for k, label in CHAT_COLUMNS if k in CHAT_RETAINED and k in (ref_chat or {})]
+    chat_only = ref_chat is not None and all(m["quality"].get("source") == "chat" for m in models)
+    quality = [] if chat_only else ["quality"]  # the chat columns hold the chat quality
     rows = []
     for m in models:
         flop = next(f for f in m["flops"] if f["seq_len"] == length)
@@ -490,10 +665,12 @@ def render_markdown(report: dict) -> str:
                      format_number(m["parameters"]["total"] / 1e6),
                      format_number(m["parameters"]["non_embedding"] / 1e6), format_number(m["disk_bytes"] / 1e6),
                      format_number(flop["measured_per_token"] / 1e9), format_number(lat and lat["ms_per_batch"]),
-                     format_number(thr and thr["tokens_per_s"]), _quality_cell(m["quality"])])
+                     format_number(thr and thr["tokens_per_s"])]
+                    + ([] if chat_only else [_quality_cell(m["quality"])])
+                    + [_chat_cell(_chat_metrics(m), k) for k, _ in chat_columns])
     out += _table(["model", "runtime", "layers", "params (M)", "non-emb. params (M)", "size on disk (MB)",
-                   "GFLOPs/token", "latency b=1 (ms)", f"throughput b={batch} (tokens/s)", "quality"], rows,
-                  right_from=2)
+                   "GFLOPs/token", "latency b=1 (ms)", f"throughput b={batch} (tokens/s)", *quality,
+                   *(label for _, label in chat_columns)], rows, right_from=2)
     rows = []
     for m in models if len(models) > 1 else []:
         r = m["ratios"]
@@ -502,12 +679,15 @@ def render_markdown(report: dict) -> str:
         rows.append([m["name"], fv(100 * r["parameters"], ".1f", "%"), fv(r["disk"] and 100 * r["disk"], ".1f", "%"),
                      fv(lat and lat["speedup"], ".2f", "x"), fv(thr and thr["speedup"], ".2f", "x"),
                      fv(lat and lat["flop_ratio"], ".2f", "x"), fv(lat and lat["efficiency"], ".2f"),
-                     fv(thr and thr["efficiency"], ".2f"), format_percent(r["quality_retention_pct"])])
+                     fv(thr and thr["efficiency"], ".2f")]
+                    + ([] if chat_only else [format_percent(r["quality_retention_pct"])])
+                    + [format_percent((r.get("chat_retention_pct") or {}).get(k)) for k, _ in chat_retained])
     if rows:
         out += ["", f"Relative to {ref}:", ""]
         out += _table(["model", "parameters", "size on disk", "speed-up b=1", f"speed-up b={batch}",
                        "FLOP ratio (ideal speed-up)", "speed-up / FLOP ratio b=1", f"speed-up / FLOP ratio b={batch}",
-                       "quality retained"], rows)
+                       *(["quality retained"] if not chat_only else []),
+                       *(f"{label} retained" for _, label in chat_retained)], rows)
 
     out += ["", "## Speed", "",
             f"Median of {settings['repeats']} timed forwards after {settings['warmup']} untimed warm-up "
@@ -545,7 +725,7 @@ def render_markdown(report: dict) -> str:
 
     out += ["", "## Quality", ""]
     rows = []
-    for m in models:
+    for m in models if not chat_only else []:
         q = m["quality"]
         if q.get("value") is None:
             rows.append([m["name"], "n/a", "-", "-", q.get("reason", "")])
@@ -556,10 +736,13 @@ def render_markdown(report: dict) -> str:
                   + ", ".join(f"{k} {v:.4g}" for k, v in q.get("scores", {}).items()))
         rows.append([m["name"], q["metric"], f"{q['value']:.4g}",
                      format_percent(m["ratios"]["quality_retention_pct"]), detail])
-    out += _table(["model", "metric", "value", "retained", "measured on"], rows, right_from=2, right_to=4)
+    if rows:
+        out += _table(["model", "metric", "value", "retained", "measured on"], rows, right_from=2, right_to=4)
     if any(m["quality"].get("metric") == "perplexity" for m in models):
         out += ["", "Retention: reference / model for perplexity (lower is better), model / reference for "
                 "accuracy-like metrics."]
+    if ref_chat is not None:
+        out += ([] if chat_only else ["", "### Chat", ""]) + _chat_section(models)
 
     gpu = machine.get("gpu")
     out += ["", "## Machine", "",

@@ -1,16 +1,19 @@
 """The two vocabulary-sized losses of LM distillation, fused with the output projection and computed in row chunks.
 
 A vocabulary of V and N rows make every (N, V) tensor large (8 x 4,096 tokens of a 128k vocabulary: 16 GB in fp32),
-and written as separate ops (projection, log-softmax, KL, cross-entropy, their backwards) autograd keeps several of
-them and sweeps them a dozen times. Here the projection and both losses run together, a chunk of rows at a time, and
-each chunk's gradients are computed in the forward pass from the closed forms
+and written as separate ops (projection, log-softmax, divergence, cross-entropy, their backwards) autograd keeps
+several of them and sweeps them a dozen times. Here the projection and both losses run together, a chunk of rows at a
+time, and each chunk's gradients are computed in the forward pass from the closed forms
 
-    d(T^2 KL(p_T || q_T)) / dz_s = T (q_T - p_T)        d CE / dz_s = softmax(z_s) - onehot(target)
+    d(T^2 D(p_T, q_T)) / dz_s = T (h - q_T sum(h))        d CE / dz_s = softmax(z_s) - onehot(target)
 
-(p_T, q_T: teacher and student softmax at temperature T), then multiplied back through the projection at once. Only
-``chunk_rows x V`` logits are ever alive, nothing vocabulary-sized is kept for backward, and no projection is
-recomputed (the same idea as Liger-Kernel's fused linear cross-entropy). Tested against the unfused formulas, values
-and gradients.
+(p_T, q_T: teacher and student softmax at temperature T; D one of the divergences of
+:mod:`alambic.losses.divergences`, ``h = q_T dD/dq_T``, for the default forward KL ``h = -p_T`` and the gradient
+``T (q_T - p_T)``; :func:`alambic.losses.divergences.divergence_logit_gradient`), then multiplied back through the
+projection at once. Only ``chunk_rows x V`` fp32 buffers are ever alive (four, and one more for a moment for the
+divergences other than forward and reverse KL and TVD), nothing vocabulary-sized is kept for backward, and no
+projection is recomputed (the same idea as Liger-Kernel's fused linear cross-entropy). Tested against the unfused
+formulas, values and gradients.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from alambic.losses.divergences import divergence_logit_gradient, resolve_divergence_param, topk_classes
 
 _CHUNK_LOGITS = {"cpu": 2**23, "cuda": 2**26}  # logits per chunk: ~32 MB (cache-sized) on CPU, ~256 MB on GPU
 # Below fp32, the chunks' logit gradients are kept (in the compute dtype) for up to this many logits and multiplied
@@ -41,29 +46,34 @@ def fused_vocabulary_loss(
     ce_weight: float | torch.Tensor,
     chunk_rows: int = 0,
     teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    divergence: str = "forward_kl",
+    divergence_param: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Weighted soft-target KL plus hard cross-entropy on projected rows, and each sum for logging.
+    """Weighted soft-target divergence plus hard cross-entropy on projected rows, and each sum for logging.
 
-    With ``z_s = student_projection(student_features)`` and ``z_t = teacher_projection(teacher_features)``:
+    With ``z_s = student_projection(student_features)``, ``z_t = teacher_projection(teacher_features)`` and ``D`` the
+    ``divergence`` at parameter ``divergence_param`` (None: its default; see :mod:`alambic.losses.divergences`):
 
-    ``kd_sum = T^2 * sum_rows KL(softmax(z_t / T) || softmax(z_s / T))``   (:func:`soft_target_kl` x ``N``)
+    ``kd_sum = T^2 * sum_rows D(softmax(z_t / T), softmax(z_s / T))``   (:func:`distribution_divergence` x ``N``)
     ``ce_sum = sum_{rows with target != -100} -log softmax(z_s)[target]``  (:func:`token_cross_entropy` x rows)
     ``loss = kd_weight * kd_sum + ce_weight * ce_sum``
 
     Shapes: features ``(N, d_s)`` / ``(N, d_t)``, projections ``d -> V`` (the models' output Linear layers, see
     :func:`alambic.modeling.split_lm_head`), targets ``(N,)``. Returns ``(loss, kd_sum, ce_sum)``; only ``loss``
-    carries gradients (to the student's features and projection), the sums are detached. ``teacher_features=None`` (and no ``teacher_topk``) skips the KL, ``targets=None`` the cross-entropy. The weights are
-    the caller's normalisation (``alpha / num_items``), plain numbers or tensors. Softmax math is fp32; under
-    autocast the projections run in the autocast dtype. ``chunk_rows=0`` picks a chunk size from V and the device.
+    carries gradients (to the student's features and projection), the sums are detached. ``teacher_features=None``
+    (and no ``teacher_topk``) skips the divergence, ``targets=None`` the cross-entropy. The weights are the caller's
+    normalisation (``alpha / num_items``), plain numbers or tensors. Softmax math is fp32; under autocast the
+    projections run in the autocast dtype. ``chunk_rows=0`` picks a chunk size from V and the device.
 
     ``teacher_topk = (ids (N, k), log_probs (N, k), rest_log_prob (N,))`` replaces the teacher's features and
     projection with stored top-k outputs (:func:`alambic.losses.divergences.topk_targets`, made at the same T): the
-    KL is then :func:`alambic.losses.divergences.topk_soft_target_kl`, with gradient ``T (q - p~)``.
+    divergence is then :func:`alambic.losses.divergences.topk_divergence`'s, over the ``k + 1`` classes.
     """
     if teacher_features is None and targets is None and teacher_topk is None:
-        raise ValueError("fused_vocabulary_loss needs teacher outputs (KL), targets (cross-entropy) or both")
+        raise ValueError("fused_vocabulary_loss needs teacher outputs (divergence), targets (cross-entropy) or both")
     if teacher_features is not None and teacher_topk is not None:
         raise ValueError("give the teacher as features and projection, or as top-k outputs, not both")
+    divergence_param = resolve_divergence_param(divergence, divergence_param)
     teacher_weight, teacher_bias = (
         (teacher_projection.weight, teacher_projection.bias) if teacher_features is not None else (None, None))
     topk_ids, topk_log_probs, rest_log_prob = teacher_topk or (None, None, None)
@@ -72,7 +82,7 @@ def fused_vocabulary_loss(
         teacher_bias, targets,
         float(temperature), torch.as_tensor(kd_weight, dtype=torch.float32, device=student_features.device),
         torch.as_tensor(ce_weight, dtype=torch.float32, device=student_features.device), chunk_rows,
-        topk_ids, topk_log_probs, rest_log_prob,
+        topk_ids, topk_log_probs, rest_log_prob, divergence, divergence_param,
     )
 
 
@@ -95,18 +105,18 @@ def _project(out: torch.Tensor, features: torch.Tensor, weight: torch.Tensor, bi
 class _FusedVocabularyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, x_t, weight_t, bias_t, targets, temperature, kd_weight, ce_weight, chunk_rows,
-                topk_ids, topk_log_probs, rest_log_prob):
+                topk_ids, topk_log_probs, rest_log_prob, divergence, param):
         # Autocast's choice is applied by hand (matmuls in its dtype, softmax math in fp32) and autocast is then
-        # switched off, so no reduction below (the KL's dot products) silently runs in bf16.
+        # switched off, so no reduction below (the divergence's dot products) silently runs in bf16.
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             return _FusedVocabularyLoss._forward(ctx, dtype, x, weight, bias, x_t, weight_t, bias_t, targets,
                                                  temperature, kd_weight, ce_weight, chunk_rows,
-                                                 topk_ids, topk_log_probs, rest_log_prob)
+                                                 topk_ids, topk_log_probs, rest_log_prob, divergence, param)
 
     @staticmethod
     def _forward(ctx, dtype, x, weight, bias, x_t, weight_t, bias_t, targets, temperature, kd_weight, ce_weight,
-                 chunk_rows, topk_ids, topk_log_probs, rest_log_prob):
+                 chunk_rows, topk_ids, topk_log_probs, rest_log_prob, divergence, param):
         x_c, w_c = x.to(dtype), weight.to(dtype)
         b_c = bias.to(dtype) if bias is not None else None
         rows, vocab = x.shape[0], weight.shape[0]
@@ -118,7 +128,7 @@ class _FusedVocabularyLoss(torch.autograd.Function):
         chunk = chunk_rows if chunk_rows > 0 else default_chunk_rows(vocab, x.device)
         chunk = max(1, min(chunk, rows))
         logits, spare, grad = (torch.empty(chunk, vocab, dtype=torch.float32, device=x.device) for _ in range(3))
-        teacher_buffer = torch.empty_like(logits) if with_kd else None
+        teacher_buffer = torch.empty_like(logits) if with_kd and not sparse else None
         grad_x = torch.empty_like(x)
         grad_w = None  # fp32, V x d: the first product is written, later ones added
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=x.device) if bias is not None else None
@@ -148,17 +158,15 @@ class _FusedVocabularyLoss(torch.autograd.Function):
             if with_kd:
                 log_q = torch.log_softmax(z.mul_(1 / T), -1, out=buf)
                 if sparse:
-                    kd_part, q_minus_p = _topk_kl_chunk(log_q, z, teacher_buffer[:n], topk_ids[part],
-                                                        topk_log_probs[part].float(), rest_log_prob[part].float())
-                    kd_sum += kd_part
+                    teacher = torch.cat([topk_log_probs[part].float(), rest_log_prob[part].float().unsqueeze(1)], 1)
+                    kd_part, kd_grad = _topk_chunk(log_q, z, topk_ids[part], teacher, divergence, param)
                 else:
-                    p = torch.exp(log_p, out=z)
-                    kd_sum += torch.dot(p.view(-1), log_p.sub_(log_q).view(-1))
-                    q_minus_p = log_q.exp_().sub_(p)
+                    kd_part, kd_grad = divergence_logit_gradient(log_p, log_q, divergence, param, scratch=z)
+                kd_sum += kd_part
                 if with_ce:
-                    g32.addcmul_(q_minus_p, kd_weight * T)
+                    g32.addcmul_(kd_grad, kd_weight * T)
                 else:
-                    torch.mul(q_minus_p, kd_weight * T, out=g32)
+                    torch.mul(kd_grad, kd_weight * T, out=g32)
             if grad_b is not None:
                 grad_b += g32.sum(0)
             if group is None:  # fp32: accumulate the weight gradient in place, chunk by chunk
@@ -190,22 +198,19 @@ class _FusedVocabularyLoss(torch.autograd.Function):
         grad_x = grad_x.mul_(grad_loss.to(grad_x.dtype))
         grad_w = grad_w.mul_(grad_loss).to(weight_dtype)
         grad_b = grad_b.mul_(grad_loss).to(bias_dtype) if grad_b is not None else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None, None, None, None
 
 
-def _topk_kl_chunk(log_q, spare, scratch, ids, log_p, rest):
-    """One chunk of the top-k KL (before T^2) and ``q - p~`` (see ``topk_soft_target_kl``), in ``log_q``'s buffer.
-    ``spare`` and ``scratch`` are free (n, V) fp32 buffers."""
-    log_q_rest = torch.logsumexp(scratch.copy_(log_q).scatter_(1, ids, float("-inf")), dim=1)
-    has_rest = rest > float("-inf")
-    p_top, p_rest = log_p.exp(), torch.where(has_rest, rest.exp(), torch.zeros_like(rest))
-    kd = (p_top * (log_p - log_q.gather(1, ids))).sum()
-    kd = kd + torch.where(has_rest, p_rest * (rest - log_q_rest), torch.zeros_like(rest)).sum()
-    q = torch.exp(log_q, out=spare)
-    # the teacher's rest mass, spread over the other classes in the student's proportions: p_rest q_j / q_rest, in
-    # log space (a vanishing q_rest would overflow the ratio); the clamp keeps 0 * inf out where q_j is 0
-    log_ratio = torch.where(has_rest, (rest - log_q_rest).clamp(max=80.0), torch.full_like(rest, float("-inf")))
-    p_tilde = torch.add(log_q, log_ratio.unsqueeze(1), out=scratch).exp_().scatter_(1, ids, p_top)
-    # q scaled by the stored mass (1 up to the fp16 rounding of the stored probabilities): the exact gradient
-    mass = p_top.sum(1) + p_rest
-    return kd, torch.mul(q, mass.unsqueeze(1), out=log_q).sub_(p_tilde)
+def _topk_chunk(log_q, scratch, ids, log_p, divergence, param):
+    """One chunk of the top-k divergence (before T^2) and its gradient ``dD/ds``, the latter in ``log_q``'s buffer.
+
+    ``log_p``: the teacher over the k + 1 classes, ``(n, k + 1)``; ``scratch``: a free ``(n, V)`` fp32 buffer. The
+    gradient ``G`` over the k + 1 classes goes to the stored ids as it is; the rest class's logit is the log-sum-exp
+    of the logits off the ids, so (chain rule) each class ``j`` off them gets ``G_rest q_j / q_rest``, with
+    ``q_j / q_rest <= 1`` taken in log space (no overflow as ``q_rest`` vanishes). The stored probabilities are rounded,
+    so the teacher is not taken to sum to 1 (forward KL's gradient keeps their mass).
+    """
+    log_q_top_rest = topk_classes(log_q, ids, scratch)
+    kd, grad = divergence_logit_gradient(log_p, log_q_top_rest, divergence, param, teacher_normalised=False)
+    # (at k = V, log q_rest = -inf and every class is an id: the scatter overwrites the whole row)
+    return kd, log_q.sub_(log_q_top_rest[:, -1:]).exp_().mul_(grad[:, -1:]).scatter_(1, ids, grad[:, :-1])

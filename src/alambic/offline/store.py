@@ -48,9 +48,12 @@ def examples_hash(examples) -> str:
     """sha256 of every example's token ids, in order: equal exactly when a run would train on the same sequences."""
     digest = hashlib.sha256()
     for i in range(len(examples)):
-        ids = np.asarray(examples[i], dtype=np.int32)
+        example = examples[i]
+        ids = np.asarray(getattr(example, "ids", example), dtype=np.int32)  # a chat example: its ids and mask
         digest.update(len(ids).to_bytes(4, "little"))
         digest.update(ids.tobytes())
+        if hasattr(example, "assistant"):
+            digest.update(np.packbits(example.assistant).tobytes())
     return digest.hexdigest()
 
 

@@ -21,7 +21,8 @@ from alambic.recipes.distilbert import DistilBERTLossConfig, DistilBERTObjective
 class _CachedCollator:
     def __init__(self, outputs: TeacherOutputs, tokenizer):
         self.outputs = outputs
-        masked = outputs.manifest["kind"] == "masked"
+        # encoders' static masks and conversations' assistant targets are stored with the ids
+        masked = outputs.manifest["kind"] == "masked" or outputs.manifest.get("chat", False)
         self.collate = StoredMaskCollator(tokenizer) if masked else CausalLMCollator(tokenizer)
         self.masked = masked
 
@@ -34,7 +35,7 @@ class _CachedCollator:
 
 def cached_batches(outputs: TeacherOutputs, tokenizer, batch_size: int, seed: int) -> IndexedBatches:
     n = len(outputs)
-    if outputs.manifest["kind"] == "causal":
+    if outputs.manifest["kind"] == "causal" and not outputs.manifest.get("chat", False):
         plan = functools.partial(sequential_batches, n, batch_size, seed=seed)
     else:
         plan = functools.partial(length_grouped_batches, outputs.lengths, batch_size, seed=seed)

@@ -1,8 +1,11 @@
 """DistilBERT's triple loss (Sanh et al. 2019, arXiv:1910.01108), for encoders and decoders alike.
 
-    L = alpha_kd * KL_T(teacher || student) * T^2  +  alpha_lm * CE(labels)  +  alpha_cos * (1 - cos(h_t, h_s))
+    L = alpha_kd * D_T(teacher, student) * T^2  +  alpha_lm * CE(labels)  +  alpha_cos * (1 - cos(h_t, h_s))
 
-- soft targets on the LM logits of every non-pad token (or of masked tokens only, ``loss.kd_rows=masked``);
+- D is the forward KL of DistilBERT by default, or any divergence of :mod:`alambic.losses.divergences`
+  (``loss.divergence``: reverse KL, generalised JSD, skew KL, skew reverse KL, total variation);
+- soft targets on the LM logits of every non-pad token, or of the rows with a hard target only (``loss.kd_rows=masked``:
+  masked tokens for MLM, assistant tokens for chat data, which ``auto`` picks);
 - the hard loss is masked-LM cross-entropy for encoders and next-token cross-entropy for decoders (DistilGPT2);
 - the cosine term aligns the last hidden states of non-pad tokens (same width only).
 The vocabulary projection runs only on the rows a loss reads; the teacher runs under inference_mode.
@@ -17,10 +20,14 @@ import torch
 from torch import nn
 
 from alambic.errors import AlambicError
-from alambic.ranges import ABOVE_ZERO, NON_NEGATIVE, PROBABILITY, check_ranges
+from alambic.ranges import ABOVE_ZERO, NON_NEGATIVE, PROBABILITY, UNIT_INTERVAL, check_ranges
 from alambic.losses import cosine_distance
+from alambic.losses.divergences import check_divergence
 from alambic.losses.vocabulary import fused_vocabulary_loss
 from alambic.modeling import has_lm_head, hidden_size, lm_body, split_lm_head
+
+
+KD_ROWS = ("auto", "tokens", "masked")
 
 
 @dataclass
@@ -33,8 +40,12 @@ class DistilBERTLossConfig:
     """Weight of the cosine distance between last hidden states (non-pad tokens)."""
     temperature: float = 2.0
     """Softmax temperature of the soft targets (T > 1 softens them)."""
-    kd_rows: str = "tokens"
-    """Rows of the soft-target loss: tokens (every non-pad token, as DistilBERT) or masked (masked tokens only; MLM)."""
+    divergence: str = "forward_kl"
+    """Soft-target divergence: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl or tvd (methods.md section 10)."""
+    divergence_param: float | None = None
+    """The divergence's parameter in [0, 1]: jsd's beta (default 0.5; 0 = forward KL, 1 = reverse KL), skew_kl's and skew_reverse_kl's alpha (default 0.1); empty: the default."""
+    kd_rows: str = "auto"
+    """Rows of the soft-target loss: tokens (every non-pad token, as DistilBERT), masked (the rows with a hard target: masked tokens for MLM, assistant tokens for chat data) or auto (masked for chat data, tokens otherwise)."""
     mlm_probability: float = 0.15
     """Share of tokens masked (encoders)."""
     mlm_smoothing: float | None = None
@@ -46,14 +57,16 @@ class DistilBERTLossConfig:
     RANGES: typing.ClassVar[dict] = {
         "alpha_kd": NON_NEGATIVE, "alpha_lm": NON_NEGATIVE, "alpha_cos": NON_NEGATIVE, "temperature": ABOVE_ZERO,
         "mlm_probability": PROBABILITY, "mlm_smoothing": ABOVE_ZERO, "logit_chunk_rows": NON_NEGATIVE,
+        "divergence_param": UNIT_INTERVAL,
     }
 
     def validate(self):
         check_ranges(self, "loss.")
         if self.alpha_kd + self.alpha_lm + self.alpha_cos == 0:
             raise AlambicError("all loss weights are 0: set at least one of loss.alpha_kd, loss.alpha_lm, loss.alpha_cos")
-        if self.kd_rows not in ("tokens", "masked"):
-            raise AlambicError(f"loss.kd_rows must be tokens or masked, got {self.kd_rows!r}")
+        if self.kd_rows not in KD_ROWS:
+            raise AlambicError(f"loss.kd_rows must be one of {', '.join(KD_ROWS)}, got {self.kd_rows!r}")
+        check_divergence(self.divergence, self.divergence_param)
 
 
 def _token_hidden_states(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -105,6 +118,7 @@ class DistilBERTObjective(nn.Module):
                 targets if c.alpha_lm > 0 else None, c.temperature,
                 kd_weight=c.alpha_kd / num_items["kd"].clamp(min=1), ce_weight=c.alpha_lm / num_items["lm"].clamp(min=1),
                 chunk_rows=c.logit_chunk_rows, teacher_topk=topk,
+                divergence=c.divergence, divergence_param=c.divergence_param,
             )
             kd = kd_sum / num_items["kd"].clamp(min=1)
             lm = ce_sum / num_items["lm"].clamp(min=1)
@@ -119,7 +133,13 @@ class DistilBERTRecipe:
 
     masks_inputs = True
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, loss: DistilBERTLossConfig):
+    def __init__(self, teacher: nn.Module | None, student: nn.Module, loss: DistilBERTLossConfig):
+        if teacher is None and loss.alpha_kd + loss.alpha_cos > 0:
+            raise AlambicError("without a teacher only the hard loss trains: set loss.alpha_kd=0 and loss.alpha_cos=0")
+        if teacher is None:  # supervised fine-tuning (alambic finetune --task chat): the hard loss alone
+            self.teacher, self.student, self.cfg = None, student, loss
+            self.objective = DistilBERTObjective(student, loss)
+            return
         if loss.alpha_kd > 0 and not has_lm_head(teacher):
             raise AlambicError(
                 f"the teacher ({type(teacher).__name__}) has no language-model head, so it gives no soft targets: "

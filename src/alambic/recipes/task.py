@@ -2,8 +2,8 @@
 
     L = alpha_ce * L_hard + alpha_kd * L_kd (+ the TinyBERT intermediate terms in the joint stage)
 
-- ``L_kd``: ``soft_target_kl`` (KL of the temperature-softened distributions x T^2; same gradient as the soft
-  cross-entropy) or ``logit_mse`` (the Korean RoBERTa study) on the prediction rows: one per example for
+- ``L_kd``: ``distribution_divergence`` (by default the KL of the temperature-softened distributions x T^2, same
+  gradient as the soft cross-entropy; or any divergence of :mod:`alambic.losses.divergences`) or ``logit_mse`` (the Korean RoBERTa study) on the prediction rows: one per example for
   classification, one per word (its first sub-word) for NER, and for extractive QA the start rows then the end rows,
   over context positions only, so that the sum over 2B rows divided by 2B is ``(L_start + L_end) / 2``;
 - ``L_hard``: cross-entropy with the gold labels on the rows of labelled examples (``alpha_kd = 0`` is plain
@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from alambic.errors import AlambicError
-from alambic.ranges import ABOVE_ZERO, NON_NEGATIVE, check_ranges
-from alambic.losses import logit_mse, soft_target_kl, token_cross_entropy
+from alambic.ranges import ABOVE_ZERO, NON_NEGATIVE, UNIT_INTERVAL, check_ranges
+from alambic.losses import logit_mse, token_cross_entropy
+from alambic.losses.divergences import check_divergence, distribution_divergence
 from alambic.tasks.models import MASKED, hard_targets, labelled_row_count, prediction_rows, row_count, task_logits
 
 PREDICTION_LOSSES = ("kl", "mse")
@@ -43,11 +44,16 @@ class TaskLossConfig:
     """Weight of the soft-target loss (0: fine-tuning on the gold labels alone)."""
     alpha_ce: float = 1.0
     """Weight of the cross-entropy with the gold labels (on labelled examples only)."""
+    divergence: str = "forward_kl"
+    """The kl loss's divergence: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl or tvd."""
+    divergence_param: float | None = None
+    """Its parameter in [0, 1] (jsd's beta, the skew divergences' alpha); empty: the default."""
     # Defaults measured on BBC News validation accuracy (benchmarks/task_quality.py --phase sweep, docs/benchmarks.md):
     # for a narrow student trained from scratch, kd 1 + ce 1 at T = 1 gave 87.8% against 84.5% for soft targets
     # alone at T = 2 and 84.0 / 82.3% with ce at T = 2 / 4; for a student pruned from the teacher all four tied.
 
-    RANGES: typing.ClassVar[dict] = {"temperature": ABOVE_ZERO, "alpha_kd": NON_NEGATIVE, "alpha_ce": NON_NEGATIVE}
+    RANGES: typing.ClassVar[dict] = {"temperature": ABOVE_ZERO, "alpha_kd": NON_NEGATIVE, "alpha_ce": NON_NEGATIVE,
+                                     "divergence_param": UNIT_INTERVAL}
 
     def validate(self):
         check_ranges(self)
@@ -55,6 +61,7 @@ class TaskLossConfig:
             raise AlambicError(f"prediction loss must be kl or mse, got {self.prediction_loss!r}")
         if self.alpha_kd + self.alpha_ce == 0:
             raise AlambicError("alpha_kd and alpha_ce are both 0: give the prediction stage at least one loss")
+        check_divergence(self.divergence, self.divergence_param)
         return self
 
 
@@ -81,7 +88,8 @@ class TaskObjective(nn.Module):
         if c.alpha_kd > 0:
             teacher_rows, mask = _masked(task, teacher["logits"], batch)
             if c.prediction_loss == "kl":
-                kd = soft_target_kl(rows, teacher_rows, c.temperature, num_items["rows"])
+                kd = distribution_divergence(rows, teacher_rows, c.divergence, c.divergence_param, c.temperature,
+                                             num_items["rows"])
             else:
                 kd = logit_mse(rows, teacher_rows, num_items["rows"], mask)
         if c.alpha_ce > 0:

@@ -152,10 +152,10 @@ def _read_classification(path: Path, text_field: str, pair_field: str, label_fie
         rows, columns = [], set()
         for number, line in enumerate(path.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
             if line.strip():
-                rows.append((number, _json(line, f"{path}:{number}")))
+                rows.append((number, parse_json(line, f"{path}:{number}")))
         columns = sorted({k for _, r in rows if isinstance(r, dict) for k in r})
     elif suffix == ".json":
-        records = _json(path.read_text(encoding="utf-8-sig", errors="replace"), str(path))
+        records = parse_json(path.read_text(encoding="utf-8-sig", errors="replace"), str(path))
         if not isinstance(records, list):
             raise AlambicError(f"{path} holds a JSON {type(records).__name__}, not a list of records: write "
                                f'[{{"{text_field}": "...", "{label_field}": "..."}}, ...] or use .jsonl')
@@ -204,7 +204,7 @@ def _read_label_folders(root: Path):
     return examples
 
 
-def _json(text: str, where: str):
+def parse_json(text: str, where: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
@@ -260,7 +260,7 @@ def read_squad(path) -> list[QAExample]:
     path = Path(path)
     if path.is_dir():
         raise AlambicError(f"{path} is a folder: give a SQuAD-format .json file")
-    document = _json(path.read_text(encoding="utf-8-sig", errors="replace"), str(path))
+    document = parse_json(path.read_text(encoding="utf-8-sig", errors="replace"), str(path))
     if not isinstance(document, dict) or not isinstance(document.get("data"), list):
         raise AlambicError(f'{path} is not SQuAD format: expected {{"data": [{{"paragraphs": [{{"context": ..., '
                            '"qas": [...]}]}]}')

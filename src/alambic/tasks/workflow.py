@@ -119,9 +119,11 @@ def check_encodable(examples: list, path, tokenizer, task: str, sample: int = 20
 def task_training_config(task: str, **overrides) -> TrainingConfig:
     """Fine-tuning defaults (AdamW 1e-4, betas 0.9 / 0.999, warm-up 10%, weight decay 0.01, clip 1, batch 16,
     validation every 50 steps keeping the best model by the task's main metric)."""
-    values = dict(max_steps=500, batch_size=16, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
-                  warmup_ratio=0.1, grad_clip=1.0, eval_every=50, best_metric=MAIN_METRIC[task], save_every=10**9,
-                  log_every=10)
+    chat = task == "chat"  # supervised fine-tuning of a decoder: the lowest answer perplexity is the best
+    values = dict(max_steps=500, batch_size=8 if chat else 16, lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
+                  weight_decay=0.01, warmup_ratio=0.1, grad_clip=1.0, eval_every=50,
+                  best_metric="perplexity" if chat else MAIN_METRIC[task], best_metric_mode="min" if chat else "max",
+                  save_every=10**9, log_every=10)
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainingConfig(**values)
     cfg.validate()

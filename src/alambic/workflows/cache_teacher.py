@@ -56,6 +56,8 @@ def _settings(teacher_spec, path, config, tokenizer, data, examples, *, top_k, t
         "masking": ({"kind": "static", "mlm_probability": mlm_probability, "seed": seed} if kind == "masked"
                     else None),
         "shard_examples": shard_examples,
+        # conversations: targets on the assistant tokens only (no key for raw text, so older caches still resume)
+        **({"chat": True} if hasattr(examples, "describe") else {}),
     }
 
 
@@ -95,6 +97,16 @@ def _static_masks(examples, first: int, count: int, masker, seed: int):
     return out
 
 
+def _chat_targets(example) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, targets)`` of a conversation: at each position the next token when it is an assistant token, else
+    -100 (stored like static masks, so the cached batches are completion-only as live ones are)."""
+    ids = torch.as_tensor(example.ids, dtype=torch.long)
+    targets = torch.full_like(ids, -100)
+    answer = torch.as_tensor(example.assistant[1:])
+    targets[:-1] = torch.where(answer, ids[1:], targets[:-1])
+    return ids, targets
+
+
 @torch.inference_mode()
 def _shard(teacher, examples, first: int, count: int, settings: dict, masker, padder, batch_size: int,
            device) -> dict[str, torch.Tensor]:
@@ -103,6 +115,8 @@ def _shard(teacher, examples, first: int, count: int, settings: dict, masker, pa
 
     if masker is not None:
         pairs = _static_masks(examples, first, count, masker, settings["masking"]["seed"])
+    elif settings.get("chat"):
+        pairs = [_chat_targets(examples[i]) for i in range(first, first + count)]
     else:
         pairs = [(torch.as_tensor(examples[i], dtype=torch.long), None) for i in range(first, first + count)]
     columns = {"input_ids": [], "mlm_targets": [], "topk_ids": [], "topk_log_probs": [], "rest_log_prob": [],

@@ -14,7 +14,9 @@ from accelerate.utils import broadcast_object_list
 from transformers import AutoTokenizer
 
 from alambic.config import DistillConfig
-from alambic.data.pipeline import heldout_batches, training_batches
+from alambic.data.on_policy import OnPolicyBatches
+from alambic.data.pipeline import heldout_batches, is_chat, training_batches
+from alambic.data.collate import pad_id_of
 from alambic.data.sources import describe_sources
 from alambic.engine.checkpoint import latest_checkpoint, require_checkpoints
 from alambic.engine.loop import make_accelerator, train
@@ -23,7 +25,7 @@ from alambic.engine.run_folder import locked_run
 from alambic.errors import AlambicError
 from alambic.evaluation.lm import evaluate_lm
 from alambic.evaluation.model_card import distillation_card, last_logged
-from alambic.modeling import hidden_size, lm_body, model_kind, num_layers, vocab_size
+from alambic.modeling import eos_token_ids, hidden_size, lm_body, model_kind, num_layers, vocab_size
 from alambic.recipes import recipe_parts
 from alambic.students import count_parameters, init_student, parse_layer_spec, save_student, selection
 from alambic.offline.store import TeacherOutputs, check_cache, read_manifest
@@ -52,6 +54,15 @@ def _check_inputs(cfg: DistillConfig, resume: bool) -> list[dict] | None:
         describe_sources(cfg.data.train)
     if cfg.data.eval:
         describe_sources(cfg.data.eval)
+    chat = bool(cfg.data.train) and is_chat(cfg.data.train, cfg.data)
+    if cfg.teacher_logits:
+        chat = read_manifest(cfg.teacher_logits).get("chat", False)
+    if cfg.on_policy.lmbda > 0 and not chat:
+        raise AlambicError("on_policy.lmbda > 0 has the student answer the prompts of chat data, but the training data "
+                           "is raw text: give chat records ({\"messages\": [...]} or {\"prompt\": ...} .jsonl) or set "
+                           "on_policy.lmbda=0")
+    if getattr(cfg.loss, "kd_rows", None) == "auto":  # completion-only soft targets on chat data
+        cfg.loss.kd_rows = "masked" if chat else "tokens"
     calibration = None
     if cfg.student.init:
         resolve_model_path(cfg.student.init)
@@ -167,6 +178,12 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
                 cfg.data.train, tokenizer, kind, cfg.data, masking, cfg.training.batch_size, cfg.training.seed
             )
         held_out = heldout_batches(cfg.data.eval, tokenizer, kind, cfg.data, cfg.training.batch_size) if cfg.data.eval else None
+    if hasattr(batches.examples, "describe"):  # chat data
+        say(batches.examples.describe())
+    if cfg.on_policy.lmbda > 0:
+        batches = OnPolicyBatches(batches, student, cfg.on_policy, eos_token_ids=eos_token_ids(tokenizer, student),
+                                  pad_token_id=pad_id_of(tokenizer), max_length=cfg.data.max_length,
+                                  seed=cfg.training.seed)
     evaluate = (lambda model: evaluate_lm(model, held_out)) if held_out else None
 
     if outputs is not None:

@@ -48,3 +48,45 @@ def finetune(task: str, model: str, train_data, out, *, validation=None, trainin
                "best_model": str(out / "best"), "last_model": str(out / "student")}
     write_summary(out, summary)
     return summary
+
+
+@locked_run(lambda arguments: arguments["out"])
+def finetune_chat(model: str, train_data, out, *, validation=None, training=None, max_length: int = 512,
+                  resume: bool = False, progress: bool = True, log=print) -> dict:
+    """Supervised fine-tuning of a decoder on chat data: next-token cross-entropy on the assistant tokens only (the
+    completion-only loss of :mod:`alambic.data.chat`), on the distillation engine. It makes a task teacher out of an
+    instruct model, and is the no-teacher baseline of a distilled chat student. Without ``validation`` a stable 10%
+    of the conversations (by content hash) is held out; the model with the lowest validation perplexity of the
+    answers is kept in ``OUT/best``."""
+    from alambic.config import DataConfig
+    from alambic.data.chat import read_chat, split_chat
+    from alambic.data.pipeline import heldout_batches, training_batches
+    from alambic.evaluation.lm import evaluate_lm
+    from alambic.recipes.distilbert import DistilBERTLossConfig, DistilBERTRecipe
+    from alambic.teachers import load_model
+
+    out = Path(out)
+    training = training or task_training_config("chat")
+    check_run_folder(out, resume)
+    train_specs = [str(s) for s in ([train_data] if isinstance(train_data, (str, Path)) else train_data)]
+    if validation is None:
+        train_specs, validation = split_chat(read_chat(train_specs, need_response=True), out / "data")
+    validation = [str(s) for s in ([validation] if isinstance(validation, (str, Path)) else validation)]
+    student, tokenizer = load_model(model, kind="causal", for_training=True)
+    data = DataConfig(train=train_specs, eval=validation, format="chat", max_length=max_length)
+    data.validate()
+    torch.manual_seed(training.seed)
+    batches = training_batches(train_specs, tokenizer, "causal", data, None, training.batch_size, training.seed)
+    log(batches.examples.describe())
+    held_out = heldout_batches(validation, tokenizer, "causal", data, batch_size=training.batch_size)
+    recipe = DistilBERTRecipe(None, student, DistilBERTLossConfig(alpha_kd=0.0, alpha_lm=1.0, alpha_cos=0.0))
+    result = train(recipe, batches, training, out, tokenizer=tokenizer, resume=resume, progress=progress,
+                   evaluate=lambda m: evaluate_lm(m, held_out))
+    save_model_folder(student, tokenizer, out / "student")
+    summary = {"task": "chat", "model": str(model), "steps": result.step, "parameters": count_parameters(student),
+               "best_validation_perplexity": result.metrics.get("eval/best_perplexity"),
+               "final_validation": {k[5:]: v for k, v in result.metrics.items()
+                                    if k.startswith("eval/") and "best_" not in k},
+               "best_model": str(out / "best"), "last_model": str(out / "student")}
+    write_summary(out, summary)
+    return summary

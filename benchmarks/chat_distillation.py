@@ -1,0 +1,233 @@
+"""Distilling an instruct model on a task with gold answers: BBC topic questions and headlines.
+
+Each BBC article gives two chat examples: "which topic?" answered with the topic word (with the five options, for
+accuracy by option likelihood), and "write a headline" answered with the article's real headline (its first line).
+Training and validation come from bbc-news:train (a stable 10% by content hash is validation), the test from
+bbc-news:heldout. Every stage runs the `alambic` command as a user would:
+
+1. teacher: `alambic finetune --task chat` of SmolLM2-135M-Instruct on the gold answers;
+2. student: `alambic init-student` from that teacher (alambic's default: measured layers, half the depth);
+3. variants, each at equal steps and data, over seeds:
+   (a) sft-gold: no teacher, SFT of the student on the gold answers;
+   (b) sft-teacher: SFT on the teacher's answers (`alambic generate`, sequence-level KD);
+   (c) forward-kl, and (d) the other divergences: `alambic distill` on the gold conversations;
+   (e) gkd: on-policy / mixed (on_policy.lmbda);
+   (f) the student before training;
+4. `alambic eval-chat` of every model on the test (validation with --select) against the teacher.
+
+    python benchmarks/chat_distillation.py --out runs/chat-bench --teacher-steps 150 --steps 40 --seeds 0 1 2
+
+Results go to OUT/results.json, rewritten after every stage (an interrupted benchmark continues where it stopped),
+each with the CPU seconds its command took; `--table` prints the summary table from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TOPICS = ("business", "entertainment", "politics", "sports", "tech")  # the corpus's folder names
+VARIANTS = {
+    "sft-gold": "(a) no teacher: SFT on the gold answers",
+    "sft-teacher": "(b) SFT on the teacher's answers (sequence-level KD)",
+    "forward-kl": "(c) forward KL",
+    "reverse-kl": "(d) reverse KL",
+    "jsd": "(d) JSD (beta 0.5)",
+    "skew-kl": "(d) skew KL (alpha 0.1)",
+    "gkd": "(e) GKD: on-policy lmbda 0.5, JSD",
+}
+DIVERGENCE = {"forward-kl": "forward_kl", "reverse-kl": "reverse_kl", "jsd": "jsd", "skew-kl": "skew_kl",
+              "gkd": "jsd"}
+
+
+def machine() -> str:
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = "unknown CPU"
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def build_data(out: Path, words: int) -> None:
+    """train / validation / test chat files (topic and headline questions with gold answers) and the train prompts."""
+    from alambic.data.sources import is_heldout, packaged_labelled_texts
+
+    def records(spec):
+        for text, topic in packaged_labelled_texts(spec):
+            headline, _, body = text.partition("\n")
+            body = " ".join(body.split()[:words])
+            options = ", ".join(TOPICS)
+            yield {"messages": [{"role": "user", "content": f"Which topic is this article about? Answer with one "
+                                                           f"word: {options}.\n\n{body}"},
+                                {"role": "assistant", "content": topic}], "options": list(TOPICS)}
+            yield {"messages": [{"role": "user", "content": f"Write a headline for this article.\n\n{body}"},
+                                {"role": "assistant", "content": headline.strip()}]}
+
+    def write(name, rows):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+    out.mkdir(parents=True, exist_ok=True)
+    train = list(records("bbc-news:train"))
+    validation = [r for r in train if is_heldout(r["messages"][0]["content"] + "v")]
+    train = [r for r in train if not is_heldout(r["messages"][0]["content"] + "v")]
+    write("train", train)
+    write("validation", validation)
+    write("validation-small", validation[:60])  # selection during training: evaluating costs a teacher forward
+    write("test", list(records("bbc-news:heldout")))
+    write("train-prompts", ({"messages": r["messages"][:1]} for r in train))
+
+
+def run(command: list[str]) -> float:
+    """Run an alambic command; returns its CPU seconds (user + system of the child)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print("$ " + " ".join(command), flush=True)
+    subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def alambic(*args) -> list[str]:
+    return [sys.executable, "-m", "alambic", *map(str, args)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/chat-bench")
+    parser.add_argument("--teacher", default="smollm2-135m")
+    parser.add_argument("--teacher-steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument("--words", type=int, default=60, help="words of each article in the prompt")
+    parser.add_argument("--eval-examples", type=int, default=120)
+    parser.add_argument("--split", default="test", choices=("test", "validation"),
+                        help="evaluate on the test (report) or the validation data (choose defaults)")
+    parser.add_argument("--table", action="store_true", help="print the table of OUT/results.json and exit")
+    parser.add_argument("--data-only", action="store_true", help="write OUT/data/*.jsonl and exit")
+    args = parser.parse_args()
+    out = Path(args.out)
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    if args.table:
+        print_table(results)
+        return
+
+    def save():
+        results_file.write_text(json.dumps(results, indent=2) + "\n")
+
+    results["machine"] = machine()
+    data = out / "data"
+    if not (data / "test.jsonl").exists():
+        build_data(data, args.words)
+    if args.data_only:
+        print(f"chat data written to {data}: train.jsonl, validation.jsonl, validation-small.jsonl, test.jsonl, "
+              "train-prompts.jsonl")
+        return
+    teacher = out / "teacher"
+    if "teacher" not in results.get("train", {}):
+        cpu = run(alambic("finetune", "--task", "chat", "--model", args.teacher, "--train", data / "train.jsonl",
+                          "--validation", data / "validation-small.jsonl", "--out", teacher, "--max-steps",
+                          args.teacher_steps, "--eval-every", max(10, args.teacher_steps // 5), "--batch-size",
+                          args.batch_size, "--lr", args.lr, "--max-length", args.max_length, "--no-progress"))
+        results.setdefault("train", {})["teacher"] = {"cpu_s": cpu}
+        save()
+    student_init = out / "student-init"
+    if not (student_init / "config.json").exists():
+        run(alambic("init-student", "--teacher", teacher, "--calibration-data", data / "train.jsonl",
+                    "--out", student_init))
+    needed_prompts = args.steps * args.batch_size
+    teacher_data = out / "teacher-answers"
+    if "sft-teacher" in args.variants and "teacher-answers" not in results.get("train", {}):
+        cpu = run(alambic("generate", "--teacher", teacher, "--prompts", data / "train-prompts.jsonl", "--out",
+                          teacher_data, "--max-prompts", needed_prompts, "--max-new-tokens", 32,
+                          "--temperature", 0, "--batch-size", 16, "--no-progress"))
+        results.setdefault("train", {})["teacher-answers"] = {"cpu_s": cpu}
+        save()
+
+    common = ["--max-steps", args.steps, "--batch-size", args.batch_size, "--lr", args.lr, "--max-length",
+              args.max_length, "--no-progress"]
+    for variant in args.variants:
+        for seed in args.seeds:
+            name = f"{variant}-s{seed}"
+            if name in results.get("train", {}):
+                continue
+            folder = out / name
+            if variant.startswith("sft"):
+                train = data / "train.jsonl" if variant == "sft-gold" else teacher_data / "data.jsonl"
+                command = alambic("finetune", "--task", "chat", "--model", student_init, "--train", train,
+                                  "--validation", data / "validation-small.jsonl", "--out", folder, "--seed", seed,
+                                  "--eval-every", args.steps, *common)
+            else:
+                command = alambic("distill", "--teacher", teacher, "--student", student_init, "--data",
+                                  data / "train.jsonl", "--out", folder, "--divergence", DIVERGENCE[variant],
+                                  "--set", f"training.seed={seed}", "--set", "loss.alpha_cos=0",
+                                  "--set", "training.warmup_ratio=0.1", *common)
+                if variant == "gkd":
+                    command += ["--set", "on_policy.lmbda=0.5", "--set", "on_policy.max_new_tokens=24"]
+            start = time.time()
+            cpu = run(command)
+            results.setdefault("train", {})[name] = {"cpu_s": cpu, "wall_s": time.time() - start}
+            save()
+
+    evaluated = results.setdefault(f"eval-{args.split}", {})
+    models = {"teacher": teacher / "best", "student-init": student_init}
+    for name in results.get("train", {}):
+        if name not in ("teacher", "teacher-answers"):
+            folder = out / name
+            models[name] = folder / "best" if (folder / "best").exists() else folder / "student"
+    pending = {n: m for n, m in models.items() if n not in evaluated}
+    if pending:
+        report = out / f"eval-{args.split}.json"
+        cpu = run(alambic("eval-chat", *pending.values(), "--names", ",".join(pending), "--data",
+                          data / f"{args.split}.jsonl", "--teacher", teacher / "best", "--max-new-tokens", 24,
+                          "--max-examples", args.eval_examples, "--json", "--out", report))
+        rows = json.loads(report.read_text())
+        for row in rows if isinstance(rows, list) else rows["models"]:
+            evaluated[row["model"]] = row
+        results[f"eval-{args.split}-cpu_s"] = cpu
+        save()
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    """Mean +- standard deviation over seeds of each variant's metrics."""
+    for split in ("eval-test", "eval-validation"):
+        rows = results.get(split)
+        if not rows:
+            continue
+        metrics = [k for k, v in next(iter(rows.values())).items() if isinstance(v, (int, float))
+                   and k not in ("parameters",)]
+        print(f"\n{split} ({results.get('machine', '')})")
+        print("| model | " + " | ".join(metrics) + " | train CPU s |")
+        print("|---" * (len(metrics) + 2) + "|")
+        groups: dict[str, list[str]] = {}
+        for name in rows:
+            groups.setdefault(name.rsplit("-s", 1)[0] if "-s" in name else name, []).append(name)
+        for group, names in groups.items():
+            cells = []
+            for metric in metrics:
+                values = [rows[n][metric] for n in names if rows[n].get(metric) is not None]
+                if not values:
+                    cells.append("")
+                elif len(values) == 1:
+                    cells.append(f"{values[0]:.4g}")
+                else:
+                    cells.append(f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}")
+            cpu = [results.get("train", {}).get(n, {}).get("cpu_s") for n in names]
+            cpu = [c for c in cpu if c]
+            cells.append(f"{statistics.mean(cpu):.0f}" if cpu else "")
+            print(f"| {VARIANTS.get(group, group)} (n={len(names)}) | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Distilling and fine-tuning chat models end to end: completion-only soft targets with any divergence, on-policy
+(GKD) batches sampled by the student with exact resume, supervised fine-tuning of a decoder on chat data."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alambic.cli import main
+from alambic.config import load_config
+from alambic.data.chat import ChatExample
+from alambic.data.on_policy import OnPolicyBatches
+from alambic.data.pipeline import training_batches
+from alambic.losses.divergences import distribution_divergence
+from alambic.recipes.distilbert import DistilBERTLossConfig, DistilBERTRecipe
+from tiny import chat_records, chat_tokenizer, save_chat_teacher_and_data, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory):
+    return save_chat_teacher_and_data(tmp_path_factory.mktemp("chat"))
+
+
+def _distill(chat_dir, out, *extra):
+    return main(["distill", "--teacher", str(chat_dir / "teacher"), "--data", str(chat_dir / "chat.jsonl"),
+                 "--out", str(out), "--layers", "0,3", "--batch-size", "4", "--max-length", "256", "--no-progress",
+                 "--set", "loss.alpha_cos=0", "--set", "training.log_every=1", "--set", "training.schedule=constant",
+                 "--set", "training.warmup_ratio=0", *extra])
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_objective_on_chat_batches_is_the_divergence_on_assistant_rows(chat_dir, divergence):
+    tok = chat_tokenizer()
+    cfg = load_config(None, [{"teacher": "t", "out": "o", "data": {"train": [str(chat_dir / "chat.jsonl")],
+                                                                    "max_length": 256}}])
+    batch = training_batches(cfg.data.train, tok, "causal", cfg.data, None, batch_size=4, seed=0)(0)
+    teacher = tiny_llama(vocab_size=len(tok), seed=1)
+    student = tiny_llama(vocab_size=len(tok), seed=2).train()
+    loss_cfg = DistilBERTLossConfig(alpha_kd=1.0, alpha_lm=0.0, alpha_cos=0.0, kd_rows="masked", temperature=2.0,
+                                    divergence=divergence)
+    recipe = DistilBERTRecipe(teacher, student, loss_cfg)
+    counts = {k: torch.tensor(float(v)) for k, v in recipe.row_counts(batch).items()}
+    assert counts["kd"] == len(batch["lm_positions"]) < len(batch["token_positions"]) / 4
+    loss, terms = recipe.objective(batch, recipe.teacher_targets(batch), counts)
+    rows = batch["lm_positions"]
+    with torch.no_grad():
+        t_logits = teacher(batch["input_ids"], attention_mask=batch["attention_mask"]).logits.flatten(0, 1)[rows]
+    s_logits = student(batch["input_ids"], attention_mask=batch["attention_mask"]).logits.flatten(0, 1)[rows]
+    direct = distribution_divergence(s_logits, t_logits, divergence, temperature=2.0)
+    torch.testing.assert_close(loss, direct, rtol=1e-4, atol=1e-5)
+
+
+def test_distill_on_chat_data_reports_and_evaluates_answers(chat_dir, tmp_path, capsys):
+    assert _distill(chat_dir, tmp_path / "run", "--max-steps", "2", "--eval-data", str(chat_dir / "chat.jsonl"),
+                    "--divergence", "skew_reverse_kl") == 0
+    out = capsys.readouterr().out
+    assert "chat data: 12 conversations, loss on assistant tokens only" in out
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "kd_rows: masked" in config and "divergence: skew_reverse_kl" in config
+    assert (tmp_path / "run" / "student" / "config.json").exists()
+    assert _metrics(tmp_path / "run")[0]["eval/tokens"] < 200  # the answers' tokens, not the prompts'
+
+
+def _weights(out):
+    return load_file(str(out / "student" / "model.safetensors"))
+
+
+def test_on_policy_steps_sample_and_resume_exactly(chat_dir, tmp_path):
+    on_policy = ["--set", "on_policy.lmbda=1", "--set", "on_policy.max_new_tokens=8", "--divergence", "jsd",
+                 "--set", "training.save_every=2"]
+    assert _distill(chat_dir, tmp_path / "straight", "--max-steps", "4", *on_policy) == 0
+    logged = _metrics(tmp_path / "straight")
+    assert all(0 < m["generate_share"] < 1 for m in logged if "generate_share" in m)
+    assert sum("generate_share" in m for m in logged) == 4
+    assert _distill(chat_dir, tmp_path / "resumed", "--max-steps", "2", *on_policy) == 0
+    assert _distill(chat_dir, tmp_path / "resumed", "--max-steps", "4", "--resume", *on_policy) == 0
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_on_policy_batches_are_the_students_answers_to_the_prompts(chat_dir):
+    tok = chat_tokenizer()
+    cfg = load_config(None, [{"teacher": "t", "out": "o", "data": {"train": [str(chat_dir / "chat.jsonl")],
+                                                                    "max_length": 256},
+                              "on_policy": {"lmbda": 1.0, "max_new_tokens": 5, "temperature": 0}}])
+    source = training_batches(cfg.data.train, tok, "causal", cfg.data, None, batch_size=3, seed=0)
+    student = tiny_llama(vocab_size=len(tok), seed=3)
+    batches = OnPolicyBatches(source, student, cfg.on_policy, eos_token_ids=[tok.eos_token_id],
+                              pad_token_id=tok.pad_token_id, max_length=256, seed=0)
+    batch = batches(0)
+    examples = source.examples_at(0)
+    for row, example in enumerate(examples):
+        prompt = example.ids[:example.prompt_length].tolist()
+        length = int(batch["attention_mask"][row].sum())
+        assert batch["input_ids"][row, :len(prompt)].tolist() == prompt
+        answer = batch["input_ids"][row, len(prompt):length]
+        greedy = student.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(prompt):]
+        assert answer.tolist() == greedy.tolist()[:len(answer)]
+    # targets: every answer token, and nothing of the prompts
+    assert len(batch["lm_targets"]) == int(batch["attention_mask"].sum()) - sum(e.prompt_length for e in examples)
+    assert batches.generation_seconds > 0
+    assert isinstance(examples[0], ChatExample)
+
+
+def test_finetune_chat_keeps_the_best_answer_perplexity(chat_dir, tmp_path, capsys):
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_records(40)))
+    code = main(["finetune", "--task", "chat", "--model", str(chat_dir / "teacher"), "--train", str(data), "--out", str(tmp_path / "sft"), "--max-steps", "3", "--eval-every", "2",
+                 "--batch-size", "4", "--max-length", "256", "--no-progress"])
+    assert code == 0
+    summary = json.loads((tmp_path / "sft" / "task.json").read_text())
+    assert summary["task"] == "chat" and summary["steps"] == 3
+    assert (tmp_path / "sft" / "best" / "config.json").exists()
+    assert (tmp_path / "sft" / "data" / "validation.jsonl").exists()
+    assert "best validation perplexity of the answers" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "on_policy.lmbda=0.5"], "on_policy.lmbda > 0 has the student answer the prompts of chat data"),
+    (["--divergence", "reverse_kll"], "did you mean 'reverse_kl'"),
+    (["--divergence", "jsd", "--set", "loss.divergence_param=1.5"], "loss.divergence_param must be in [0, 1]"),
+])
+def test_bad_chat_options_are_one_line(chat_dir, tmp_path, capsys, extra, message):
+    text = tmp_path / "text.txt"
+    text.write_text("plain text " * 200)
+    code = main(["distill", "--teacher", str(chat_dir / "teacher"), "--data", str(text), "--out",
+                 str(tmp_path / "run"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_chat_cache_at_k_v_trains_like_the_live_teacher(chat_dir, tmp_path):
+    """cache-teacher stores conversations with their assistant targets, so offline distillation stays
+    completion-only: with every class kept the first step's loss equals the live teacher's."""
+    vocab = len(chat_tokenizer())
+    assert main(["cache-teacher", "--teacher", str(chat_dir / "teacher"), "--data", str(chat_dir / "chat.jsonl"),
+                 "--out", str(tmp_path / "cache"), "--top-k", str(vocab), "--temperature", "1",
+                 "--max-length", "256"]) == 0
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["chat"] is True
+    common = ["--max-steps", "1", "--divergence", "reverse_kl", "--set", "loss.alpha_lm=0", "--layers", "0",
+              "--set", "loss.temperature=1"]
+    assert _distill(chat_dir, tmp_path / "live", *common) == 0
+    assert main(["distill", "--teacher-logits", str(tmp_path / "cache"), "--teacher", str(chat_dir / "teacher"),
+                 "--out", str(tmp_path / "offline"), "--batch-size", "4", "--no-progress",
+                 "--max-length", "256", "--set", "loss.alpha_cos=0", "--set", "training.log_every=1", *common]) == 0
+    live, offline = _metrics(tmp_path / "live")[0], _metrics(tmp_path / "offline")[0]
+    assert offline["tokens"] == live["tokens"]
+    # the tiny teacher is near uniform (log p ~ -6.2), where fp16 storage rounds log p by up to 2e-3: a few 1e-6
+    assert offline["loss/kd"] == pytest.approx(live["loss/kd"], abs=2e-5)
+    assert offline["loss/kd"] > 1e-4
+    assert "kd_rows: masked" in (tmp_path / "offline" / "config.yaml").read_text()
