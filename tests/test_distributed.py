@@ -29,6 +29,17 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return done
 
 
+def assert_two_processes_equal_one(command: list[str], tmp_path) -> None:
+    """``command`` under DDP on two processes (OUT = tmp_path/ddp) trains the same student as one process
+    accumulating two micro-batches (tmp_path/one)."""
+    torchrun("-m", "alambic", *command, "--out", str(tmp_path / "ddp"))
+    subprocess.run([sys.executable, "-m", "alambic", *command, "--grad-accum", "2", "--out", str(tmp_path / "one")],
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=TIMEOUT_S)
+    ddp = load_file(str(tmp_path / "ddp" / "student" / "model.safetensors"))
+    one = load_file(str(tmp_path / "one" / "student" / "model.safetensors"))
+    assert max((ddp[k] - one[k]).abs().max().item() for k in one) < 1e-6
+
+
 @pytest.fixture
 def llama_and_text(tmp_path):
     """A tiny Llama teacher folder and a folder of text files, in tmp_path."""
@@ -46,14 +57,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(llama_and_te
     common = ["distill", "--teacher", str(tmp_path / "teacher"), "--data", str(tmp_path / "text"), "--max-steps", "3",
               "--batch-size", "2", "--no-progress", "--set", "training.log_every=1", "--set", "data.max_length=32",
               "--set", "training.save_every=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun("-m", "alambic", *common, "--out", str(tmp_path / "ddp"))
-    subprocess.run([sys.executable, "-m", "alambic", *common, "--grad-accum", "2", "--out", str(tmp_path / "one")],
-                   check=True, env=env, capture_output=True, timeout=TIMEOUT_S)
-
-    ddp = load_file(str(tmp_path / "ddp" / "student" / "model.safetensors"))
-    one = load_file(str(tmp_path / "one" / "student" / "model.safetensors"))
-    assert max((ddp[k] - one[k]).abs().max().item() for k in one) < 1e-6
+    assert_two_processes_equal_one(common, tmp_path)
     logs = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
             for name in ("ddp", "one")}
     assert [r["step"] for r in logs["ddp"]] == [1, 2, 3]  # only the main process writes
@@ -174,12 +178,6 @@ def test_on_policy_under_ddp_samples_each_process_its_prompts_like_one_process(t
               "--max-steps", "2", "--batch-size", "2", "--max-length", "256", "--layers", "0,3", "--no-progress",
               "--set", "on_policy.lmbda=1", "--set", "on_policy.max_new_tokens=6", "--divergence", "reverse_kl",
               "--set", "loss.alpha_cos=0", "--set", "training.log_every=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun("-m", "alambic", *common, "--out", str(tmp_path / "ddp"))
-    subprocess.run([sys.executable, "-m", "alambic", *common, "--grad-accum", "2", "--out", str(tmp_path / "one")],
-                   check=True, env=env, capture_output=True, timeout=TIMEOUT_S)
-    ddp = load_file(str(tmp_path / "ddp" / "student" / "model.safetensors"))
-    one = load_file(str(tmp_path / "one" / "student" / "model.safetensors"))
-    assert max((ddp[k] - one[k]).abs().max().item() for k in one) < 1e-6
+    assert_two_processes_equal_one(common, tmp_path)
     logs = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert all("generate_share" in r for r in logs)
