@@ -13,7 +13,7 @@ from alambic.data.chat import ChatExample
 from alambic.data.on_policy import OnPolicyBatches
 from alambic.data.pipeline import training_batches
 from alambic.losses.divergences import distribution_divergence
-from alambic.recipes.distilbert import DistilBERTLossConfig, DistilBERTRecipe
+from alambic.recipes.distilbert import DistilBERTLossConfig, DistilBERTRecipe, distilbert_row_counts
 from tiny import chat_records, chat_tokenizer, save_chat_teacher_and_data, tiny_llama
 
 
@@ -106,6 +106,11 @@ def test_on_policy_batches_are_the_students_answers_to_the_prompts(chat_dir):
     assert len(batch["lm_targets"]) == int(batch["attention_mask"].sum()) - sum(e.prompt_length for e in examples)
     assert batches.generation_seconds > 0
     assert isinstance(examples[0], ChatExample)
+    # GKD: the divergence alone on the student's samples, no cross-entropy towards them
+    loss = DistilBERTLossConfig(kd_rows="masked")
+    assert distilbert_row_counts(batch, loss) == {"kd": len(batch["lm_positions"]), "lm": 0,
+                                                  "cos": len(batch["token_positions"])}
+    assert distilbert_row_counts(source(0), loss)["lm"] == len(source(0)["lm_positions"])
 
 
 def test_finetune_chat_keeps_the_best_answer_perplexity(chat_dir, tmp_path, capsys):
@@ -124,6 +129,7 @@ def test_finetune_chat_keeps_the_best_answer_perplexity(chat_dir, tmp_path, caps
 @pytest.mark.parametrize("extra, message", [
     (["--set", "on_policy.lmbda=0.5"], "on_policy.lmbda > 0 has the student answer the prompts of chat data"),
     (["--divergence", "reverse_kll"], "did you mean 'reverse_kl'"),
+    (["--set", "on_policy.lmbda=1", "--set", "loss.alpha_kd=0"], "loss.alpha_kd is 0"),
     (["--divergence", "jsd", "--set", "loss.divergence_param=1.5"], "loss.divergence_param must be in [0, 1]"),
 ])
 def test_bad_chat_options_are_one_line(chat_dir, tmp_path, capsys, extra, message):

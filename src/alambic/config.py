@@ -256,6 +256,9 @@ class DistillConfig:
             self.loss = loss_config_class(self.recipe)()
         for section in (self.student, self.loss, self.training, self.on_policy):
             section.validate()
+        if self.on_policy.lmbda > 0 and self.loss.alpha_kd == 0:
+            raise AlambicError("on_policy.lmbda > 0 trains the divergence on the student's own answers, but "
+                               "loss.alpha_kd is 0: set loss.alpha_kd > 0 or on_policy.lmbda=0")
         self.data.validate(train_required=not self.teacher_logits)
         return self
 

@@ -196,6 +196,7 @@ def _record_options(record: dict, messages: list[dict], where: str) -> tuple[str
 def read_chat(specs, *, need_response: bool) -> list[ChatRecord]:
     """Every conversation of ``specs``, checked. ``need_response``: each must hold an assistant turn (training
     data); otherwise prompts without answers are welcome (prompt files)."""
+    specs = [specs] if isinstance(specs, (str, Path)) else list(specs)
     files = _chat_files(specs)
     if not files:
         raise AlambicError(f"no chat records in {', '.join(map(str, specs))}: chat data are .jsonl, .json or .parquet "
@@ -207,6 +208,9 @@ def read_chat(specs, *, need_response: bool) -> list[ChatRecord]:
             if need_response and not any(m["role"] == "assistant" for m in messages):
                 raise AlambicError(f"{where}: the conversation has no assistant turn, so nothing to learn from: add "
                                    "the answer (or write the answers with `alambic generate`)")
+            if need_response:  # turns after the last answer teach nothing, and its prompt is what precedes it
+                last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+                messages = messages[:last + 1]
             if not need_response and messages[-1]["role"] == "assistant" and len(messages) == 1:
                 raise AlambicError(f"{where}: the conversation is only an assistant turn: give a prompt")
             records.append(ChatRecord(tuple(messages), where, _record_options(record, messages, where)))

@@ -2,7 +2,8 @@
 
 With probability ``lmbda`` a micro-batch keeps only its prompts, and the current student answers them (eval mode, no
 gradient through sampling, a KV cache). The batch then goes through the same collator, so the teacher scores every
-sampled token and the divergence covers exactly those tokens: the student is trained where it actually goes at
+sampled token and the divergence covers exactly those tokens (no cross-entropy towards the student's own
+samples): the student is trained where it actually goes at
 inference time, which removes the train / inference mismatch of learning only from fixed answers.
 
 Whether a batch is on-policy, and the sampling generator, are functions of ``(seed, batch index)``: a resumed run
@@ -42,7 +43,7 @@ class OnPolicyBatches:
 
         examples = self.source.examples_at(index)
         prompts = [e.ids[:e.prompt_length].tolist() for e in examples]
-        room = self.max_length - max(len(p) for p in prompts)
+        room = self.max_length - min(len(p) for p in prompts)  # longer prompts' answers are cut to max_length
         generator = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, index, 1]).integers(2**62)))
         start = time.perf_counter()
         answers = sample(self.student, prompts, max_new_tokens=max(1, min(self.options.max_new_tokens, room)),
@@ -54,4 +55,6 @@ class OnPolicyBatches:
             ids = np.asarray(prompt + list(answer), dtype=np.int64)[:self.max_length]
             assistant = np.arange(len(ids)) >= len(prompt)
             sampled.append(ChatExample(ids, assistant, len(prompt)))
-        return self.source.collator(sampled, seed=self.source.batch_seed(index))
+        batch = self.source.collator(sampled, seed=self.source.batch_seed(index))
+        batch["sampled"] = torch.ones((), dtype=torch.bool)  # no hard targets: the divergence alone trains here
+        return batch

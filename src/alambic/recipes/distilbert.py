@@ -33,7 +33,7 @@ KD_ROWS = ("auto", "tokens", "masked")
 @dataclass
 class DistilBERTLossConfig:
     alpha_kd: float = 5.0
-    """Weight of the soft-target KL (x T^2) on the LM logits."""
+    """Weight of the soft-target divergence (x T^2) on the LM logits."""
     alpha_lm: float = 2.0
     """Weight of the hard masked-LM / next-token cross-entropy."""
     alpha_cos: float = 1.0
@@ -75,10 +75,24 @@ def _token_hidden_states(model: nn.Module, batch: dict) -> torch.Tensor:
     return hidden.flatten(0, 1).index_select(0, batch["token_positions"])
 
 
+def resolve_kd_rows(loss: DistilBERTLossConfig, chat: bool) -> None:
+    """``loss.kd_rows=auto`` made explicit for the data: the assistant tokens of chat data (``masked``: the rows
+    with a hard target), every token of raw text. A recipe given ``auto`` unresolved reads it as ``tokens``."""
+    if loss.kd_rows == "auto":
+        loss.kd_rows = "masked" if chat else "tokens"
+
+
+def _kd_on_every_token(loss: DistilBERTLossConfig) -> bool:
+    return loss.kd_rows != "masked"
+
+
 def distilbert_row_counts(batch: dict, loss: DistilBERTLossConfig) -> dict[str, int]:
-    """Rows each term averages over: tokens (or masked tokens) for the KL, hard targets, tokens for the cosine."""
+    """Rows each term averages over: tokens (or masked tokens) for the KL, hard targets, tokens for the cosine.
+    A batch of the student's own answers (on-policy, ``batch["sampled"]``) has no hard targets: GKD trains the
+    divergence alone on them, never a cross-entropy towards the student's own samples."""
     tokens, masked = len(batch["token_positions"]), len(batch["lm_positions"])
-    return {"kd": tokens if loss.kd_rows == "tokens" else masked, "lm": masked, "cos": tokens}
+    return {"kd": tokens if _kd_on_every_token(loss) else masked, "lm": 0 if "sampled" in batch else masked,
+            "cos": tokens}
 
 
 class DistilBERTObjective(nn.Module):
@@ -101,7 +115,7 @@ class DistilBERTObjective(nn.Module):
             # targets placed on their rows), else on the masked / next-token rows only.
             # The teacher comes live (its features and projection) or from a cache (its stored top-k outputs).
             teacher_rows, topk = teacher.get("features"), teacher.get("topk")
-            if c.alpha_kd > 0 and c.kd_rows == "tokens":
+            if c.alpha_kd > 0 and _kd_on_every_token(c):
                 rows = hidden
                 targets = torch.full((len(hidden),), -100, dtype=torch.long, device=hidden.device)
                 targets = targets.index_copy(0, lm_rows, lm_targets)
@@ -115,7 +129,7 @@ class DistilBERTObjective(nn.Module):
             features, projection = self.head
             loss, kd_sum, ce_sum = fused_vocabulary_loss(
                 features(rows), projection, teacher_rows, teacher.get("projection"),
-                targets if c.alpha_lm > 0 else None, c.temperature,
+                targets if c.alpha_lm > 0 and "sampled" not in batch else None, c.temperature,
                 kd_weight=c.alpha_kd / num_items["kd"].clamp(min=1), ce_weight=c.alpha_lm / num_items["lm"].clamp(min=1),
                 chunk_rows=c.logit_chunk_rows, teacher_topk=topk,
                 divergence=c.divergence, divergence_param=c.divergence_param,

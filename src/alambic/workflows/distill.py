@@ -27,6 +27,7 @@ from alambic.evaluation.lm import evaluate_lm
 from alambic.evaluation.model_card import distillation_card, last_logged
 from alambic.modeling import eos_token_ids, hidden_size, lm_body, model_kind, num_layers, vocab_size
 from alambic.recipes import recipe_parts
+from alambic.recipes.distilbert import resolve_kd_rows
 from alambic.students import count_parameters, init_student, parse_layer_spec, save_student, selection
 from alambic.offline.store import TeacherOutputs, check_cache, read_manifest
 from alambic.offline.training import OfflineDistilBERTRecipe, cached_batches
@@ -61,8 +62,8 @@ def _check_inputs(cfg: DistillConfig, resume: bool) -> list[dict] | None:
         raise AlambicError("on_policy.lmbda > 0 has the student answer the prompts of chat data, but the training data "
                            "is raw text: give chat records ({\"messages\": [...]} or {\"prompt\": ...} .jsonl) or set "
                            "on_policy.lmbda=0")
-    if getattr(cfg.loss, "kd_rows", None) == "auto":  # completion-only soft targets on chat data
-        cfg.loss.kd_rows = "masked" if chat else "tokens"
+    if cfg.recipe == "distilbert":  # completion-only soft targets on chat data
+        resolve_kd_rows(cfg.loss, chat)
     calibration = None
     if cfg.student.init:
         resolve_model_path(cfg.student.init)
@@ -71,6 +72,9 @@ def _check_inputs(cfg: DistillConfig, resume: bool) -> list[dict] | None:
         from transformers import AutoConfig
 
         teacher_config = AutoConfig.from_pretrained(teacher_dir)
+        if chat and model_kind(teacher_config) != "causal":
+            raise AlambicError("chat data trains decoders (causal LMs); the teacher is an encoder: give raw text, "
+                               "or a decoder teacher")
         n = num_layers(teacher_config)
         if cfg.student.layers.strip().lower() == selection.DEFAULT_SPEC:  # the training data is at hand
             cfg.student.layers = selection.default_layers(model_kind(teacher_config), calibration_at_hand=True)
@@ -181,7 +185,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
     if hasattr(batches.examples, "describe"):  # chat data
         say(batches.examples.describe())
     if cfg.on_policy.lmbda > 0:
-        batches = OnPolicyBatches(batches, student, cfg.on_policy, eos_token_ids=eos_token_ids(tokenizer, student),
+        # the teacher's end-of-turn ids: a student built from its config lacks its generation config
+        batches = OnPolicyBatches(batches, student, cfg.on_policy, eos_token_ids=eos_token_ids(tokenizer, teacher),
                                   pad_token_id=pad_id_of(tokenizer), max_length=cfg.data.max_length,
                                   seed=cfg.training.seed)
     evaluate = (lambda model: evaluate_lm(model, held_out)) if held_out else None
