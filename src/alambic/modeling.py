@@ -164,16 +164,14 @@ def transformer_layers(model: nn.Module) -> nn.ModuleList:
     raise AlambicError(f"cannot find the {n} transformer layers of {type(model).__name__}; alambic does not support it")
 
 
-def eos_token_ids(tokenizer, model: nn.Module) -> list[int]:
-    """Every id that ends an answer: the tokenizer's end-of-sequence token and the model's generation config's
-    (chat models often end a turn with a token other than the tokenizer's EOS)."""
-    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-    config = getattr(model, "generation_config", None)
-    extra = getattr(config, "eos_token_id", None) if config is not None else None
-    for token in extra if isinstance(extra, (list, tuple)) else [extra]:
-        if token is not None and int(token) not in ids:
-            ids.append(int(token))
-    return ids
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """Every id that ends an answer, sorted: the tokenizer's end-of-sequence token and the model's (its generation
+    config's and its config's; chat models often end a turn with a token other than the tokenizer's EOS)."""
+    ids = {tokenizer.eos_token_id}
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", model)):
+        value = getattr(source, "eos_token_id", None)
+        ids.update(value if isinstance(value, (list, tuple)) else [value])
+    return sorted(int(i) for i in ids if i is not None)
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -19,7 +19,8 @@ def _record_fields(g) -> None:
 
 def _data_options(p) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--max-length", type=int, default=128, help="tokens per sequence (QA: per context window)")
+    g.add_argument("--max-length", type=int, help="tokens per sequence (QA: per context window); default 128, "
+                   "512 for --task chat")
     g.add_argument("--doc-stride", type=int, default=32, help="QA: tokens of overlap between context windows")
     _record_fields(g)
     g.add_argument("--eval-batch-size", type=int, default=32, help="examples per evaluation batch")
@@ -30,7 +31,7 @@ def _data_options(p) -> None:
 def _training_options(p) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--max-steps", type=int, default=500, help="optimiser steps (per stage for distill-task)")
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--batch-size", type=int, help="examples per micro-batch (default 16, 8 for --task chat)")
     g.add_argument("--grad-accum", type=int, default=1)
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     g.add_argument("--warmup-ratio", type=float, default=0.1)
@@ -46,7 +47,8 @@ def _common(p, tasks=TASK_CHOICES) -> None:
     p.add_argument("--task", required=True, choices=tasks)
     p.add_argument("--train", required=True, metavar="FILE", help=FORMATS)
     p.add_argument("--validation", metavar="FILE",
-                   help="validation data (default: a seeded, stratified 10%% of --train is held out)")
+                   help="validation data (default: a seeded, stratified 10%% of --train is held out; chat: a stable "
+                   "10%% of the conversations by content hash)")
     p.add_argument("--out", required=True, help="run folder; the best model is written to OUT/best")
 
 
@@ -61,7 +63,7 @@ def _training_config(args):
 def _data(args):
     from alambic.tasks.workflow import DataOptions
 
-    return DataOptions(max_length=args.max_length, doc_stride=args.doc_stride, text_field=args.text_field,
+    return DataOptions(max_length=args.max_length or 128, doc_stride=args.doc_stride, text_field=args.text_field,
                        pair_field=args.pair_field, label_field=args.label_field, eval_batch_size=args.eval_batch_size,
                        qa_metric=args.qa_metric)
 
@@ -92,7 +94,8 @@ def run_finetune(args) -> int:
         from alambic.workflows.finetune import finetune_chat
 
         summary = finetune_chat(args.model, args.train, args.out, validation=args.validation, training=cfg,
-                                max_length=args.max_length, resume=args.resume, progress=not args.no_progress)
+                                max_length=args.max_length or 512, resume=args.resume,
+                                progress=not args.no_progress)
         print(f"best validation perplexity of the answers: {summary['best_validation_perplexity']:.4f}; model in "
               f"{summary['best_model']}")
         return 0

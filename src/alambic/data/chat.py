@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alambic.data.collate import batch_contract, pad_rows, pad_id_of
+from alambic.data.collate import StoredMaskCollator
 from alambic.errors import AlambicError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -302,22 +302,23 @@ def tokenize_chat(records: list[ChatRecord], tokenizer, max_length: int) -> Chat
     return ChatExamples(examples, truncated, dropped, max_length)
 
 
+def chat_targets(example: ChatExample) -> np.ndarray:
+    """The next-token target at each position where the next token is an assistant token, -100 elsewhere."""
+    targets = np.full(len(example.ids), -100, dtype=np.int64)
+    targets[:-1] = np.where(example.assistant[1:], example.ids[1:], -100)
+    return targets
+
+
 class ChatCollator:
     """Conversations in the batch contract: next-token targets only where the next token is an assistant token, so
-    every loss on ``lm_positions`` is completion-only."""
+    every loss on ``lm_positions`` is completion-only (collated as stored targets are: ``StoredMaskCollator``)."""
 
     def __init__(self, tokenizer):
-        self.pad_id = pad_id_of(tokenizer)
+        self.stored = StoredMaskCollator(tokenizer)
 
     def __call__(self, examples: list[ChatExample], seed: int = 0) -> dict[str, torch.Tensor]:
         """``seed`` is unused (nothing is random), accepted so every collator is called the same way."""
-        input_ids, attention_mask = pad_rows([e.ids for e in examples], self.pad_id)
-        assistant, _ = pad_rows([e.assistant.astype(np.int64) for e in examples], 0)
-        is_target = torch.zeros_like(attention_mask, dtype=torch.bool)
-        is_target[:, :-1] = assistant[:, 1:].bool()
-        lm_positions = is_target.reshape(-1).nonzero().squeeze(1)
-        lm_targets = input_ids.reshape(-1)[lm_positions + 1]
-        return batch_contract(input_ids, attention_mask, lm_positions, lm_targets)
+        return self.stored([(e.ids, chat_targets(e)) for e in examples])
 
 
 def split_chat(records: list[ChatRecord], folder: Path) -> tuple[list[str], list[str]]:

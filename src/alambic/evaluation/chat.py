@@ -50,7 +50,7 @@ import torch
 from alambic.data.chat import ChatRecord, check_chat_template, prompt_ids
 from alambic.data.collate import pad_id_of, pad_rows
 from alambic.errors import AlambicError
-from alambic.modeling import lm_body, lm_head, model_device
+from alambic.modeling import eos_token_ids, lm_body, lm_head, model_device
 
 ROW_CHUNK = 512
 """Rows projected onto the vocabulary at once (512 x a 150k vocabulary x 4 bytes = 300 MB per logits tensor)."""
@@ -128,15 +128,6 @@ def chat_items(records: list[ChatRecord], tokenizer, max_examples: int | None = 
     return items
 
 
-def stop_ids(model, tokenizer) -> list[int]:
-    """Token ids that end an answer: the tokenizer's EOS and the model's (config and generation config)."""
-    ids = {tokenizer.eos_token_id}
-    for source in (getattr(model, "generation_config", None), model.config):
-        value = getattr(source, "eos_token_id", None)
-        ids.update(value if isinstance(value, (list, tuple)) else [value])
-    return sorted(int(i) for i in ids if i is not None)
-
-
 def check_positions(config, items: list[ChatItem], max_new_tokens: int, name: str) -> None:
     """One line when the longest prompt plus ``max_new_tokens`` does not fit the positions of the model of
     ``config``: past them, learned position embeddings fail and rotary ones run where the model never trained."""
@@ -168,7 +159,7 @@ def generate_answers(model, tokenizer, items: list[ChatItem], *, max_new_tokens:
     floating-point differences)."""
     from alambic.sampling import sample_batched
 
-    stops = stop_ids(model, tokenizer)
+    stops = eos_token_ids(tokenizer, model)
     generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
     new = sample_batched(model, [list(item.prompt_ids) for item in items], batch_size,
                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_token_ids=stops,

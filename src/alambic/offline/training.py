@@ -1,10 +1,12 @@
 """``alambic distill --teacher-logits DIR``: the triple loss with the teacher read from a cache, not run.
 
-The batches are the cached examples, planned as a live run plans them (shuffled packed blocks for decoders,
-length-grouped chunks for encoders, reproducible from the seed and the index, so resume stays exact), each carrying
+The batches are the cached examples, planned as a live run plans them (shuffled packed blocks for decoder text,
+length-grouped chunks for encoders and conversations, reproducible from the seed and the index, so resume stays
+exact; stored masks or assistant targets collated as stored), each carrying
 its tokens' stored teacher rows (``teacher_topk_ids``, ``teacher_topk_log_probs``, ``teacher_rest_log_prob`` and,
 when cached, ``teacher_hidden``), aligned with the batch's non-pad tokens. The recipe is DistilBERT's objective with
-the soft-target term computed against the stored top-k (:func:`alambic.losses.topk_soft_target_kl`).
+the soft-target term computed against the stored top-k (:func:`alambic.losses.divergences.topk_divergence`, any
+divergence).
 """
 
 from __future__ import annotations

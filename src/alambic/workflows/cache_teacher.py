@@ -97,26 +97,18 @@ def _static_masks(examples, first: int, count: int, masker, seed: int):
     return out
 
 
-def _chat_targets(example) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids, targets)`` of a conversation: at each position the next token when it is an assistant token, else
-    -100 (stored like static masks, so the cached batches are completion-only as live ones are)."""
-    ids = torch.as_tensor(example.ids, dtype=torch.long)
-    targets = torch.full_like(ids, -100)
-    answer = torch.as_tensor(example.assistant[1:])
-    targets[:-1] = torch.where(answer, ids[1:], targets[:-1])
-    return ids, targets
-
-
 @torch.inference_mode()
 def _shard(teacher, examples, first: int, count: int, settings: dict, masker, padder, batch_size: int,
            device) -> dict[str, torch.Tensor]:
+    from alambic.data.chat import chat_targets
     from alambic.losses import topk_targets
     from alambic.modeling import lm_body, lm_head
 
     if masker is not None:
         pairs = _static_masks(examples, first, count, masker, settings["masking"]["seed"])
     elif settings.get("chat"):
-        pairs = [_chat_targets(examples[i]) for i in range(first, first + count)]
+        pairs = [(torch.as_tensor(examples[i].ids), torch.as_tensor(chat_targets(examples[i])))
+                 for i in range(first, first + count)]
     else:
         pairs = [(torch.as_tensor(examples[i], dtype=torch.long), None) for i in range(first, first + count)]
     columns = {"input_ids": [], "mlm_targets": [], "topk_ids": [], "topk_log_probs": [], "rest_log_prob": [],

@@ -33,6 +33,7 @@ import torch
 from alambic import __version__
 from alambic.cache import atomic_write_text
 from alambic.errors import AlambicError
+from alambic.modeling import eos_token_ids
 from alambic.ranges import NON_NEGATIVE, POSITIVE, Range, check_value
 
 FORMAT_VERSION = 1
@@ -62,15 +63,6 @@ def batch_generator(seed: int, batch_index: int) -> torch.Generator:
 def prompts_per_batch(batch_size: int, num_return_sequences: int) -> int:
     """``batch_size`` counts sequences sampled together; a batch holds this many prompts, each answered n times."""
     return max(1, batch_size // num_return_sequences)
-
-
-def _end_ids(tokenizer, model_or_config) -> list[int]:
-    ids = set()
-    generation = getattr(model_or_config, "generation_config", None)
-    for value in (getattr(generation, "eos_token_id", None), tokenizer.eos_token_id):
-        if value is not None:
-            ids.update([value] if isinstance(value, int) else value)
-    return sorted(ids)
 
 
 def _load_tokenizer(path: Path):
@@ -168,6 +160,7 @@ def generate(teacher, prompts, out, *, max_new_tokens: int = 256, temperature: f
     after writing that many batches in this call, leaving a resumable folder (tests of the resume).
     """
     from alambic.data.chat import check_chat_template, prompt_ids, read_chat
+    from alambic.data.collate import pad_id_of
     from alambic.sampling import sample
     from alambic.tasks.cache import teacher_fingerprint
     from alambic.teachers import load_teacher, resolve_model_path
@@ -176,6 +169,7 @@ def generate(teacher, prompts, out, *, max_new_tokens: int = 256, temperature: f
                "num_return_sequences": num_return_sequences, "seed": seed, "batch_size": batch_size}
     for name, allowed in OPTION_RANGES.items():
         check_value(name, options[name], allowed)
+    check_value("max_prompts", max_prompts, POSITIVE)
     out = Path(out)
     specs = [prompts] if isinstance(prompts, (str, Path)) else list(prompts)
     path = resolve_model_path(teacher)
@@ -212,8 +206,8 @@ def generate(teacher, prompts, out, *, max_new_tokens: int = 256, temperature: f
     model, tokenizer = load_teacher(teacher)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
-    end_ids = _end_ids(tokenizer, model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (end_ids or [0])[0]
+    end_ids = eos_token_ids(tokenizer, model)
+    pad_id = pad_id_of(tokenizer)
     per_batch = prompts_per_batch(batch_size, num_return_sequences)
     n_batches = -(-len(records) // per_batch)
     if manifest is None:
