@@ -74,6 +74,9 @@ def test_on_policy_steps_sample_and_resume_exactly(chat_dir, tmp_path):
     on_policy = ["--set", "on_policy.lmbda=1", "--set", "on_policy.max_new_tokens=8", "--divergence", "jsd",
                  "--set", "training.save_every=2"]
     assert _distill(chat_dir, tmp_path / "straight", "--max-steps", "4", *on_policy) == 0
+    card = (tmp_path / "straight" / "student" / "README.md").read_text()
+    assert "- on-policy (GKD): with probability 1 a batch's answers were sampled from the student" in card
+    assert "divergence = jsd" in card
     logged = _metrics(tmp_path / "straight")
     assert all(0 < m["generate_share"] < 1 for m in logged if "generate_share" in m)
     assert sum("generate_share" in m for m in logged) == 4

@@ -21,7 +21,7 @@ def test_card_records_teacher_recipe_losses_data_and_steps():
     assert "# A 15-layer distilled student of smollm2-135m" in card
     assert "- teacher: `smollm2-135m` (30 layers, 134.5M parameters)" in card
     assert "the teacher's layers `every-other` copied" in card and "(15 layers, 81.4M parameters)" in card
-    for row in ("| kd | 5 | Weight of the soft-target KL", "| lm | 2 |", "| cos | 1 |"):
+    for row in ("| kd | 5 | Weight of the soft-target divergence", "| lm | 2 |", "| cos | 1 |"):
         assert row in card
     assert "temperature = 2.0" in card and "`bbc-news:train`" in card
     assert "150 steps of 4 x 1 sequences per process (up to 76,800 tokens per process)" in card

@@ -99,6 +99,11 @@ def distillation_card(config: dict, *, teacher_parameters: int | None = None, st
     train = data.get("train") or []
     lines.append(f"- data: {', '.join(f'`{t}`' for t in train) or 'not recorded'}; sequences of up to "
                  f"{data.get('max_length', '?')} tokens")
+    on_policy = config.get("on_policy") or {}
+    if on_policy.get("lmbda"):
+        lines.append(f"- on-policy (GKD): with probability {on_policy['lmbda']:g} a batch's answers were sampled from "
+                     f"the student itself (up to {on_policy.get('max_new_tokens')} tokens, temperature "
+                     f"{on_policy.get('temperature')}, top-p {on_policy.get('top_p')}) and scored by the teacher")
     steps, batch, accum = training.get("max_steps"), training.get("batch_size"), training.get("grad_accum", 1)
     if steps and batch:
         tokens = steps * batch * accum * int(data.get("max_length") or 0)
