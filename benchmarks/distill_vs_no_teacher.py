@@ -23,10 +23,12 @@ from alambic.modeling import model_kind
 from alambic.teachers import load_model
 
 VARIANTS = {
-    "triple": {"loss": {"alpha_kd": 5.0, "alpha_lm": 2.0, "alpha_cos": 1.0}},
+    "triple": {"loss": {"alpha_kd": 5.0, "alpha_lm": 2.0, "alpha_cos": 1.0, "temperature": 2.0}},
     "ce-only": {"loss": {"alpha_kd": 0.0, "alpha_lm": 1.0, "alpha_cos": 0.0}},
+    "kl-t1": {"loss": {"alpha_kd": 1.0, "alpha_lm": 0.0, "alpha_cos": 0.0, "temperature": 1.0}},
 }
-LABELS = {"triple": "triple loss (kd 5, lm 2, cos 1, T 2)", "ce-only": "next-token cross-entropy only (no teacher)"}
+LABELS = {"triple": "triple loss (kd 5, lm 2, cos 1, T 2)", "ce-only": "next-token cross-entropy only (no teacher)",
+          "kl-t1": "forward KL alone at T 1 (kd 1, lm 0, cos 0)"}
 
 
 def main() -> None:
@@ -41,6 +43,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--variants", nargs="+", default=["triple", "ce-only"], choices=list(VARIANTS))
     parser.add_argument("--out", default="runs/distill-vs-no-teacher")
     args = parser.parse_args()
     out = Path(args.out)
@@ -74,7 +77,8 @@ def main() -> None:
         save()
     for layers in args.layers:
         for seed in args.seeds:
-            for variant, loss in VARIANTS.items():
+            for variant in args.variants:
+                loss = VARIANTS[variant]
                 key = f"{layers}/{variant}/seed{seed}"
                 if key in results:
                     continue
@@ -104,9 +108,10 @@ def table(results: dict, args) -> str:
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             lines.append(f"| {layers} | {LABELS.get(variant, 'at initialisation')} | {statistics.mean(values):,.1f} "
                          f"± {spread:,.1f} | {len(values)} |")
-        if "triple" in means and "ce-only" in means:
-            lines.append(f"| {layers} | ratio distilled / no teacher (geometric means) | "
-                         f"{means['triple'] / means['ce-only']:.3f}x | |")
+        for variant in VARIANTS:
+            if variant != "ce-only" and variant in means and "ce-only" in means:
+                lines.append(f"| {layers} | ratio {variant} / no teacher (geometric means) | "
+                             f"{means[variant] / means['ce-only']:.3f}x | |")
     return "\n".join(lines)
 
 
