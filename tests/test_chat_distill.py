@@ -166,3 +166,16 @@ def test_a_chat_cache_at_k_v_trains_like_the_live_teacher(chat_dir, tmp_path):
     assert offline["loss/kd"] == pytest.approx(live["loss/kd"], abs=2e-5)
     assert offline["loss/kd"] > 1e-4
     assert "kd_rows: masked" in (tmp_path / "offline" / "config.yaml").read_text()
+
+
+def test_chat_features_compose_pruned_on_policy_jsd_student_exports_to_gguf(chat_dir, tmp_path):
+    """A student narrowed by importance measured on the chat data, layers measured on it too, distilled with JSD
+    and on-policy batches, ships as GGUF, and the export agrees with PyTorch."""
+    assert _distill(chat_dir, tmp_path / "run", "--max-steps", "2", "--layers", "auto:influence",
+                    "--set", "student.hidden_size=16", "--divergence", "jsd", "--set", "on_policy.lmbda=0.5",
+                    "--set", "on_policy.max_new_tokens=4") == 0
+    card = (tmp_path / "run" / "student" / "README.md").read_text()
+    assert "hidden channels: 16 of 32 kept by mean |norm output|" in card
+    assert main(["export", str(tmp_path / "run"), "--format", "gguf", "--out", str(tmp_path / "gguf")]) == 0
+    manifest = json.loads((tmp_path / "gguf" / "alambic-export.json").read_text())
+    assert all(check["top1_agreement"] == 1.0 for check in manifest["parity"])
