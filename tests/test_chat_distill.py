@@ -134,6 +134,7 @@ def test_finetune_chat_keeps_the_best_answer_perplexity(chat_dir, tmp_path, caps
     (["--divergence", "reverse_kll"], "did you mean 'reverse_kl'"),
     (["--set", "on_policy.lmbda=1", "--set", "loss.alpha_kd=0"], "loss.alpha_kd is 0"),
     (["--divergence", "jsd", "--set", "loss.divergence_param=1.5"], "loss.divergence_param must be in [0, 1]"),
+    (["--divergence", "tvd", "--divergence-param", "0.5"], "tvd"),
 ])
 def test_bad_chat_options_are_one_line(chat_dir, tmp_path, capsys, extra, message):
     text = tmp_path / "text.txt"

@@ -183,7 +183,9 @@ def add_distill(sub) -> None:
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--divergence", help="soft-target divergence (loss.divergence): forward_kl (default), reverse_kl, "
-                   "jsd, skew_kl, skew_reverse_kl, tvd; its parameter is loss.divergence_param")
+                   "jsd, skew_kl, skew_reverse_kl, tvd")
+    p.add_argument("--divergence-param", type=float, help="its parameter in [0, 1] (loss.divergence_param): jsd's "
+                   "beta (default 0.5), the skew divergences' alpha (default 0.1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any option by its dotted name, e.g. --set loss.temperature=4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -196,7 +198,7 @@ FLAG_TO_OPTION = {
     "teacher": "teacher", "teacher_logits": "teacher_logits", "data": "data.train", "eval_data": "data.eval", "out": "out", "student": "student.init",
     "layers": "student.layers", "recipe": "recipe", "layer_map": "loss.layer_map", "max_steps": "training.max_steps",
     "batch_size": "training.batch_size", "grad_accum": "training.grad_accum", "lr": "training.lr",
-    "max_length": "data.max_length", "divergence": "loss.divergence",
+    "max_length": "data.max_length", "divergence": "loss.divergence", "divergence_param": "loss.divergence_param",
 }
 
 
