@@ -47,7 +47,7 @@ def test_the_readme_chat_block_runs(tmp_path, monkeypatch, capsys):
         assert main(command[1:]) == 0, " ".join(command)
     out = capsys.readouterr().out
     assert "chat data: 3439 conversations, loss on assistant tokens only" in out
-    for folder in ("teacher/best", "student"):
+    for folder in ("teacher/best", "student/student"):
         assert (tmp_path / "runs" / "chat" / folder / "config.json").is_file()
     assert len((tmp_path / "runs" / "chat" / "teacher-answers" / "data.jsonl").read_text().splitlines()) == 2
     assert re.search(r"^student\s", out, re.M)
