@@ -55,8 +55,9 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
-def build_data(out: Path, words: int) -> None:
-    """train / validation / test chat files (topic and headline questions with gold answers) and the train prompts."""
+def build_data(out: Path, words: int, eval_examples: int) -> None:
+    """train / validation / test chat files (topic and headline questions with gold answers), the headline questions
+    among the first ``eval_examples`` of the test (their ROUGE-L alone), and the train prompts."""
     from alambic.data.sources import is_heldout, packaged_labelled_texts
 
     def records(spec):
@@ -80,7 +81,9 @@ def build_data(out: Path, words: int) -> None:
     write("train", train)
     write("validation", validation)
     write("validation-small", validation[:60])  # selection during training: evaluating costs a teacher forward
-    write("test", list(records("bbc-news:heldout")))
+    test = list(records("bbc-news:heldout"))
+    write("test", test)
+    write("test-headlines", [r for r in test[:eval_examples] if "options" not in r])
     write("train-prompts", ({"messages": r["messages"][:1]} for r in train))
 
 
@@ -128,7 +131,7 @@ def main() -> None:
     results["machine"] = machine()
     data = out / "data"
     if not (data / "test.jsonl").exists():
-        build_data(data, args.words)
+        build_data(data, args.words, args.eval_examples)
     if args.data_only:
         print(f"chat data written to {data}: train.jsonl, validation.jsonl, validation-small.jsonl, test.jsonl, "
               "train-prompts.jsonl")
@@ -196,12 +199,22 @@ def main() -> None:
             evaluated[row["model"]] = row
         results[f"eval-{args.split}-cpu_s"] = cpu
         save()
+    if args.split == "test":  # headline ROUGE-L alone (the mixed rouge_l also counts the one-word topic answers)
+        headlines = results.setdefault("eval-test-headlines", {})
+        pending = {n: m for n, m in models.items() if n not in headlines and n != "student-init"}
+        if pending:
+            report = out / "eval-test-headlines.json"
+            run(alambic("eval-chat", *pending.values(), "--names", ",".join(pending), "--data",
+                        data / "test-headlines.jsonl", "--max-new-tokens", 24, "--json", "--out", report))
+            for row in json.loads(report.read_text()):
+                headlines[row["model"]] = row
+            save()
     print_table(results)
 
 
 def print_table(results: dict) -> None:
     """Mean +- standard deviation over seeds of each variant's metrics."""
-    for split in ("eval-test", "eval-validation"):
+    for split in ("eval-test", "eval-test-headlines", "eval-validation"):
         rows = results.get(split)
         if not rows:
             continue
