@@ -76,7 +76,8 @@ def test_chat_columns_equal_evaluate_chat(report, files):
     rows = direct(files, ["teacher", "student"])
     for mine, theirs in zip(report["models"], rows):
         chat = mine["chat"]
-        assert chat["metrics"] == pytest.approx(metrics_of(theirs), rel=1e-9, abs=1e-12)
+        # the same computation; only float summation order differs (thread count, batch composition)
+        assert chat["metrics"] == pytest.approx(metrics_of(theirs), rel=1e-6, abs=1e-9)
         assert set(chat["metrics"]) == {"accuracy", "option_accuracy", "option_accuracy_norm", "rouge_l",
                                         "rouge_l_teacher", "teacher_nll", "forward_kl", "mean_tokens",
                                         "hit_max_new_tokens"}
@@ -139,7 +140,7 @@ def test_cli_with_lm_data_an_export_and_max_examples(report, files, tmp_path, ca
     teacher, student, int8 = saved["models"]
     rows = direct(files, ["teacher", "student"], max_examples=4)  # the first 4 records: all with options
     for mine, theirs in zip((teacher, student), rows):
-        assert mine["chat"]["metrics"] == pytest.approx(metrics_of(theirs), rel=1e-9, abs=1e-12)
+        assert mine["chat"]["metrics"] == pytest.approx(metrics_of(theirs), rel=1e-6, abs=1e-9)
         assert mine["chat"]["examples"] == 4 == mine["chat"]["option_examples"]
         assert mine["quality"]["metric"] == "perplexity"  # --lm-data stays the main quality
     assert student["ratios"]["chat_retention_pct"]["accuracy"] == pytest.approx(100 / 3)
