@@ -132,8 +132,22 @@ def is_chat_data(specs) -> bool:
     files = _chat_files(specs)
     if not files or any(f.suffix.lower() not in CHAT_SUFFIXES for f in files):
         return False
-    first = next((r for f in files[:1] for r, _ in _records(f)[:1]), None)
+    first = _first_record(files[0])
     return isinstance(first, dict) and any(k in first for k in CHAT_FIELDS)
+
+
+def _first_record(path: Path):
+    """The first record of a file, reading only its first line for .jsonl (detection runs on every verb's start)."""
+    if path.suffix.lower() == ".jsonl":
+        from alambic.data.sources import parse_json
+
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    return parse_json(line, f"{path}:{number}")
+        return None
+    records = _records(path)
+    return records[0][0] if records else None
 
 
 def _as_messages(value, role: str, where: str, field: str) -> list[dict]:

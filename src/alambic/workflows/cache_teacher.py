@@ -38,6 +38,7 @@ def _rank_and_world() -> tuple[int, int]:
 def _settings(teacher_spec, path, config, tokenizer, data, examples, *, top_k, temperature, max_length,
               hidden_states, mlm_probability, seed, shard_examples, kind) -> dict:
     from alambic import modeling
+    from alambic.data.chat import ChatExamples
     from alambic.tasks.cache import teacher_fingerprint
     from alambic.teachers import vocabulary_hash
 
@@ -57,7 +58,7 @@ def _settings(teacher_spec, path, config, tokenizer, data, examples, *, top_k, t
                     else None),
         "shard_examples": shard_examples,
         # conversations: targets on the assistant tokens only (no key for raw text, so older caches still resume)
-        **({"chat": True} if hasattr(examples, "describe") else {}),
+        **({"chat": True} if isinstance(examples, ChatExamples) else {}),
     }
 
 

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 from alambic.config import DistillConfig
 from alambic.data.on_policy import OnPolicyBatches
 from alambic.data.pipeline import heldout_batches, is_chat, training_batches
+from alambic.data.chat import ChatExamples
 from alambic.data.collate import pad_id_of
 from alambic.data.sources import describe_sources
 from alambic.engine.checkpoint import latest_checkpoint, require_checkpoints
@@ -182,7 +183,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
                 cfg.data.train, tokenizer, kind, cfg.data, masking, cfg.training.batch_size, cfg.training.seed
             )
         held_out = heldout_batches(cfg.data.eval, tokenizer, kind, cfg.data, cfg.training.batch_size) if cfg.data.eval else None
-    if hasattr(batches.examples, "describe"):  # chat data
+    if isinstance(batches.examples, ChatExamples):
         say(batches.examples.describe())
     if cfg.on_policy.lmbda > 0:
         # the teacher's end-of-turn ids: a student built from its config lacks its generation config
