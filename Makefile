@@ -9,7 +9,7 @@ DEMO_DIR ?= runs/demo
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-lm test test-slow bench clean
+.PHONY: setup demo demo-lm test test-slow test-llama-cpp bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,11 +42,18 @@ demo-lm: setup
 		--data bbc-news:heldout --max-tokens 8192
 
 test: setup
-	$(PY) -m pytest -q -m "not slow" || [ $$? -eq 5 ]
+	$(PY) -m pytest -q -rs -m "not slow" || [ $$? -eq 5 ]
 
 # The few tests that take minutes (README blocks run on the real SmolLM2); CI runs them after `make test`.
 test-slow: setup
 	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
+
+# GGUF exports run in llama.cpp itself. llama-cpp-python compiles llama.cpp on install (about 6 minutes on 2 cores,
+# once: pip keeps the built wheel in its cache); CI runs this after `make test`.
+LLAMA_CPP := llama-cpp-python==0.3.36
+test-llama-cpp: setup
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install --quiet $(LLAMA_CPP)
+	$(PY) -m pytest -q -m llama_cpp
 
 bench: setup
 	$(PY) benchmarks/distill_step.py

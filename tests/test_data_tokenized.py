@@ -104,7 +104,7 @@ def test_short_chunks_are_dropped_and_chunks_never_cross_documents(tmp_path):
     assert [c.tolist() for c in (chunks[i] for i in range(len(chunks)))] == [[101] + corpus.document(0)[:8].tolist()
                                                                           + [102]]
     assert len(encoder_chunks(corpus, tok, max_length=10, min_tokens=2)) == 3
-    with pytest.raises(AlambicError, match="max_length 2 leaves no room"):
+    with pytest.raises(AlambicError, match="a max length of 2 tokens leaves no room"):
         encoder_chunks(corpus, tok, max_length=2)
     with pytest.raises(AlambicError, match="no chunk of the data has 50 tokens"):
         encoder_chunks(corpus, tok, max_length=64, min_tokens=50)
@@ -133,7 +133,7 @@ def test_packed_blocks_without_bos_use_eos_only(tmp_path):
     block = packed_blocks(corpus, tok, corpus.num_tokens + 1)[0]
     assert block.tolist() == corpus.document(0).tolist() + [2] + corpus.document(1).tolist()
     with pytest.raises(AlambicError, match=rf"the data has {corpus.num_tokens + 2} tokens, fewer than one block of "
-                                           "1000: add text or lower max_length"):
+                                           "1000: add text or lower --max-length \\(data.max_length\\)"):
         packed_blocks(corpus, tok, 1000)
 
 

@@ -5,6 +5,7 @@ measuring export folders like models; bad requests refused in one line."""
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -15,7 +16,7 @@ from alambic.export import torch_int8
 from alambic.export.gguf_file import write_gguf
 from alambic.export.runtime import MANIFEST, load_exported, read_manifest
 from alambic.workflows.export import SAMPLE_TEXTS, encode, export, parity
-from tiny import DECODERS, ENCODERS, bpe_tokenizer, sample_texts, tiny_bert, tiny_llama, wordpiece_tokenizer
+from tiny import DECODERS, ENCODERS, MINILM_DIR, bpe_tokenizer, sample_texts, tiny_bert, tiny_llama, wordpiece_tokenizer
 
 LABELS = ["business", "sport", "tech"]
 
@@ -63,7 +64,7 @@ def cli(*argv) -> int:
 def test_onnx_export_matches_pytorch_on_real_text(model, head, root, tmp_path):
     out = tmp_path / "onnx"
     manifest = export(root / model, "onnx", out, log=lambda line: None)
-    assert sorted(p.name for p in out.iterdir()) >= sorted([MANIFEST, "config.json", "model.onnx"])
+    assert {MANIFEST, "config.json", "model.onnx"} <= {p.name for p in out.iterdir()}
     assert (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file()
     assert manifest["head"] == head and json.loads((out / MANIFEST).read_text()) == manifest
     assert manifest["parity"][0]["max_abs_diff"] < 1e-4 and manifest["parity"][0]["top1_agreement"] == 1.0
@@ -112,18 +113,27 @@ def test_onnx_int8_dynamic_and_static(root, tmp_path):
 
 # --- PyTorch int8 -------------------------------------------------------------------------------------------------
 
-def test_torch_int8_reloads_to_the_same_quantised_model(root, tmp_path):
+def test_torch_int8_reloads_int8_weights_within_half_a_step_of_the_float_ones(root, tmp_path):
     manifest = export(root / "llama", "torch-int8", tmp_path / "q", log=lambda line: None)
     reloaded = load_exported(tmp_path / "q")
-    quantised = torch_int8.quantize(tiny_llama())
+    float_model = tiny_llama()
+    # every Linear of the reloaded model holds int8 weights, each within half a quantisation step of the float one
+    # (round to nearest), read independently of the exporter's code
+    floats = dict(float_model.named_modules())
+    quantised = {name: module for name, module in reloaded.named_modules() if hasattr(module, "weight")
+                 and callable(module.weight) and "quantized" in type(module).__module__}
+    assert len(quantised) == sum(isinstance(m, torch.nn.Linear) for m in floats.values())  # the LM head too
+    for name, module in quantised.items():
+        weight = module.weight()
+        assert weight.dtype == torch.qint8
+        step = weight.q_scale()
+        assert (weight.dequantize() - floats[name].weight).abs().max() <= step / 2 + 1e-6, name
     ids = torch.randint(3, 512, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, quantised(input_ids=ids).logits, atol=0, rtol=0)
-        float_logits = tiny_llama()(input_ids=ids).logits
-    assert 0 < (reloaded(input_ids=ids).logits - float_logits).abs().max() < 0.1
-    assert manifest["parity"][0]["top1_agreement"] > 0.9
-    linear = reloaded.model.layers[0].self_attn.q_proj
-    assert "quantized" in type(linear).__module__ and linear.weight().dtype == torch.qint8
+        float_logits = float_model(input_ids=ids).logits
+        int8_logits = reloaded(input_ids=ids).logits
+    assert 0 < (int8_logits - float_logits).abs().max() < 0.1
+    assert manifest["parity"][0]["top1_agreement"] > 0.9 and manifest["parity_bound"]["min_top1_agreement"] == 0.9
 
 
 # --- GGUF ---------------------------------------------------------------------------------------------------------
@@ -293,3 +303,82 @@ def test_a_broken_manifest_is_named(root, tmp_path):
 
     with pytest.raises(AlambicError, match="lacks model-int8.pt, which its alambic-export.json lists"):
         read_manifest(tmp_path / "q")
+
+
+# --- an export is held to its bound, and feeds on its own tokenizer's output ----------------------------------------
+
+def test_the_onnx_graph_takes_what_its_saved_tokenizer_returns(root, tmp_path):
+    import onnxruntime
+
+    # a BERT classifier (two token types) whose tokenizer returns no token_type_ids
+    source = tmp_path / "classifier"
+    task_model("classification").save_pretrained(source)
+    transformers.AutoTokenizer.from_pretrained(MINILM_DIR, model_input_names=["input_ids", "attention_mask"]
+                                               ).save_pretrained(source)
+    export(source, "onnx", tmp_path / "onnx", log=lambda line: None)
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    saved = transformers.AutoTokenizer.from_pretrained(tmp_path / "onnx")
+    feeds = dict(saved(["Shares rose.", "The striker scored twice in the second half."], padding=True,
+                       return_tensors="np"))
+    assert sorted(i.name for i in session.get_inputs()) == sorted(feeds) == ["attention_mask", "input_ids"]
+    (logits,) = session.run(["logits"], {name: value.astype("int64") for name, value in feeds.items()})
+    with torch.no_grad():
+        expected = transformers.AutoModelForSequenceClassification.from_pretrained(source)(
+            **{name: torch.from_numpy(value) for name, value in feeds.items()}).logits
+    np.testing.assert_allclose(logits, expected.numpy(), atol=1e-5)
+    # the same model with a tokenizer that does return them keeps the input (sentence pairs need it)
+    export(root / "classification", "onnx", tmp_path / "pairs", log=lambda line: None)
+    session = onnxruntime.InferenceSession(str(tmp_path / "pairs" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert "token_type_ids" in {i.name for i in session.get_inputs()}
+
+
+def test_a_tokenizer_gguf_cannot_carry_is_named_in_one_line(tmp_path, capsys):
+    # a WordLevel tokenizer without an unknown token: it cannot even encode the parity texts
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(512)}))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tiny_llama().save_pretrained(tmp_path / "model")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=words, eos_token="w2", pad_token="w0").save_pretrained(
+        tmp_path / "model")
+    capsys.readouterr()
+    assert cli("export", tmp_path / "model", "--format", "gguf", "--out", tmp_path / "out") == 2
+    assert capsys.readouterr().err.strip() == (
+        "alambic: error: GGUF export builds byte-level BPE vocabularies only; this tokenizer is WordLevel: give the "
+        "teacher's .gguf with --tokenizer-from FILE.gguf to carry its vocabulary over, or export with --format onnx")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_export_outside_its_bound_is_not_written_unless_asked(root, tmp_path, capsys, monkeypatch):
+    import alambic.workflows.export as export_module
+
+    # int8 always moves the logits a little: a bound of zero KL is one it misses
+    monkeypatch.setitem(export_module.INT8_BOUND, "max_mean_kl", 0.0)
+    assert cli("export", root / "llama", "--format", "torch-int8", "--out", tmp_path / "q") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("alambic: error: the torch-int8 export disagrees with PyTorch beyond its bound (mean KL ")
+    assert err.endswith(f"(bound 0) in torch), so {tmp_path / 'q'} was not written; --allow-disagreement writes it "
+                        "anyway, marked in alambic-export.json")
+    assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".tmp-*"))
+    assert cli("export", root / "llama", "--format", "torch-int8", "--out", tmp_path / "q", "--allow-disagreement") == 0
+    manifest = read_manifest(tmp_path / "q")
+    assert manifest["parity_outside_bound"][0].startswith("mean KL ") and manifest["parity_bound"]["max_mean_kl"] == 0
+    # the bound a float export meets, by the same measure
+    assert export(root / "llama", "onnx", tmp_path / "float", log=lambda line: None)["parity_bound"] == (
+        export_module.FLOAT_BOUND)
+    assert "parity_outside_bound" not in read_manifest(tmp_path / "float")
+
+
+def test_static_int8_is_checked_on_texts_it_was_not_calibrated_on(root, tmp_path):
+    lines = []
+    texts = [f"Paragraph {i}: " + t[:300].replace("\n", " ") for i, t in enumerate(sample_texts(60))]
+    (tmp_path / "paragraphs.txt").write_text("\n\n".join(texts))
+    manifest = export(root / "classification", "onnx-int8", tmp_path / "static", int8="static",
+                      calibration_data=[str(tmp_path / "paragraphs.txt")], log=lines.append)
+    from alambic.workflows.export import CALIBRATION_TEXTS, PARITY_TEXTS
+
+    assert manifest["parity"][0]["texts"] == PARITY_TEXTS
+    tokenizer = wordpiece_tokenizer()
+    # the parity batch held the paragraphs after the calibration ones: as many tokens as they have
+    expected = sum(min(len(tokenizer(t)["input_ids"]), 128) for t in texts[CALIBRATION_TEXTS:CALIBRATION_TEXTS + 16])
+    assert manifest["parity"][0]["tokens"] == expected

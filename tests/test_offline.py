@@ -5,6 +5,7 @@ the same loss), refusing a cache that does not fit the run in one line."""
 import json
 
 import pytest
+import yaml
 import torch
 from safetensors.torch import load_file
 
@@ -244,13 +245,45 @@ def test_a_cache_that_does_not_fit_is_refused_in_one_line(case, root, llama_cach
     assert not (tmp_path / "run" / "student").exists()
 
 
-def test_a_student_of_another_width_or_vocabulary_is_refused_before_training(root, llama_cache, tmp_path, capsys):
-    # the cache holds hidden states of width 32; a narrower student with the cosine term on cannot use them
+def test_a_student_of_another_width_is_refused_when_the_cosine_term_is_asked_for(root, llama_cache, tmp_path, capsys):
+    # the cache holds hidden states of width 32; a narrower student with the cosine term set on cannot use them
     tiny_llama(hidden_size=16, intermediate_size=32).save_pretrained(tmp_path / "narrow")
     bpe_tokenizer().save_pretrained(tmp_path / "narrow")
     argv = ["distill", "--teacher-logits", llama_cache, "--student", tmp_path / "narrow", "--set",
-            "data.max_length=32", "--set", "loss.temperature=2", "--max-steps", "1", "--no-progress", "--out",
+            "data.max_length=32", "--set", "loss.alpha_cos=1", "--max-steps", "1", "--no-progress", "--out",
             tmp_path / "run"]
     assert main([str(a) for a in argv]) == 2
     assert "stores hidden states of width 32, the student's are 16" in capsys.readouterr().err
     assert not (tmp_path / "run" / "student").exists()
+    # left unset, the cosine term is turned off for it, and said
+    assert main([str(a) for a in argv[:7] + argv[9:]]) == 0
+    out = capsys.readouterr().out
+    assert "loss.alpha_cos=0: the cosine term needs equal widths, and the student is 16 wide, the teacher 32" in out
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["loss"]["alpha_cos"] == 0
+
+
+def test_the_readme_example_adopts_the_caches_temperature_length_and_hidden_state_choice(root, tmp_path, capsys):
+    # cache-teacher's defaults (T = 1, no hidden states) and distill's (T = 2, alpha_cos = 1, max_length 128) differ:
+    # unset options take the cache's values, as the README's two commands expect
+    cache = tmp_path / "cache"
+    assert main([str(a) for a in ["cache-teacher", "--teacher", root / "llama", "--data", root / "text.txt",
+                                  "--out", cache, "--top-k", "8", "--max-length", "32"]]) == 0
+    capsys.readouterr()
+    run = ["distill", "--teacher-logits", cache, "--student", root / "llama", "--out", tmp_path / "run",
+           "--max-steps", "2", "--batch-size", "2", "--no-progress"]
+    assert main([str(a) for a in run]) == 0
+    assert ("from the teacher cache: loss.temperature=1, data.max_length=32, loss.alpha_cos=0 (the cache holds no "
+            "hidden states for the cosine term)") in capsys.readouterr().out
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (saved["loss"]["temperature"], saved["data"]["max_length"], saved["loss"]["alpha_cos"]) == (1.0, 32, 0.0)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("loss/kd", 0) > 0 for m in metrics)
+    # explicit contradictions and options the cache makes moot are refused, each in one line
+    for extra, said in [(["--set", "loss.alpha_cos=1"], "has no hidden states, which the cosine term needs"),
+                        (["--set", "loss.temperature=2"], "stores the teacher at temperature 1, the run's"),
+                        (["--set", "loss.mlm_probability=0.2"], "loss.mlm_probability does not apply with "
+                         "--teacher-logits: the cache holds a decoder's outputs; drop loss.mlm_probability")]:
+        assert main([str(a) for a in run[:6] + [tmp_path / "refused"] + run[7:] + extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], err
+        assert not (tmp_path / "refused").exists()

@@ -104,3 +104,52 @@ def test_two_real_runs_on_one_folder_at_once(files, tmp_path):
     assert f"is in use by another alambic run (process {first.pid}" in second.stderr
     assert first.returncode == 0, err[-2000:]
     assert (tmp_path / "run" / "student" / "config.json").is_file() and not (tmp_path / "run" / LOCK).exists()
+
+
+def _take_over(out, barrier, results):
+    """One of two processes racing for a stale lock: both start together, the winner holds it until both have tried."""
+    try:
+        with hold_run_folder(out, say=lambda line: None):
+            barrier.wait(timeout=30)  # both have tried before the winner lets go
+            results.put("held")
+            barrier.wait(timeout=30)
+    except AlambicError as error:
+        barrier.wait(timeout=30)
+        results.put(str(error))
+        barrier.wait(timeout=30)
+
+
+def test_two_takeovers_of_one_stale_lock_cannot_both_succeed(tmp_path):
+    import multiprocessing
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    context = multiprocessing.get_context("fork")
+    for attempt in range(5):  # the race, run several times
+        out = tmp_path / f"run{attempt}"
+        write_lock(out, dead.pid)
+        barrier, results = context.Barrier(2), context.Queue()
+        racers = [context.Process(target=_take_over, args=(out, barrier, results)) for _ in range(2)]
+        for racer in racers:
+            racer.start()
+        outcomes = sorted(results.get(timeout=60) for _ in racers)
+        for racer in racers:
+            racer.join(timeout=30)
+        assert outcomes[1] == "held", outcomes
+        assert outcomes[0].startswith(f"{out} is in use by another alambic run (process "), outcomes
+
+
+def test_a_lock_being_written_is_not_taken_over_as_stale(tmp_path):
+    # a run that created the lock file and holds it, but has not written its record yet (empty file)
+    import fcntl
+
+    (tmp_path / LOCK).touch()
+    fd = os.open(tmp_path / LOCK, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(AlambicError, match="is in use by another alambic run \\(its record is being written\\)"):
+            with hold_run_folder(tmp_path, say=lambda line: None):
+                pass
+        assert (tmp_path / LOCK).exists()  # the holder's file is left alone
+    finally:
+        os.close(fd)

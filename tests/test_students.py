@@ -207,8 +207,31 @@ def test_narrower_hidden_drops_heads_to_keep_their_size():
 
 
 def test_width_must_divide_into_heads():
-    with pytest.raises(AlambicError, match="hidden size 30 is not divisible by 4 attention heads"):
+    with pytest.raises(AlambicError, match="hidden size 30 is not divisible by 4 attention heads: give --num-heads 3, "
+                                           r"or a hidden size that is a multiple of the teacher's head size \(8\)"):
         init_student(tiny_bert(), hidden_size=30, width_init="random")
+
+
+def test_a_narrower_llama_without_heads_keeps_the_head_size_and_heads_times_size_equals_hidden():
+    # SmolLM2's case (576 wide, 9 heads of 64 -> 384 wide): the config's own head_dim once kept all 9 heads, and
+    # the config refused 384 / 9; now 6 heads of 64 (and 2 key/value groups of 3, as the teacher's 3 of 3)
+    teacher = tiny_llama(hidden_size=72, num_attention_heads=9, num_key_value_heads=3, head_dim=8)
+    config = init_student(teacher, hidden_size=48, width_init="random").model.config
+    assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (48, 6, 2, 8)
+    with pytest.raises(AlambicError, match="hidden size 48 is not divisible by 9 attention heads: give --num-heads 6, "
+                                           r"which keeps the teacher's head size \(8\)"):
+        init_student(teacher, hidden_size=48, num_heads=9, width_init="random")
+
+
+@pytest.mark.parametrize("shape, said", [
+    (dict(hidden_size=64), "hidden size 64 > 32"), (dict(intermediate_size=100), "FFN size 100 > 64"),
+    (dict(num_heads=8), "attention heads 8 > 4"),
+])
+def test_a_student_wider_than_its_teacher_is_refused_unless_asked_for(shape, said):
+    with pytest.raises(AlambicError, match=f"the student would be wider than its teacher \\({said}\\).*--allow-wider"):
+        init_student(tiny_llama(), width_init="random", **shape)
+    wide = init_student(tiny_llama(), width_init="random", allow_wider=True, **shape).model.config
+    assert all(getattr(wide, name) == value for name, value in shape.items() if name != "num_heads")
 
 
 def test_bare_encoder_teacher_gives_masked_lm_with_fresh_head():

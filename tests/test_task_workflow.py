@@ -236,9 +236,9 @@ def test_unlabelled_input_errors_are_one_line(teachers, tmp_path, capsys):
         ["distill-task", "--task", "classification", "--teacher", str(teachers / "classification"),
          "--student-layers", "0", "--train", str(DATA / FILES["classification"]),
          "--unlabelled", str(files["classification"]), "--alpha-kd", "0", "--alpha-ce", "1", *base])
-    assert "not divisible by 5 attention heads" in error(
+    assert "not divisible by 3 attention heads" in error(
         ["distill-task", "--task", "classification", "--teacher", str(teachers / "classification"),
-         "--student-layers", "0", "--hidden-size", "16", "--num-heads", "5",
+         "--student-layers", "0", "--hidden-size", "16", "--num-heads", "3",
          "--train", str(DATA / FILES["classification"]), *base])
 
 

@@ -39,6 +39,8 @@ class StudentConfig:
     """Narrower feed-forward width; empty keeps the teacher's."""
     num_heads: int | None = None
     """Fewer attention heads; empty keeps the teacher's head size (fewer heads when hidden_size shrinks)."""
+    allow_wider: bool = False
+    """Allow a student wider than its teacher (hidden, FFN or heads above the teacher's); refused otherwise."""
     width_init: str = "importance"
     """How narrower widths start: importance (the teacher's most important channels, heads and FFN neurons, measured on student.calibration_data or else the training data; Minitron) or random."""
     save_init: bool = False
@@ -230,6 +232,13 @@ class DistillConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
+    explicit: typing.ClassVar[frozenset] = frozenset()
+    """The dotted options the user set (YAML or flags); :func:`load_config` fills it per instance. A default the
+    run can adapt (the cosine term of a narrower student, a cache's temperature) is adapted only when not in it."""
+
+    def is_explicit(self, option: str) -> bool:
+        return option in self.explicit
+
     def validate(self) -> "DistillConfig":
         if not self.teacher and not self.teacher_logits:
             raise AlambicError("no teacher: give --teacher (a model folder, a .gguf file, or smollm2-135m / minilm-l6) "
@@ -301,19 +310,47 @@ def _coerce(value, annotation, key: str):
     return value
 
 
-def _apply(target, values: dict, prefix: str = ""):
+def option_names(config, prefix: str = "") -> list[str]:
+    """Every option of ``config`` by its dotted name (``training.max_steps``), sections walked."""
+    names = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        names += option_names(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
+    return names
+
+
+def _suggest_option(dotted: str, here: list[str], everywhere: list[str]) -> str:
+    """' (did you mean X?)': the same name in another section (``max_steps`` -> ``training.max_steps``), else the
+    closest spelling in this section, else the closest name in any section."""
+    import difflib
+
+    leaf_of = {name: name.rsplit(".", 1)[-1] for name in everywhere}
+    leaf = dotted.rsplit(".", 1)[-1]
+    same = [name for name in everywhere if leaf_of[name] == leaf]
+    if not same:
+        hint = did_you_mean(dotted, here)
+        if hint:
+            return hint
+        close = difflib.get_close_matches(leaf, set(leaf_of.values()), n=1)
+        same = [name for name in everywhere if close and leaf_of[name] == close[0]]
+    return f" (did you mean {' or '.join(repr(name) for name in same)}?)" if same else ""
+
+
+def _apply(target, values: dict, prefix: str = "", root=None):
+    root = root if root is not None else target
     hints = typing.get_type_hints(type(target))
     names = [f.name for f in dataclasses.fields(target)]
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in names:
             options = [f"{prefix}{n}" for n in names]
-            raise AlambicError(f"unknown option {dotted!r}{did_you_mean(dotted, options)}; options here: {', '.join(options)}")
+            raise AlambicError(f"unknown option {dotted!r}{_suggest_option(dotted, options, option_names(root))}; "
+                               f"options here: {', '.join(options)}")
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise AlambicError(f"{dotted} is a section: give its options as {dotted}.NAME=VALUE")
-            _apply(current, value, f"{dotted}.")
+            _apply(current, value, f"{dotted}.", root)
         else:
             setattr(target, key, _coerce(value, hints[key], dotted))
 
@@ -375,7 +412,15 @@ def load_config(path: str | Path | None = None, overrides: list[dict] = ()) -> D
     recipe = values.get("recipe", DistillConfig.recipe)
     config = DistillConfig(recipe=str(recipe), loss=loss_config_class(str(recipe))())
     _apply(config, values)
+    config.explicit = frozenset(_dotted_keys(values))
     return config.validate()
+
+
+def _dotted_keys(values: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in values.items():
+        keys += _dotted_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return keys
 
 
 def loss_config_class(recipe: str):

@@ -13,11 +13,13 @@ import textwrap
 
 from alambic import __version__
 from alambic.config import TOKEN_TYPES
+from alambic.environment import env_switch
 from alambic.errors import AlambicError
 from alambic.ranges import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, Range, check_value
 from alambic.cli.chat_eval import add_eval_chat
 from alambic.cli.export import add_export
 from alambic.cli.generate import add_generate
+from alambic.cli.parser import Parser, parse_command_line
 from alambic.cli.report import add_plot_run, add_plot_temperature, add_report
 from alambic.cli.tasks import add_augment, add_distill_task, add_eval_task, add_finetune
 
@@ -59,7 +61,9 @@ def add_init_student(sub) -> None:
     width.add_argument("--intermediate-size", type=int, help="narrower feed-forward width")
     width.add_argument("--num-heads", type=int,
                        help="fewer attention heads (default: the teacher's head size is kept, so a narrower hidden "
-                       "width has fewer heads)")
+                       "width has fewer heads: hidden / head size)")
+    width.add_argument("--allow-wider", action="store_true",
+                       help="allow a width above the teacher's (refused otherwise: it cannot be copied)")
     width.add_argument("--width-init", choices=("importance", "random"), default="importance",
                        help="importance (default): slice the teacher by measured importance; random: fresh weights")
     p.add_argument("--seed", type=int, default=0, help="seed of any fresh initialisation (and of calibration masks)")
@@ -132,7 +136,7 @@ def run_init_student(args) -> int:
                          intermediate_size=args.intermediate_size, num_heads=args.num_heads, seed=args.seed,
                          depth=args.depth, calibration_data=calibration, selection_budget=args.budget,
                          tokenizer=tokenizer, log=lambda line: print(line, flush=True), token_types=args.token_types,
-                         width_init=args.width_init)
+                         width_init=args.width_init, allow_wider=args.allow_wider)
     if built.selection is not None:
         built.selection.calibration = ", ".join(args.calibration_data)
     print(built.summary())
@@ -333,7 +337,7 @@ def format_lm_table(rows: list[dict]) -> str:
 # --- entry point --------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="alambic",
         description="Make transformer language models smaller and faster by knowledge distillation.",
         epilog=textwrap.dedent("""\
@@ -402,10 +406,11 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     _quiet_libraries()
-    debug = args.debug or os.environ.get("ALAMBIC_DEBUG") == "1"
+    debug = args.debug
     try:
+        debug = debug or bool(env_switch("ALAMBIC_DEBUG"))
         check_flags(args)
         return args.run(args)
     except AlambicError as exc:

@@ -35,6 +35,10 @@ def add_export(sub) -> None:
                    help="--format gguf: copy the tokenizer and chat template from this .gguf (default: a packaged "
                    "GGUF teacher with the same vocabulary, else built from the model's tokenizer.json)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per parity / calibration text (default 128)")
+    p.add_argument("--allow-disagreement", action="store_true",
+                   help="write the export even when it disagrees with PyTorch beyond its format's bound (float: "
+                   "|diff| <= 1e-3 of the outputs' scale, f16 2%%; int8 / q8_0: top-1 >= 90%%, mean KL <= 0.05); "
+                   "alambic-export.json then records by how much")
     p.set_defaults(run=run_export)
 
 
@@ -42,5 +46,6 @@ def run_export(args) -> int:
     from alambic.workflows.export import export
 
     export(args.model, args.format, args.out, gguf_type=args.gguf_type, int8=args.int8,
-           calibration_data=args.calibration_data, tokenizer_from=args.tokenizer_from, max_length=args.max_length)
+           calibration_data=args.calibration_data, tokenizer_from=args.tokenizer_from, max_length=args.max_length,
+           allow_disagreement=args.allow_disagreement)
     return 0

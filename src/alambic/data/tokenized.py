@@ -173,8 +173,9 @@ class EncoderChunks:
         self.prefix, self.suffix = special_wrapping(tokenizer)
         content = max_length - len(self.prefix) - len(self.suffix)
         if content < 1:
-            raise AlambicError(f"max_length {max_length} leaves no room for text after "
-                               f"{len(self.prefix) + len(self.suffix)} special tokens: raise max_length")
+            raise AlambicError(f"a max length of {max_length} tokens leaves no room for text after "
+                               f"{len(self.prefix) + len(self.suffix)} special tokens: raise --max-length "
+                               "(data.max_length)")
         doc_lengths = np.diff(corpus.offsets)
         per_doc = -(-doc_lengths // content)  # ceil division
         first_chunk = np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
@@ -226,7 +227,7 @@ class PackedBlocks:
         total = int(self.stream_starts[-1])
         if total < block_length:
             raise AlambicError(f"the data has {total} tokens, fewer than one block of {block_length}: "
-                               "add text or lower max_length")
+                               "add text or lower --max-length (data.max_length)")
         self.num_blocks = total // block_length
 
     @property

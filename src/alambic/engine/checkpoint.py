@@ -17,7 +17,6 @@ and says which ones it skipped and why.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 import shutil
@@ -29,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from alambic.cache import atomic_directory, atomic_write_text
+from alambic.environment import env_switch
 from alambic.errors import AlambicError
 
 LATEST = "latest"
@@ -183,7 +183,7 @@ def _trainer_state(path: Path) -> dict:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        if os.environ.get(TRUST_ENV) == "1":
+        if env_switch(TRUST_ENV):
             return torch.load(file, map_location="cpu", weights_only=False)
         raise AlambicError(
             f"{file} holds pickled objects (an alambic before checkpoint format {FORMAT} wrote them, or someone "

@@ -9,18 +9,19 @@ bf16 matrices natively and that is faster here, fp32 elsewhere.
 Under bf16 the student keeps fp32 master weights (autocast runs its matmuls in bf16) and the frozen teacher is cast
 to bf16 (inference only); the vocabulary losses keep their softmax math in fp32.
 
-``ALAMBIC_CPU_BF16=0`` (or ``1``) makes the CPU count as lacking (or having) native bf16 instructions: it simulates
+``ALAMBIC_CPU_BF16=0`` (or ``1``; any on/off word, :mod:`alambic.environment`) makes the CPU count as lacking (or having) native bf16 instructions: it simulates
 another machine in tests and lets a user rule bf16 out without editing configs.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from alambic.environment import env_switch
 
 MIN_SPEEDUP = 1.3
 """bf16 must beat fp32 by this factor in the quick check before ``auto`` picks it on a CPU."""
@@ -41,9 +42,9 @@ class PrecisionChoice:
 def cpu_bf16_instructions() -> str | None:
     """The CPU's native bf16 matrix instructions (``AMX-BF16``, ``AVX512-BF16``), or None; ``ALAMBIC_CPU_BF16``
     overrides what the CPU reports."""
-    forced = os.environ.get("ALAMBIC_CPU_BF16")
+    forced = env_switch("ALAMBIC_CPU_BF16")
     if forced is not None:
-        return "AMX-BF16 (ALAMBIC_CPU_BF16=1)" if forced.strip() not in ("", "0", "false", "no") else None
+        return "AMX-BF16 (ALAMBIC_CPU_BF16=1)" if forced else None
     features = getattr(torch, "cpu", None)
     try:
         if features._is_amx_tile_supported():

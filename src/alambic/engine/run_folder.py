@@ -9,6 +9,7 @@ main process (``RANK`` 0) holds the lock.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import inspect
 import json
@@ -20,7 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from alambic.cache import atomic_write_text
 from alambic.errors import AlambicError
 
 LOCK = ".alambic.lock"
@@ -55,7 +55,35 @@ def _read_lock(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return {}  # half-written by a run killed at that instant: treated as stale
+        return {}
+
+
+def _lock_file(path: Path) -> int | None:
+    """An open descriptor of ``path`` holding its exclusive ``flock``, or None while another process holds it. The
+    kernel releases the flock when its holder dies, so a killed run's lock is free at once; and two processes taking
+    over one stale lock cannot both get it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return fd
+        os.close(fd)  # the holder removed that file as it finished, between our open and our flock: open the new one
+
+
+def _write_in_place(fd: int, text: str) -> None:
+    """Overwrite then trim, so a reader sees the old record or the new one, never an empty file."""
+    data = text.encode("utf-8")
+    os.pwrite(fd, data, 0)
+    os.ftruncate(fd, len(data))
+    os.fsync(fd)
 
 
 @contextmanager
@@ -69,27 +97,31 @@ def hold_run_folder(out: Path, say=print):
         return
     path = out / LOCK
     mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    fd = _lock_file(path)
+    holder = _read_lock(path)
+    pid, host = holder.get("pid"), holder.get("host")
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        holder = _read_lock(path)
-        pid, host = holder.get("pid"), holder.get("host")
-        if isinstance(pid, int) and host == mine["host"] and pid != mine["pid"] and _alive(pid):
-            raise AlambicError(f"{out} is in use by another alambic run (process {pid}, started {holder.get('started')})"
-                               ": wait for it to finish, stop it, or give another --out") from None
+        if fd is None or (isinstance(pid, int) and host == mine["host"] and pid != mine["pid"] and _alive(pid)):
+            # held right now (or named by a live process of a run that does not flock)
+            started = f", started {holder.get('started')}" if holder.get("started") else ""
+            who = f"process {pid}{started}" if isinstance(pid, int) else "its record is being written"
+            raise AlambicError(f"{out} is in use by another alambic run ({who}): wait for it to finish, stop it, or "
+                               "give another --out")
         if isinstance(pid, int) and host not in (None, mine["host"]):
             raise AlambicError(f"{out} is locked by an alambic run on host {host} (process {pid}, started "
-                               f"{holder.get('started')}); if that run is over, delete {path} and rerun") from None
-        say(f"taking over the stale lock of {out} (process {pid} is no longer running)")
-        atomic_write_text(path, json.dumps(mine))
-    else:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(mine))
+                               f"{holder.get('started')}); if that run is over, delete {path} and rerun")
+        if holder:
+            say(f"taking over the stale lock of {out} (process {pid} is no longer running)")
+        _write_in_place(fd, json.dumps(mine))
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
     try:
         yield out
     finally:
-        if _read_lock(path).get("pid") == mine["pid"]:
-            path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # before the flock goes: a waiter that opened this file then retries
+        os.close(fd)
         if created and not any(out.iterdir()):
             out.rmdir()
 

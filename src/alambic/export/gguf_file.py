@@ -36,6 +36,12 @@ def check_gguf_model(config) -> str:
     if model_type not in ARCHITECTURES:
         raise AlambicError(f"GGUF export takes {', '.join(sorted(ARCHITECTURES))} decoders, not {model_type}: "
                            "use --format onnx for this model")
+    heads, size, hidden = modeling.num_heads(config), modeling.head_dim(config), modeling.hidden_size(config)
+    if model_type == "qwen2" and heads * size != hidden:
+        # llama.cpp's qwen2 graph shapes the query projection hidden x hidden, whatever the file's key_length says
+        raise AlambicError(f"llama.cpp runs qwen2 models whose heads x head size equals the hidden size; this one "
+                           f"has {heads} x {size} != {hidden}: build the student with --num-heads {hidden // size} "
+                           "(or leave --num-heads out), or export it with --format onnx")
     return ARCHITECTURES[model_type]
 
 
@@ -60,6 +66,10 @@ def _add_hyperparameters(writer, config, arch: str) -> None:
     writer.add_head_count_kv(modeling.num_key_value_heads(config))
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    # llama.cpp takes the head size as n_embd / n_head unless told; a width-pruned student keeps its teacher's
+    # head size with fewer heads, so the two differ and the file must say it.
+    writer.add_key_length(modeling.head_dim(config))
+    writer.add_value_length(modeling.head_dim(config))
     writer.add_rope_dimension_count(modeling.head_dim(config))
     writer.add_vocab_size(modeling.vocab_size(config))
 
@@ -128,16 +138,23 @@ def _copy_tokenizer_fields(writer, source: Path) -> None:
         writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
 
 
-def _bpe_tokenizer_fields(writer, tokenizer, rows: int) -> None:
-    """llama.cpp's byte-level BPE vocabulary ("gpt2" model) from a fast tokenizer, as convert_hf_to_gguf writes it."""
-    import gguf
-
+def check_gguf_tokenizer(tokenizer) -> dict:
+    """The tokenizer's model section (``tokenizer.json``), or one line naming its type when GGUF cannot carry it
+    (checked before the export encodes any text: such a tokenizer may not even encode the parity texts)."""
     state = json.loads(tokenizer.backend_tokenizer.to_str()) if getattr(tokenizer, "is_fast", False) else {}
     model = state.get("model", {})
     if model.get("type") != "BPE":
         raise AlambicError("GGUF export builds byte-level BPE vocabularies only; this tokenizer is "
                            f"{model.get('type', type(tokenizer).__name__)}: give the teacher's .gguf with "
-                           "--tokenizer-from FILE.gguf to carry its vocabulary over")
+                           "--tokenizer-from FILE.gguf to carry its vocabulary over, or export with --format onnx")
+    return model
+
+
+def _bpe_tokenizer_fields(writer, tokenizer, rows: int) -> None:
+    """llama.cpp's byte-level BPE vocabulary ("gpt2" model) from a fast tokenizer, as convert_hf_to_gguf writes it."""
+    import gguf
+
+    model = check_gguf_tokenizer(tokenizer)
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     special = set(tokenizer.all_special_ids)
     added = set(tokenizer.get_added_vocab().values())

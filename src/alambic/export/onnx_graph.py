@@ -1,8 +1,8 @@
 """ONNX graphs of encoders (with their task or MLM head) and decoders, and their int8 quantisation.
 
 The graph is traced by torch's exporter (``torch.onnx.export(dynamo=True)``) with the batch and sequence dimensions
-dynamic. Inputs are ``input_ids``, ``attention_mask`` and, for models with several token types, ``token_type_ids``
-(int64); outputs are named as the transformers output fields: ``logits`` (LM, classification, NER),
+dynamic. Inputs are ``input_ids``, ``attention_mask`` and, for models with several token types whose tokenizer
+returns them, ``token_type_ids`` (int64); outputs are named as the transformers output fields: ``logits`` (LM, classification, NER),
 ``start_logits`` / ``end_logits`` (QA) or ``last_hidden_state`` (an encoder without head). Decoders are exported
 without a KV cache: the graph scores whole sequences (perplexity, prefill, reranking), it does not generate token by
 token.
@@ -33,9 +33,13 @@ INT8_MODES = ("dynamic", "static")
 TESTED_FAMILIES = ("BERT", "RoBERTa", "DistilBERT", "Llama", "Qwen2", "GPT-2")
 
 
-def input_names(config) -> list[str]:
+def input_names(config, tokenizer_inputs=None) -> list[str]:
+    """The graph's inputs: ``token_type_ids`` only for a model with several token types whose tokenizer returns
+    them (``tokenizer_inputs``: its ``model_input_names``; None: assume it does), so that the saved tokenizer's
+    output feeds the graph as it is; without the input the model reads type 0, as transformers does."""
     names = ["input_ids", "attention_mask"]
-    if getattr(modeling._config(config), "type_vocab_size", 0) > 1:
+    types = getattr(modeling._config(config), "type_vocab_size", 0) > 1
+    if types and (tokenizer_inputs is None or "token_type_ids" in tokenizer_inputs):
         names.append("token_type_ids")
     return names
 
@@ -77,7 +81,7 @@ def _quiet_exporter():
 def export_graph(model: torch.nn.Module, head: str, example: dict, path: Path) -> None:
     """Trace ``model`` on the ``example`` batch (its ``input_names``) and write the graph, weights inline, to
     ``path``."""
-    names = input_names(model.config)
+    names = list(example)  # the inputs encode() chose for this model and tokenizer
     args = tuple(example[name] for name in names)
     dynamic = {name: {0: "batch", 1: "sequence"} for name in names}
     signature = _Signature(model.eval(), OUTPUTS[head], causal=head == "causal")

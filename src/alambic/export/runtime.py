@@ -118,12 +118,16 @@ class LlamaCppModel(torch.nn.Module):
 
 def gguf_round_trip(folder: Path, manifest: dict) -> torch.nn.Module:
     """A GGUF export read back by transformers (``gguf_file=``, dequantised to float32)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from alambic.teachers import _quiet_transformers
 
     with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=manifest["files"][0], dtype=torch.float32)
+        config = AutoConfig.from_pretrained(folder, gguf_file=manifest["files"][0])
+        if config.model_type == "gpt2":  # transformers reads gpt2.context_length into n_ctx only, not n_positions
+            config.n_positions = config.n_ctx
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=manifest["files"][0], config=config,
+                                                     dtype=torch.float32)
     model.runtime, model.precision = "transformers", f"{manifest['precision']} dequantised to float32"
     model.exported = True
     return model.eval().requires_grad_(False)

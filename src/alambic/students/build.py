@@ -22,6 +22,9 @@ from alambic.ranges import check_value
 
 LAYER_SPECS = ("every-other", "even", "odd", "all", "linspace:K", "0,2,4,...", "auto[:greedy|influence]")
 TASK_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+HEAD_DIM_READERS = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")
+"""Model types whose attention reads ``config.head_dim`` when set (else hidden / heads): a narrower student of
+these keeps its teacher's head size by writing it down, even when the teacher's config left it implicit."""
 
 
 def _with_task_head(teacher: nn.Module) -> nn.Module:
@@ -156,7 +159,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _student_config(teacher, layers, hidden, ffn, heads, keep_token_types, notes):
+def _student_config(teacher, layers, hidden, ffn, heads, keep_token_types, notes, allow_wider=False):
     config = copy.deepcopy(teacher.config)
     n = modeling.num_layers(config)
     for name, value in list(vars(config).items()):  # per-layer settings (Qwen2's layer_types) follow their layers
@@ -177,14 +180,28 @@ def _student_config(teacher, layers, hidden, ffn, heads, keep_token_types, notes
             raise AlambicError(f"{name} must be a positive number, got {value}")
     # The student keeps the teacher's head size, so that whole heads can be sliced out of the teacher: a config
     # with its own head_dim (Llama, Qwen2) keeps it; otherwise a narrower width drops heads (hidden / head size).
-    head_field = getattr(config, "head_dim", None) is not None
     t_head_dim = modeling.head_dim(config)
+    head_field = getattr(config, "head_dim", None) is not None or config.model_type in HEAD_DIM_READERS
+    if head_field:
+        config.head_dim = t_head_dim
     hidden = hidden or t_hidden
+    wider = [f"{name} {value} > {teacher_value}" for name, value, teacher_value in (
+        ("hidden size", hidden, t_hidden), ("FFN size", ffn or 0, modeling.intermediate_size(config)),
+        ("attention heads", heads or 0, t_heads)) if value > teacher_value]
+    if wider and not allow_wider:
+        raise AlambicError(f"the student would be wider than its teacher ({', '.join(wider)}): its extra width "
+                           "cannot be copied and it would be larger, not smaller; choose smaller sizes, or pass "
+                           "--allow-wider (student.allow_wider=true) if that is what you want")
     if heads is None:
-        heads = t_heads if head_field or hidden % t_head_dim else hidden // t_head_dim
-    if not head_field and hidden % heads:
-        raise AlambicError(f"hidden size {hidden} is not divisible by {heads} attention heads; choose sizes that do "
-                           f"(the teacher's heads have {t_head_dim} channels)")
+        # keep the head size, so whole heads are sliced, and heads x head size = hidden (what llama.cpp assumes)
+        heads = t_heads if hidden == t_hidden or hidden % t_head_dim else hidden // t_head_dim
+    if hidden % heads:
+        whole = hidden // t_head_dim if hidden % t_head_dim == 0 else None
+        divisor = whole or max(h for h in range(1, t_heads + 1) if hidden % h == 0)
+        why = (f"which keeps the teacher's head size ({t_head_dim})" if whole else
+               f"or a hidden size that is a multiple of the teacher's head size ({t_head_dim}) to keep heads whole")
+        raise AlambicError(f"hidden size {hidden} is not divisible by {heads} attention heads: give --num-heads "
+                           f"{divisor}, {why}")
     if hidden != t_hidden:
         modeling.set_hidden_size(config, hidden)
     if heads != t_heads:
@@ -269,7 +286,7 @@ def _copy_weights(teacher, student, layers, notes, resize=None):
 def init_student(teacher, *, layers="every-other", hidden_size=None, intermediate_size=None, num_heads=None,
                  seed=0, depth=None, calibration_data=None, selection_budget=None,
                  calibration_tokens=None, tokenizer=None, log=None, token_types="auto",
-                 width_init="importance") -> StudentInit:
+                 width_init="importance", allow_wider=False) -> StudentInit:
     """A float32 *ForMaskedLM / *ForCausalLM student of ``teacher`` (a model, or a spec ``load_model`` understands).
 
     ``layers="auto"`` / ``"auto:greedy"`` / ``"auto:influence"`` chooses ``depth`` layers (default ceil(N/2)) by
@@ -278,6 +295,7 @@ def init_student(teacher, *, layers="every-other", hidden_size=None, intermediat
     A narrower student (``hidden_size``, ``intermediate_size``, ``num_heads``) is sliced out of the teacher by the
     importance of its channels, neurons and heads measured on ``calibration_data``
     (:mod:`alambic.students.pruning`); ``width_init="random"`` initialises what changed width at random instead.
+    A width above the teacher's is refused unless ``allow_wider``.
     ``token_types`` (BERT-style segment embeddings): ``drop`` keeps type 0 only (DistilBERT), ``keep`` keeps them
     all (sentence-pair tasks), ``auto`` keeps them for a fine-tuned task teacher and drops them otherwise.
     The student comes back in eval mode, like a freshly loaded model; the training loop switches it to train.
@@ -313,7 +331,7 @@ def init_student(teacher, *, layers="every-other", hidden_size=None, intermediat
     keep_token_types = token_types == "keep" or (token_types == "auto" and task_head)
     # the shape is checked before any measurement, so a size mistake costs no calibration pass
     config = _student_config(teacher, list(range(n)), hidden_size, intermediate_size, num_heads, keep_token_types,
-                             notes)
+                             notes, allow_wider)
     narrower = _narrower(teacher.config, config)
     if narrower and width_init == "importance" and calibration_data is None:
         raise AlambicError(f"a narrower student ({', '.join(narrower)}) is sliced out of the teacher by measured "
@@ -331,7 +349,8 @@ def init_student(teacher, *, layers="every-other", hidden_size=None, intermediat
     else:
         chosen = parse_layer_spec(layers, n)
     notes = []
-    config = _student_config(teacher, chosen, hidden_size, intermediate_size, num_heads, keep_token_types, notes)
+    config = _student_config(teacher, chosen, hidden_size, intermediate_size, num_heads, keep_token_types, notes,
+                             allow_wider)
     if not modeling.has_lm_head(teacher) and not task_head:
         notes.append(f"{type(teacher).__name__} has no LM head: the student's head is freshly initialised "
                      "(train it, e.g. with the MLM loss, before using the student's logits)")

@@ -44,10 +44,13 @@ class DistillResult:
     metrics: dict
 
 
-def _check_inputs(cfg: DistillConfig, resume: bool) -> list[dict] | None:
-    """Everything checkable before the teacher loads; returns the calibration batches of layers=auto (else None)."""
+def _check_inputs(cfg: DistillConfig, resume: bool) -> tuple[list[dict] | None, list[str]]:
+    """Everything checkable before the teacher loads; returns the calibration batches of layers=auto (else None)
+    and lines saying which unset options took a cache's values."""
+    notes = []
     if cfg.teacher_logits:
         manifest = read_manifest(cfg.teacher_logits)
+        notes += _adopt_cache_settings(cfg, manifest)
         check_cache(manifest, max_length=cfg.data.max_length, temperature=cfg.loss.temperature,
                     needs_hidden=cfg.loss.alpha_cos > 0, folder=cfg.teacher_logits)
         if not cfg.student.calibration_data and not cfg.data.train:  # layers=auto measures on the cached data
@@ -101,12 +104,48 @@ def _check_inputs(cfg: DistillConfig, resume: bool) -> list[dict] | None:
         )
     if resume:
         require_checkpoints(run_dir)
-    return calibration
+    return calibration, notes
 
 
 def calibration_specs(cfg: DistillConfig) -> list[str]:
     """What the teacher is measured on (layers=auto, width pruning): student.calibration_data, else the training data."""
     return list(cfg.student.calibration_data or cfg.data.train)
+
+
+def _adopt_cache_settings(cfg: DistillConfig, manifest: dict) -> list[str]:
+    """Options the user left unset take the cache's values (its temperature, max length and hidden-state choice);
+    set ones must agree with it (``check_cache`` says so in one line). Masking options are the cache's own: its
+    masks were drawn when it was made, so setting them here is refused rather than ignored."""
+    masking = [f"loss.{name}" for name in ("mlm_probability", "mlm_smoothing") if cfg.is_explicit(f"loss.{name}")]
+    if masking:
+        raise AlambicError(f"{masking[0]} does not apply with --teacher-logits: "
+                           + ("the cache's masks were drawn when it was made (cache-teacher --mlm-probability); "
+                              if manifest["kind"] == "masked" else "the cache holds a decoder's outputs; ")
+                           + f"drop {masking[0]}")
+    adopted = []
+    if not cfg.is_explicit("loss.temperature") and cfg.loss.temperature != manifest["temperature"]:
+        cfg.loss.temperature = float(manifest["temperature"])
+        adopted.append(f"loss.temperature={cfg.loss.temperature:g}")
+    if not cfg.is_explicit("data.max_length") and cfg.data.max_length != manifest["max_length"]:
+        cfg.data.max_length = int(manifest["max_length"])
+        adopted.append(f"data.max_length={cfg.data.max_length}")
+    if not cfg.is_explicit("loss.alpha_cos") and cfg.loss.alpha_cos > 0 and not manifest["hidden_states"]:
+        cfg.loss.alpha_cos = 0.0
+        adopted.append("loss.alpha_cos=0 (the cache holds no hidden states for the cosine term)")
+    cfg.loss.validate()
+    return [f"from the teacher cache: {', '.join(adopted)}"] if adopted else []
+
+
+def _fit_cosine_term(cfg: DistillConfig, teacher_width: int, student: torch.nn.Module, say) -> None:
+    """The cosine term compares hidden states, so it needs the teacher's width: a narrower student turns it off
+    when the user left loss.alpha_cos unset (a set value meets the recipe's one-line refusal)."""
+    width = hidden_size(student.config)
+    if cfg.recipe == "distilbert" and cfg.loss.alpha_cos > 0 and width != teacher_width \
+            and not cfg.is_explicit("loss.alpha_cos"):
+        cfg.loss.alpha_cos = 0.0
+        say(f"loss.alpha_cos=0: the cosine term needs equal widths, and the student is {width} wide, the teacher "
+            f"{teacher_width}")
+        cfg.loss.validate()
 
 
 def _build_student(cfg: DistillConfig, teacher, calibration, accelerator):
@@ -115,7 +154,7 @@ def _build_student(cfg: DistillConfig, teacher, calibration, accelerator):
     processes measuring on their own could disagree, and the measurement need not run N times."""
     shape = dict(hidden_size=cfg.student.hidden_size, intermediate_size=cfg.student.intermediate_size,
                  num_heads=cfg.student.num_heads, token_types=cfg.student.token_types, seed=cfg.training.seed,
-                 width_init=cfg.student.width_init)
+                 width_init=cfg.student.width_init, allow_wider=cfg.student.allow_wider)
     if calibration is None:
         return init_student(teacher, layers=cfg.student.layers, **shape)
     built, chosen = None, [None]
@@ -134,11 +173,13 @@ def _build_student(cfg: DistillConfig, teacher, calibration, accelerator):
 @locked_run(lambda arguments: arguments["cfg"].validate().out)
 def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) -> DistillResult:
     cfg.validate()
-    calibration = _check_inputs(cfg, resume)
+    calibration, notes = _check_inputs(cfg, resume)
     run_dir = Path(cfg.out)
     precision = choose_precision(cfg.training.mixed_precision)
     accelerator = make_accelerator(cfg.training, precision)
     say = accelerator.print
+    for note in notes:
+        say(note)
     if cfg.training.distributed == "fsdp" and accelerator.num_processes < 2:
         raise AlambicError("training.distributed=fsdp shards over several processes: launch with `torchrun "
                            "--nproc_per_node N` or `accelerate launch`, or use training.distributed=ddp")
@@ -167,6 +208,10 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
         card = built.model_card(cfg.teacher)
         say(built.summary())
         student = built.model
+    if outputs is not None:
+        _fit_cosine_term(cfg, outputs.manifest["hidden_size"], student, say)
+    elif cfg.recipe == "distilbert":
+        _fit_cosine_term(cfg, hidden_size(teacher.config), student, say)
     if cfg.student.save_init and accelerator.is_main_process and not resume:
         save_student(student, tokenizer, run_dir / "student-init", card=card)
     if accelerator.is_main_process:

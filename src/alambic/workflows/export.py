@@ -3,8 +3,9 @@
 Every format writes the same folder layout (see :mod:`alambic.export.runtime`): the exported file(s), the model's
 ``config.json`` and tokenizer, and ``alambic-export.json``. The folder is written atomically, and only once the
 exported model has been loaded back in its runtime and its outputs compared with PyTorch's on the parity texts
-(``--calibration-data``, else :data:`SAMPLE_TEXTS`): the largest absolute difference on real (non-pad) positions and
-the share of positions whose top prediction agrees are printed and kept in the manifest.
+(``--calibration-data``, else :data:`SAMPLE_TEXTS`; static int8 is checked on texts it was not calibrated on): the
+largest absolute difference on real (non-pad) positions, the share of positions whose top prediction agrees and the
+mean KL are printed and kept in the manifest. An export outside its format's bound (:data:`FLOAT_BOUND`) is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from alambic import __version__, modeling
 from alambic.cache import atomic_directory
 from alambic.errors import AlambicError, did_you_mean
 from alambic.export import onnx_graph, torch_int8
-from alambic.export.gguf_file import GGUF_TYPES, check_gguf_model, gguf_token_list, write_gguf
+from alambic.export.gguf_file import GGUF_TYPES, check_gguf_model, check_gguf_tokenizer, gguf_token_list, write_gguf
 from alambic.export.runtime import MANIFEST, gguf_round_trip, load_exported
 
 FORMATS = ("onnx", "onnx-int8", "torch-int8", "gguf")
@@ -36,6 +37,13 @@ SAMPLE_TEXTS = (
 exercised)."""
 PARITY_TEXTS = 16
 CALIBRATION_TEXTS = 32
+FLOAT_BOUND = {"max_relative_diff": 1e-3}
+HALF_BOUND = {"max_relative_diff": 2e-2, "min_top1_agreement": 0.98}
+INT8_BOUND = {"min_top1_agreement": 0.9, "max_mean_kl": 0.05}
+"""What an export must meet against PyTorch on the parity texts, by precision: float32 graphs agree to round-off
+(|diff| <= 1e-3 of the largest output, or of 1 for outputs below 1), f16 weights to 2%, with the same top prediction
+almost everywhere; int8 and q8_0 change outputs by design, so they are held to their predictions: >= 90% top-1
+agreement and a mean KL(PyTorch || export) <= 0.05 nats over the rows of each output's softmax."""
 
 
 def check_request(fmt: str, out: Path, *, gguf_type: str, int8: str, calibration_data) -> None:
@@ -119,8 +127,8 @@ def encode(tokenizer, model, texts: list[str], max_length: int, full_length: boo
         if pad:
             tokenizer.pad_token = None
     batch = dict(batch)
-    batch.setdefault("token_type_ids", torch.zeros_like(batch["input_ids"]))
-    return {name: batch[name] for name in onnx_graph.input_names(model.config)}
+    return {name: batch[name] for name in onnx_graph.input_names(model.config, tokenizer.model_input_names)
+            if name in batch}
 
 
 def _outputs(model, batch: dict, head: str) -> dict[str, torch.Tensor]:
@@ -132,7 +140,7 @@ def _outputs(model, batch: dict, head: str) -> dict[str, torch.Tensor]:
 def parity(reference: dict[str, torch.Tensor], exported: dict[str, torch.Tensor], mask: torch.Tensor) -> dict:
     """The largest |difference| over real positions, the reference's largest |value|, and the share of real rows
     whose top prediction (argmax over the last dimension; over positions for QA) agrees."""
-    worst, scale, agree, rows = 0.0, 0.0, 0, 0
+    worst, scale, agree, rows, kl_sum = 0.0, 0.0, 0, 0, 0.0
     for name, ref in reference.items():
         got = exported[name].float()
         if ref.dim() == 1 + mask.dim() and ref.shape[:2] == mask.shape:  # per token: keep real positions
@@ -143,8 +151,32 @@ def parity(reference: dict[str, torch.Tensor], exported: dict[str, torch.Tensor]
         scale = max(scale, float(ref.abs().max()))
         agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
         rows += ref.argmax(-1).numel()
+        log_p, log_q = ref.float().log_softmax(-1), got.log_softmax(-1)
+        kl_sum += float((log_p.exp() * (log_p - log_q)).sum(-1).sum())
     return {"max_abs_diff": worst, "max_abs_reference": scale, "top1_agreement": agree / max(rows, 1),
-            "rows": rows}
+            "mean_kl": kl_sum / max(rows, 1), "rows": rows}
+
+
+def parity_bound(manifest: dict) -> dict:
+    """The bound an export is held to (see :data:`FLOAT_BOUND`)."""
+    if manifest["format"] in ("onnx-int8", "torch-int8") or manifest.get("gguf_type") == "q8_0":
+        return INT8_BOUND
+    return HALF_BOUND if manifest.get("gguf_type") == "f16" else FLOAT_BOUND
+
+
+def parity_failures(result: dict, bound: dict) -> list[str]:
+    """How ``result`` (from :func:`parity`) misses ``bound``, in words; empty when it meets it."""
+    failures = []
+    relative = result["max_abs_diff"] / max(1.0, result["max_abs_reference"])
+    if relative > bound.get("max_relative_diff", float("inf")):
+        failures.append(f"max |diff| {result['max_abs_diff']:.3g} is {relative:.2g} of the outputs' scale "
+                        f"(bound {bound['max_relative_diff']:g})")
+    if result["top1_agreement"] < bound.get("min_top1_agreement", 0.0):
+        failures.append(f"top-1 agreement {100 * result['top1_agreement']:.1f}% "
+                        f"(bound {100 * bound['min_top1_agreement']:g}%)")
+    if result["mean_kl"] > bound.get("max_mean_kl", float("inf")):
+        failures.append(f"mean KL {result['mean_kl']:.3g} (bound {bound['max_mean_kl']:g})")
+    return failures
 
 
 def _tokenizer_source(model, tokenizer, tokenizer_from) -> Path | None:
@@ -174,9 +206,10 @@ def _tokenizer_source(model, tokenizer, tokenizer_from) -> Path | None:
 
 
 def export(model_spec, fmt: str, out, *, gguf_type: str = "f16", int8: str = "dynamic", calibration_data=None,
-           tokenizer_from=None, max_length: int = 128, log=print) -> dict:
+           tokenizer_from=None, max_length: int = 128, allow_disagreement: bool = False, log=print) -> dict:
     """Export ``model_spec`` (a model folder, run folder, .gguf or packaged name) as ``fmt`` into the new folder
-    ``out``; returns the manifest written there."""
+    ``out``; returns the manifest written there. An export outside its parity bound (:func:`parity_bound`) is not
+    written unless ``allow_disagreement``, and is then marked in the manifest."""
     out = Path(out)
     check_request(fmt, out, gguf_type=gguf_type, int8=int8, calibration_data=calibration_data)
     from transformers import AutoConfig
@@ -187,10 +220,20 @@ def export(model_spec, fmt: str, out, *, gguf_type: str = "f16", int8: str = "dy
     config = AutoConfig.from_pretrained(resolve_model_path(model_spec))
     if fmt == "gguf":
         check_gguf_model(config)  # an encoder is refused before its weights load
-    texts = _texts(calibration_data, max(PARITY_TEXTS, CALIBRATION_TEXTS))
+    texts = _texts(calibration_data, PARITY_TEXTS + CALIBRATION_TEXTS)
+    calibration_texts, parity_texts = [], texts[:PARITY_TEXTS]
+    if fmt == "onnx-int8" and int8 == "static":
+        # checked on texts it was not calibrated on: the last ones (else the built-in sentences)
+        calibration_texts = texts[:CALIBRATION_TEXTS]
+        parity_texts = texts[CALIBRATION_TEXTS:CALIBRATION_TEXTS + PARITY_TEXTS] or list(SAMPLE_TEXTS)
     path, model, tokenizer = _load(model_spec)
+    source = None
+    if fmt == "gguf":
+        source = _tokenizer_source(model, tokenizer, tokenizer_from)
+        if source is None:
+            check_gguf_tokenizer(tokenizer)
     head = model_head(model)
-    batch = encode(tokenizer, model, texts[:PARITY_TEXTS], max_length)
+    batch = encode(tokenizer, model, parity_texts, max_length)
     reference = _outputs(model, batch, head)
     manifest = {"format": fmt, "head": head, "source": str(model_spec), "source_path": str(path),
                 "architecture": type(model).__name__, "parameters": parameter_counts(model),
@@ -208,9 +251,9 @@ def export(model_spec, fmt: str, out, *, gguf_type: str = "f16", int8: str = "dy
                 (tmp / onnx_graph.GRAPH).rename(float_graph)
                 calibration = None
                 if int8 == "static":
-                    calibration = [{k: v.numpy() for k, v in encode(tokenizer, model, texts[i:i + 8], max_length,
-                                                                    full_length=True).items()}
-                                   for i in range(0, min(len(texts), CALIBRATION_TEXTS), 8)]
+                    calibration = [{k: v.numpy() for k, v in encode(tokenizer, model, calibration_texts[i:i + 8],
+                                                                    max_length, full_length=True).items()}
+                                   for i in range(0, len(calibration_texts), 8)]
                 onnx_graph.quantize_int8(float_graph, tmp / onnx_graph.GRAPH, int8, calibration)
                 float_graph.unlink()
                 manifest.update(precision=f"int8 {int8}", int8=int8,
@@ -219,7 +262,6 @@ def export(model_spec, fmt: str, out, *, gguf_type: str = "f16", int8: str = "dy
             torch_int8.save(torch_int8.quantize(model), tmp)
             manifest.update(files=[torch_int8.WEIGHTS], precision="int8 dynamic", runtime="torch")
         else:
-            source = _tokenizer_source(model, tokenizer, tokenizer_from)
             name = f"model-{gguf_type}.gguf"
             write_gguf(model, tokenizer, tmp / name, gguf_type, tokenizer_source=source,
                        name=Path(str(model_spec)).name)
@@ -227,6 +269,15 @@ def export(model_spec, fmt: str, out, *, gguf_type: str = "f16", int8: str = "dy
                             tokenizer_from=str(source) if source else "the model's tokenizer.json",
                             runtime="llama.cpp")
         manifest["parity"] = _check_parity(tmp, manifest, reference, batch, head, log)
+        manifest["parity_bound"] = parity_bound(manifest)
+        failures = [f"{failure} in {result['runtime']}" for result in manifest["parity"]
+                    for failure in parity_failures(result, manifest["parity_bound"])]
+        if failures and not allow_disagreement:
+            raise AlambicError(f"the {fmt} export disagrees with PyTorch beyond its bound ({'; '.join(failures)}), "
+                               f"so {out} was not written; --allow-disagreement writes it anyway, marked in {MANIFEST}")
+        if failures:
+            manifest["parity_outside_bound"] = failures
+            log(f"warning: written although outside its parity bound: {'; '.join(failures)}")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     log(f"written to {out}")
     return manifest
@@ -244,6 +295,6 @@ def _check_parity(folder: Path, manifest: dict, reference, batch, head: str, log
                   "texts": len(batch["input_ids"]), "tokens": int(batch["attention_mask"].sum())}
         log(f"parity with PyTorch ({model.runtime}, {result['tokens']} tokens of {result['texts']} texts): max |diff| "
             f"{result['max_abs_diff']:.3g} (outputs up to {result['max_abs_reference']:.3g}), top-1 agreement "
-            f"{100 * result['top1_agreement']:.1f}%")
+            f"{100 * result['top1_agreement']:.1f}%, mean KL {result['mean_kl']:.2g}")
         results.append(result)
     return results
