@@ -50,9 +50,8 @@ test-slow: setup
 
 # GGUF exports run in llama.cpp itself. llama-cpp-python compiles llama.cpp on install (about 6 minutes on 2 cores,
 # once: pip keeps the built wheel in its cache); CI runs this after `make test`.
-LLAMA_CPP := llama-cpp-python==0.3.36
 test-llama-cpp: setup
-	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install --quiet $(LLAMA_CPP)
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install --quiet -e '.[gguf]'  # the project's own extra
 	$(PY) -m pytest -q -m llama_cpp
 
 bench: setup

@@ -382,3 +382,19 @@ def test_static_int8_is_checked_on_texts_it_was_not_calibrated_on(root, tmp_path
     # the parity batch held the paragraphs after the calibration ones: as many tokens as they have
     expected = sum(min(len(tokenizer(t)["input_ids"]), 128) for t in texts[CALIBRATION_TEXTS:CALIBRATION_TEXTS + 16])
     assert manifest["parity"][0]["tokens"] == expected
+
+
+def test_parity_counts_clear_rows_apart_and_its_kl_is_the_direct_one():
+    reference = torch.tensor([[[3.0, 0.0, 0.0], [0.5, 0.45, 0.0]]])  # a clear top prediction, then a near tie
+    exported = torch.tensor([[[2.9, 0.1, 0.0], [0.4, 0.5, 0.0]]])  # the tie flips, the clear one holds
+    result = parity({"logits": reference}, {"logits": exported}, torch.ones(1, 2))
+    assert result["top1_agreement"] == 0.5 and result["rows"] == 2
+    assert result["clear_rows"] == 1 and result["clear_top1_agreement"] == 1.0
+    kl = torch.nn.functional.kl_div(exported.log_softmax(-1), reference.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1).mean()
+    assert result["mean_kl"] == pytest.approx(float(kl))
+    assert result["max_abs_diff"] == pytest.approx(0.1) and result["max_abs_reference"] == 3.0
+    from alambic.workflows.export import INT8_BOUND, parity_failures
+
+    assert parity_failures(result, INT8_BOUND) == []
+    assert parity_failures({**result, "mean_kl": 0.2}, INT8_BOUND) == ["mean KL 0.2 (bound 0.05)"]

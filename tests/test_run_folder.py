@@ -153,3 +153,52 @@ def test_a_lock_being_written_is_not_taken_over_as_stale(tmp_path):
         assert (tmp_path / LOCK).exists()  # the holder's file is left alone
     finally:
         os.close(fd)
+
+
+# --- disk space -----------------------------------------------------------------------------------------------------
+
+def test_a_run_says_what_a_checkpoint_takes_and_the_space_left(files, tmp_path, capsys):
+    assert main(distill_cmd(files, tmp_path / "run")[3:] + ["--set", "training.save_every=1"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("checkpoint step-")]
+    assert len(lines) == 1, out  # said once, at the first save
+    size = sum(f.stat().st_size for f in (tmp_path / "run" / "checkpoints" / "step-0000001").rglob("*") if f.is_file())
+    assert lines[0].startswith(f"checkpoint step-0000001: {size / 1e6:.1f} MB; the run keeps the last 2 and its "
+                               "best model, with ")
+    assert lines[0].endswith(" left on the device")
+    assert "held-out before training" not in out  # no held-out data given
+
+
+def test_a_run_that_would_fill_the_disk_refuses_to_start_and_writes_nothing(files, tmp_path, capsys):
+    # a margin larger than any disk: the first checkpoint could never be saved
+    argv = distill_cmd(files, tmp_path / "run")[3:] + ["--set", "training.min_free_disk_mb=1000000000"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"alambic: error: not starting: ") and "free on the device of" in err
+    assert "lower training.keep_checkpoints or training.min_free_disk_mb" in err and "\n" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_disk_guard_compares_free_space_with_a_checkpoint_and_the_margin(tmp_path):
+    from alambic.engine.disk import DiskGuard, free_bytes
+
+    free = free_bytes(tmp_path)
+    assert DiskGuard(tmp_path, estimate=1, margin_mb=0, keep=2).problem("saving") is None
+    assert DiskGuard(tmp_path, estimate=2 * free, margin_mb=0, keep=2).problem("saving").startswith("not saving: ")
+    assert DiskGuard(tmp_path, estimate=1, margin_mb=2 * free // 2**20 + 1, keep=2).problem("saving") is not None
+    guard = DiskGuard(tmp_path, estimate=2 * free, margin_mb=0, keep=2)
+    (tmp_path / "step-0000001").mkdir()
+    (tmp_path / "step-0000001" / "weights").write_bytes(b"x" * 1000)
+    assert guard.saved(tmp_path / "step-0000001").startswith("checkpoint step-0000001: 0.0 MB;")
+    assert guard.checkpoint == 1000 and guard.problem("saving") is None  # the measured size replaces the estimate
+    assert guard.saved(tmp_path / "step-0000001") is None  # said once
+
+
+def test_resuming_a_finished_run_says_so_before_loading_anything(files, tmp_path, capsys):
+    argv = distill_cmd(files, tmp_path / "run")[3:]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == (f"{tmp_path / 'run'} is complete: trained to step 2 of training.max_steps=2, its student "
+                           f"is in {tmp_path / 'run' / 'student'}; raise --max-steps to train on")

@@ -68,6 +68,8 @@ def test_distill_task_stages_end_to_end(teachers, tmp_path, task, stages, capsys
     assert all(torch.equal(last[k], final[k]) for k in final)
     if stages == "trm,pred":
         assert (out / "stage-1-trm" / "stage-done").is_file() and (out / "stage-2-pred" / "best").is_dir()
+        # the first stage keeps only the student the second started from: its checkpoints are copies
+        assert sorted(p.name for p in (out / "stage-1-trm").iterdir()) == ["metrics.jsonl", "stage-done", "student"]
     summary = json.loads((out / "task.json").read_text())
     assert summary["stages"] == stages.split(",") and summary["student_parameters"] < summary["teacher_parameters"]
     capsys.readouterr()

@@ -159,7 +159,9 @@ class TrainingConfig:
     save_every: int = 500
     """Steps between checkpoints (a final one is always written)."""
     keep_checkpoints: int = 2
-    """Checkpoints kept on disk (oldest removed first)."""
+    """Checkpoints kept on disk (oldest removed first); the best model (OUT/best) is kept apart."""
+    min_free_disk_mb: int = 1024
+    """Free space (MB) a run leaves on its device: it refuses to start, or to save a checkpoint, when that would leave less."""
     eval_every: int = 0
     """Steps between evaluations on the held-out data (0: only before and after training)."""
     best_metric: str | None = None
@@ -171,7 +173,7 @@ class TrainingConfig:
 
     RANGES: typing.ClassVar[dict] = {
         "max_steps": POSITIVE, "batch_size": POSITIVE, "grad_accum": POSITIVE, "log_every": POSITIVE,
-        "save_every": POSITIVE, "keep_checkpoints": POSITIVE, "lr": ABOVE_ZERO, "betas": FRACTION, "eps": ABOVE_ZERO,
+        "save_every": POSITIVE, "keep_checkpoints": POSITIVE, "min_free_disk_mb": NON_NEGATIVE, "lr": ABOVE_ZERO, "betas": FRACTION, "eps": ABOVE_ZERO,
         "weight_decay": NON_NEGATIVE, "warmup_ratio": FRACTION, "grad_clip": NON_NEGATIVE, "seed": NON_NEGATIVE,
         "eval_every": NON_NEGATIVE, "early_stopping_patience": NON_NEGATIVE,
     }

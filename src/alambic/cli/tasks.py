@@ -134,6 +134,9 @@ def add_distill_task(sub) -> None:
     l = p.add_argument_group("loss")  # noqa: E741
     l.add_argument("--stages", default="pred", help="pred (default), trm,pred (intermediate layers then prediction) "
                    "or joint")
+    l.add_argument("--keep-stages", action="store_true",
+                   help="keep every stage's checkpoints and best model (default: an earlier stage keeps only the "
+                   "student the next one starts from)")
     l.add_argument("--pred-loss", choices=("kl", "mse"), default="kl", help="kl: soft targets x T^2; mse: on logits")
     l.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the kl loss (default 1)")
     l.add_argument("--divergence", default="forward_kl", help="divergence of the kl loss: forward_kl (default), "
@@ -168,7 +171,7 @@ def run_distill_task(args) -> int:
         validation=args.validation, stages=args.stages, loss=loss,
         intermediate=TinyBERTLossConfig(layer_map=args.layer_map), training=cfg, trm_steps=args.trm_steps,
         trm_lr=args.trm_lr, data=_data(args), teacher_cache=not args.no_teacher_cache, unlabelled=args.unlabelled,
-        width_init=args.width_init, resume=args.resume, progress=not args.no_progress)
+        width_init=args.width_init, resume=args.resume, progress=not args.no_progress, keep_stages=args.keep_stages)
     value = summary[f"best_validation_{cfg.best_metric}"]
     shown = "n/a" if value is None else f"{value:.4f}"
     print(f"best validation {cfg.best_metric}: {shown}; student in {summary['best_model']}")

@@ -130,6 +130,18 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: p.name, reverse=True)
 
 
+def finished_step(run_dir: Path, max_steps: int) -> int | None:
+    """The step of the run's latest checkpoint when it has reached ``max_steps`` (nothing left to train), else None."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return None
+    try:
+        step = int(json.loads((latest / MANIFEST).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if step >= max_steps else None
+
+
 def require_checkpoints(run_dir: Path) -> list[Path]:
     """The run's checkpoints, newest first; none is the one-line error ``--resume`` gives (checked up front, before
     a run writes anything)."""

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
 from alambic.cache import atomic_write_text
 from alambic.config import TrainingConfig
 from alambic.engine import sharding
+from alambic.engine.disk import DiskGuard, estimated_checkpoint_bytes
 from alambic.engine.checkpoint import (latest_checkpoint, load_checkpoint, resume_checkpoint, rng_state,
                                        save_checkpoint, save_model_folder)
 from alambic.engine.precision import PrecisionChoice, choose_precision
@@ -223,8 +224,10 @@ def train(
     resume: bool = False,
     evaluate: Callable[[torch.nn.Module], dict] | None = None,
     progress: bool = True,
+    label: str = "distill",
 ) -> TrainResult:
-    """Train ``recipe.objective`` for ``cfg.max_steps`` optimiser steps; returns the final step and last metrics."""
+    """Train ``recipe.objective`` for ``cfg.max_steps`` optimiser steps; returns the final step and last metrics.
+    ``label``: the progress bar's name (the verb running it)."""
     accelerator = accelerator or make_accelerator(cfg)
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
@@ -259,9 +262,15 @@ def train(
     evaluator = Evaluator(evaluate, cfg, run_dir, tokenizer, log, accelerator.is_main_process, whole)
     evaluator.load_state_dict(loop_state.get("evaluation", {}))
 
+    guard = DiskGuard(run_dir, estimated_checkpoint_bytes(recipe.objective), cfg.min_free_disk_mb,
+                      cfg.keep_checkpoints)
+    _stop_everywhere(accelerator, guard.problem("starting") if accelerator.is_main_process else None)
+
     metrics: dict = {}
     if evaluate is not None and step == 0:
         metrics = evaluator(0, student)
+        accelerator.print("held-out before training: " + ", ".join(
+            f"{k[5:]} {v:.4g}" for k, v in metrics.items() if k.startswith("eval/") and "best_" not in k))
 
     device = accelerator.device
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -272,7 +281,7 @@ def train(
     # A batch source that samples (on-policy distillation) says how long it spent generating.
     window_generation = getattr(batches, "generation_seconds", None)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and accelerator.is_main_process),
-               desc="distill", unit="step", dynamic_ncols=True)
+               desc=label, unit="step", dynamic_ncols=True)
     objective.train()
     while step < cfg.max_steps:
         first = (step * processes + rank) * accum
@@ -353,6 +362,8 @@ def train(
                 # Each process's RNG (dropout) goes into the checkpoint, so every process resumes where it stopped.
                 rng_states = gather_object([rng_state()]) if processes > 1 else [rng_state()]
                 loop_state = {"evaluation": evaluator.state_dict(), "tokens": tokens_seen}
+                _stop_everywhere(accelerator, guard.problem(f"saving the checkpoint of step {step}")
+                                 if accelerator.is_main_process else None)
                 accelerator.wait_for_everyone()
                 if fsdp:  # every process writes its shards
                     sharding.save_sharded_checkpoint(run_dir, step, objective, student, optimizer, scheduler,
@@ -362,6 +373,10 @@ def train(
                     save_checkpoint(run_dir, step, accelerator.unwrap_model(objective), student, optimizer,
                                     scheduler, tokenizer, cfg.keep_checkpoints, loop_state, rng_states)
                 accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    line = guard.saved(run_dir / "checkpoints" / f"step-{step:07d}")
+                    if line:
+                        tqdm.write(line)
             if stopping:
                 break
     bar.close()
@@ -369,6 +384,17 @@ def train(
         metrics.update(evaluator(step, student))
     log.close()
     return TrainResult(step=step, metrics=metrics, student=whole(student) if fsdp else None)
+
+
+def _stop_everywhere(accelerator, problem: str | None) -> None:
+    """Raise ``problem`` (the main process's finding) on every process together, so none waits at a barrier for a
+    process that has stopped."""
+    if accelerator.num_processes > 1:
+        shared = [problem]
+        broadcast_object_list(shared)
+        problem = shared[0]
+    if problem is not None:
+        raise AlambicError(problem)
 
 
 def _gathered_for(evaluate, objective):

@@ -19,7 +19,7 @@ from alambic.data.pipeline import heldout_batches, is_chat, training_batches
 from alambic.data.chat import ChatExamples
 from alambic.data.collate import pad_id_of
 from alambic.data.sources import describe_sources
-from alambic.engine.checkpoint import latest_checkpoint, require_checkpoints
+from alambic.engine.checkpoint import finished_step, latest_checkpoint, require_checkpoints
 from alambic.engine.loop import make_accelerator, train
 from alambic.engine.precision import choose_precision
 from alambic.engine.run_folder import locked_run
@@ -39,8 +39,8 @@ from alambic.teachers import check_same_vocabulary, load_model, load_teacher, re
 class DistillResult:
     run_dir: Path
     student_dir: Path
-    teacher_parameters: int
-    student_parameters: int
+    teacher_parameters: int | None  # None: a resumed run that was already complete (nothing loaded)
+    student_parameters: int | None
     metrics: dict
 
 
@@ -173,6 +173,12 @@ def _build_student(cfg: DistillConfig, teacher, calibration, accelerator):
 @locked_run(lambda arguments: arguments["cfg"].validate().out)
 def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) -> DistillResult:
     cfg.validate()
+    done = finished_step(Path(cfg.out), cfg.training.max_steps) if resume else None
+    if done is not None and (Path(cfg.out) / "student" / "config.json").is_file():
+        # said before any model loads or any layer is measured
+        print(f"{cfg.out} is complete: trained to step {done} of training.max_steps={cfg.training.max_steps}, its "
+              f"student is in {Path(cfg.out) / 'student'}; raise --max-steps to train on", flush=True)
+        return DistillResult(Path(cfg.out), Path(cfg.out) / "student", None, None, {})
     calibration, notes = _check_inputs(cfg, resume)
     run_dir = Path(cfg.out)
     precision = choose_precision(cfg.training.mixed_precision)

@@ -53,7 +53,7 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
                  intermediate: TinyBERTLossConfig | None = None, training=None, trm_steps: int | None = None,
                  trm_lr: float | None = None, data: DataOptions | None = None, teacher_cache: bool = True,
                  unlabelled=(), width_init: str = "importance", resume: bool = False, progress: bool = True,
-                 log=print) -> dict:
+                 keep_stages: bool = False, log=print) -> dict:
     """Distil the fine-tuned ``teacher`` into a student on ``task``; returns the summary in ``OUT/task.json``.
 
     ``train_data`` may mix labelled and unlabelled examples; ``unlabelled``: transfer-set files (the teacher's soft
@@ -124,20 +124,26 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
             cfg = replace(training, eval_every=0, best_metric=None, early_stopping_patience=0,
                           max_steps=trm_steps or training.max_steps, lr=trm_lr or training.lr)
             recipe = TinyBERTRecipe(teacher_model, student_model, tinybert)
-            train(recipe, batches, cfg, run_dir, tokenizer=tokenizer, resume=stage_resume, progress=progress)
+            train(recipe, batches, cfg, run_dir, tokenizer=tokenizer, resume=stage_resume, progress=progress,
+                  label=f"distill-task {stage}")
             best = None
         else:
             extra = TinyBERTRecipe(teacher_model, student_model, tinybert) if stage == "joint" else None
             recipe = TaskRecipe(teacher_model, student_model, task, loss, cache=cache, intermediate=extra)
             try:
                 result = train(recipe, batches, training, run_dir, tokenizer=tokenizer, resume=stage_resume,
-                               progress=progress, evaluate=evaluate)
+                               progress=progress, evaluate=evaluate, label=f"distill-task {stage}")
             finally:
                 if cache is not None:
                     cache.flush()
             best = result.metrics.get(f"eval/best_{name}")
         student_model.save_pretrained(run_dir / "student")  # what the next stage (or a resumed run) starts from
         done.write_text(json.dumps({"best": best}) + "\n", encoding="utf-8")
+        if number < len(plan) and not keep_stages:
+            # the next stage starts from OUT/stage-N/student: this stage's checkpoints and best model are copies
+            # nothing reads again (a resumed run skips a finished stage)
+            for redundant in ("checkpoints", "best"):
+                shutil.rmtree(run_dir / redundant, ignore_errors=True)
     if len(plan) > 1 and (run_dir / "best").is_dir():
         if (out / "best").exists():
             shutil.rmtree(out / "best")

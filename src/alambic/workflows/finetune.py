@@ -38,7 +38,7 @@ def finetune(task: str, model: str, train_data, out, *, validation=None, trainin
     recipe = TaskRecipe(None, student, task, TaskLossConfig(alpha_kd=0.0, alpha_ce=1.0))
     batches = TaskBatches(task, prepared.train_features, tokenizer, training.batch_size, training.seed)
     result = train(recipe, batches, training, out, tokenizer=tokenizer, resume=resume, progress=progress,
-                   evaluate=validation_callback(prepared, tokenizer, data))
+                   evaluate=validation_callback(prepared, tokenizer, data), label="finetune")
     save_model_folder(student, tokenizer, out / "student")  # the last step's model; OUT/best: the best validated
     name = training.best_metric
     summary = {"task": task, "model": str(model), "labels": prepared.labels, "steps": result.step,
@@ -81,7 +81,7 @@ def finetune_chat(model: str, train_data, out, *, validation=None, training=None
     held_out = heldout_batches(validation, tokenizer, "causal", data, batch_size=training.batch_size)
     recipe = DistilBERTRecipe(None, student, DistilBERTLossConfig(alpha_kd=0.0, alpha_lm=1.0, alpha_cos=0.0))
     result = train(recipe, batches, training, out, tokenizer=tokenizer, resume=resume, progress=progress,
-                   evaluate=lambda m: evaluate_lm(m, held_out))
+                   evaluate=lambda m: evaluate_lm(m, held_out), label="finetune")
     save_model_folder(student, tokenizer, out / "student")
     summary = {"task": "chat", "model": str(model), "steps": result.step, "parameters": count_parameters(student),
                "best_validation_perplexity": result.metrics.get("eval/best_perplexity"),
