@@ -165,3 +165,51 @@ def test_rotation_never_deletes_the_last_good_checkpoint(text_dir, tmp_path, mon
         run_six(text_dir, tmp_path / "run", keep_checkpoints=1)
     assert [p.name for p in ckpt.checkpoints(tmp_path / "run")][-1] == "step-0000003"
     assert original(tmp_path / "run" / "checkpoints" / "step-0000003") is None
+
+
+# --- sharded (FSDP) checkpoints load nothing that runs code -------------------------------------------------------
+
+class _Payload:
+    """Unpickling this calls os.system: what a crafted checkpoint file could carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_sharded_checkpoint_loads_through_the_safe_reader_and_refuses_code(tmp_path):
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from alambic.engine.sharding import safe_checkpoint_io
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    saved = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+    with pytest.warns(UserWarning):  # no process group: torch says it saves as one process
+        dcp.save(saved, checkpoint_id=str(tmp_path / "sharded"), no_dist=True)
+    fresh = torch.nn.Linear(4, 3)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters())
+    fresh(torch.randn(2, 4)).sum().backward()
+    fresh_optimizer.step()
+    loaded = {"model": fresh.state_dict(), "optim": fresh_optimizer.state_dict()}
+    reader, planner = safe_checkpoint_io(tmp_path / "sharded")
+    with pytest.warns(UserWarning):
+        dcp.load(loaded, storage_reader=reader, planner=planner, no_dist=True)
+    assert all(torch.equal(loaded["model"][k], saved["model"][k]) for k in saved["model"])
+    assert loaded["optim"]["state"][0]["step"] == saved["optim"]["state"][0]["step"]
+    # a .metadata that would run a command is refused, and the command does not run
+    marker = tmp_path / "ran"
+    (tmp_path / "sharded" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    reader, planner = safe_checkpoint_io(tmp_path / "sharded")
+    with pytest.raises(AlambicError, match=r"\.metadata names posix\.system, which a checkpoint description never "
+                                           r"holds.*start afresh without --resume"):
+        reader.read_metadata()
+    assert not marker.exists()

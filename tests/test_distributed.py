@@ -181,3 +181,26 @@ def test_on_policy_under_ddp_samples_each_process_its_prompts_like_one_process(t
     assert_two_processes_equal_one(common, tmp_path)
     logs = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert all("generate_share" in r for r in logs)
+
+
+@needs_torchrun
+def test_a_resume_on_another_number_of_processes_is_refused_in_one_line(llama_and_text):
+    # a one-process run stopped at step 2 of 4, resumed by two processes: each would read its own share of the
+    # batches, so the data order and the global batch would change and batches be trained twice
+    tmp_path = llama_and_text
+    common = ["distill", "--teacher", str(tmp_path / "teacher"), "--data", str(tmp_path / "text"), "--batch-size",
+              "2", "--no-progress", "--set", "data.max_length=32", "--out", str(tmp_path / "run"),
+              "--set", "training.save_every=2"]
+    subprocess.run([sys.executable, "-m", "alambic", *common, "--max-steps", "2"], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=TIMEOUT_S)
+    done = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "alambic", *common,
+                           "--max-steps", "4", "--resume"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=TIMEOUT_S)
+    assert done.returncode != 0
+    assert ("alambic: error: checkpoint step-0000002 was written by a run of 1 process, and this run has 2: resume "
+            "with the same number (torchrun --nproc_per_node 1, or no launcher), or start afresh in another --out"
+            ) in done.stderr
+    assert "alambic/engine" not in done.stderr  # one line from each process, no traceback of ours (torchrun prints
+    # its own summary of the failed workers)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 2  # nothing trained again

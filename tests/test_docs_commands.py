@@ -107,9 +107,10 @@ def write_placeholders(world: Path, shared: Path) -> None:
         (world / "wiki" / f"{i}.txt").write_text(text)
     for name in ("heldout.txt", "my-text.txt", "in-domain.txt", "raw-texts.txt"):
         (world / name).write_text("\n\n".join(texts[8:12]))
-    bbc = sorted(BBC_DIR.glob("*/*.txt"))
+    topics = sorted(p for p in BBC_DIR.iterdir() if p.is_dir())
+    by_topic = [sorted(topic.glob("*.txt"))[:10] for topic in topics]
     records = [{"text": path.read_text(encoding="utf-8", errors="replace")[:600], "label": path.parent.name}
-               for path in bbc[::40][:50]]
+               for round_ in zip(*by_topic) for path in round_]  # every topic in every slice
     for name, part in (("train.jsonl", records[:30]), ("few-labels.jsonl", records[:10]),
                        ("labelled.jsonl", records[:20]), ("validation.jsonl", records[30:40]),
                        ("test.jsonl", records[40:50])):

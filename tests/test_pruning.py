@@ -157,3 +157,23 @@ def test_init_student_cli_slices_a_narrow_student_and_refuses_without_calibratio
     assert "## Width pruning" in card and "FFN neurons: 32 of 64" in card
     student = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "s")
     assert (student.config.hidden_size, student.config.num_attention_heads) == (16, 2)
+
+
+def test_only_dimensions_that_carry_hidden_channels_are_sliced():
+    # gpt2-medium's coincidence: as many positions as channels (here 32 and 32). The position table keeps every
+    # position (rows) and loses channels (columns) only; it is copied, not left fresh.
+    teacher = tiny_gpt2(n_positions=32)
+    student = init_student(teacher, layers=[0, 1], hidden_size=16, calibration_data=text_batches(teacher, n_batches=6, length=16))
+    plan = student.pruning
+    wpe = student.model.transformer.wpe.weight
+    assert wpe.shape == (32, 16)
+    assert torch.equal(wpe, teacher.transformer.wpe.weight[:, plan.hidden])
+    assert "wpe" not in " ".join(student.notes)
+    # a Llama whose heads keep their size while the width shrinks: the query projection's rows are its heads'
+    # channels (4 x 8 = 32 = the teacher's width), not hidden channels, and stay whole; its columns are sliced
+    teacher = tiny_llama()
+    built = init_student(teacher, layers=[0, 1], hidden_size=16, num_heads=4, intermediate_size=64,
+                         calibration_data=text_batches(teacher))
+    q = built.model.model.layers[0].self_attn.q_proj.weight
+    assert q.shape == (32, 16)
+    assert torch.equal(q, teacher.model.layers[0].self_attn.q_proj.weight[:, built.pruning.hidden])

@@ -239,3 +239,17 @@ def _bypassed(module: nn.Module):
         yield
     finally:
         del module.forward
+
+
+HEAD_AUTO_CLASSES = {
+    "causal": "AutoModelForCausalLM", "masked": "AutoModelForMaskedLM", "encoder": "AutoModel",
+    "classification": "AutoModelForSequenceClassification", "ner": "AutoModelForTokenClassification",
+    "qa": "AutoModelForQuestionAnswering",
+}
+"""A model's head (a language-model kind, a task, or none) -> the transformers Auto class that builds it."""
+
+
+def head_auto_class(head: str):
+    import transformers
+
+    return getattr(transformers, HEAD_AUTO_CLASSES[head])

@@ -204,6 +204,16 @@ def _trainer_state(path: Path) -> dict:
         ) from None
 
 
+def check_world_size(path: Path, saved: int, processes: int) -> None:
+    """One line when a run saved by ``saved`` processes is resumed by another number: each process reads its own
+    share of the batches, so the data order and the global batch would change, and batches be trained twice."""
+    if saved != processes:
+        raise AlambicError(f"checkpoint {Path(path).name} was written by a run of {saved} process"
+                           f"{'es' if saved != 1 else ''}, and this run has {processes}: resume with the same number "
+                           f"(torchrun --nproc_per_node {saved}{', or no launcher' if saved == 1 else ''}), or start "
+                           "afresh in another --out")
+
+
 def resume_checkpoint(run_dir: Path, objective, student, optimizer, scheduler, process_index: int = 0,
                       say=print, load=None) -> tuple[Path, int, dict]:
     """Load the newest checkpoint of ``run_dir`` that verifies and loads (with ``load``, :func:`load_checkpoint`
@@ -229,10 +239,14 @@ def resume_checkpoint(run_dir: Path, objective, student, optimizer, scheduler, p
                        f"(newest, {newest.name}: {why}); start again without --resume")
 
 
-def load_checkpoint(path: Path, objective, student, optimizer, scheduler, process_index: int = 0) -> tuple[int, dict]:
+def load_checkpoint(path: Path, objective, student, optimizer, scheduler, process_index: int = 0,
+                    processes: int | None = None) -> tuple[int, dict]:
     """Restore everything :func:`save_checkpoint` wrote, with process ``process_index``'s RNG states; returns the
-    step to continue from and the loop state."""
+    step to continue from and the loop state. ``processes``: the resuming run's process count, which must be the
+    saving run's (its data order and global batch depend on it)."""
     path = Path(path)
+    if processes is not None:
+        check_world_size(path, len(_trainer_state(path)["rng"]), processes)
     if (path / "sharded").is_dir():
         raise AlambicError(f"checkpoint {path} was written under FSDP (sharded): resume it with "
                            "training.distributed=fsdp on the same number of processes")

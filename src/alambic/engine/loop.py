@@ -97,11 +97,23 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
 
 
+def agreed_precision(requested: str) -> PrecisionChoice:
+    """``choose_precision`` decided once, on the main process, and given to every process: ``auto`` on a CPU times
+    bf16 against fp32, and two processes timing on a busy machine could choose differently."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # under torchrun: joins the process group
+    choice = [choose_precision(requested) if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(choice)
+    return choice[0]
+
+
 def make_accelerator(cfg: TrainingConfig, precision: PrecisionChoice | None = None):
     """An accelerate ``Accelerator`` in the precision ``cfg.mixed_precision`` resolves to (printed)."""
     from accelerate import Accelerator
 
-    precision = precision or choose_precision(cfg.mixed_precision)
+    precision = precision or agreed_precision(cfg.mixed_precision)
     # cpu=True is what makes accelerate honour torchrun's WORLD_SIZE on a machine without GPUs (DDP over gloo).
     accelerator = Accelerator(mixed_precision=precision.precision, cpu=not torch.cuda.is_available())
     check_engine(accelerator.distributed_type)
@@ -253,7 +265,7 @@ def train(
 
     step, loop_state = 0, {}
     if resume:
-        load = (functools.partial(_load_sharded, processes=processes) if fsdp else load_checkpoint)
+        load = functools.partial(_load_sharded if fsdp else load_checkpoint, processes=processes)
         checkpoint, step, loop_state = resume_checkpoint(run_dir, accelerator.unwrap_model(objective), student,
                                                          optimizer, scheduler, rank, say=accelerator.print, load=load)
         accelerator.print(f"resumed from {checkpoint} at step {step}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -138,6 +139,60 @@ def save_sharded_checkpoint(run_dir: Path, step: int, objective, student, optimi
     dist.barrier()
 
 
+METADATA_CLASSES = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("collections", "OrderedDict"),
+}
+"""What a sharded checkpoint's ``.metadata`` may name, beyond ``torch.distributed.checkpoint.metadata``'s classes and
+torch's dtypes: its descriptions of the shards, and nothing that runs code."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = ((module, name) in METADATA_CLASSES or module == "torch.distributed.checkpoint.metadata"
+                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+        if not allowed:
+            raise AlambicError(f"a sharded checkpoint's .metadata names {module}.{name}, which a checkpoint "
+                               "description never holds: it was not written by alambic's FSDP run, and is not loaded "
+                               "(loading would run code); start afresh without --resume")
+        return super().find_class(module, name)
+
+
+def safe_checkpoint_io(path: Path):
+    """(storage reader, load planner) for ``torch.distributed.checkpoint.load`` that unpickle nothing but shard
+    descriptions and tensors: torch's own reader unpickles ``.metadata`` freely and its planner loads the
+    non-tensor items with ``weights_only=False``, so a crafted checkpoint could run code on ``--resume``."""
+    import io
+
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as stream:
+                metadata = _MetadataUnpickler(stream).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:  # DefaultLoadPlanner's, with weights_only
+            try:
+                item = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as error:
+                raise AlambicError(f"a sharded checkpoint holds an item that does not load without running code "
+                                   f"({str(error).splitlines()[0]}); it is not loaded: start afresh without "
+                                   "--resume") from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], item)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = item
+
+    return Reader(str(path)), Planner()
+
+
 def load_sharded_checkpoint(path: Path, objective, optimizer, scheduler, process_index: int,
                             processes: int) -> tuple[int, dict]:
     """Restore what :func:`save_sharded_checkpoint` wrote (every process reads its own shards)."""
@@ -155,7 +210,8 @@ def load_sharded_checkpoint(path: Path, objective, optimizer, scheduler, process
         raise AlambicError(f"checkpoint {path} was written by {state.get('processes')} processes and FSDP resumes "
                            f"on the same number: launch {state.get('processes')} processes (now {processes})")
     shards = {"model": get_model_state_dict(objective), "optim": get_optimizer_state_dict(objective, optimizer)}
-    dcp.load(shards, checkpoint_id=str(path / SHARDED))
+    reader, planner = safe_checkpoint_io(path / SHARDED)
+    dcp.load(shards, storage_reader=reader, planner=planner)
     set_model_state_dict(objective, shards["model"])
     set_optimizer_state_dict(objective, optimizer, shards["optim"])
     scheduler.load_state_dict(state["scheduler"])

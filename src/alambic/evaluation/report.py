@@ -464,9 +464,9 @@ def _load_torch(p: _Prepared, settings: ReportSettings):
 
 def _architecture(p: _Prepared, settings: ReportSettings):
     """The exported model's architecture in PyTorch (fresh weights): what its FLOPs are counted on."""
-    from alambic.export.runtime import auto_class
+    from alambic.modeling import head_auto_class
 
-    return auto_class(p.export["head"]).from_config(p.config).eval()
+    return head_auto_class(p.export["head"]).from_config(p.config).eval()
 
 
 def _ratios(row: dict, ref: dict) -> dict:

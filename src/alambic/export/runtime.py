@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from alambic.errors import AlambicError
+from alambic.modeling import head_auto_class
 
 MANIFEST = "alambic-export.json"
 
@@ -155,7 +156,7 @@ def load_exported(folder: Path, manifest: dict | None = None) -> torch.nn.Module
     if fmt == "torch-int8":
         from alambic.export import torch_int8
 
-        model = torch_int8.load(folder, auto_class(manifest["head"]))
+        model = torch_int8.load(folder, head_auto_class(manifest["head"]))
     elif fmt == "gguf" and _has_llama_cpp():
         from alambic.evaluation.speed import max_positions
 
@@ -166,16 +167,3 @@ def load_exported(folder: Path, manifest: dict | None = None) -> torch.nn.Module
         raise AlambicError(f"{folder}: unknown export format {fmt!r} in {MANIFEST}; export the model again")
     model.runtime, model.precision, model.exported = "torch", precision, True
     return model.requires_grad_(False)
-
-
-def auto_class(head: str):
-    """The transformers Auto class of an export's head (see :func:`alambic.workflows.export.model_head`)."""
-    import transformers
-
-    from alambic.tasks.models import HEAD_SUFFIX
-    from alambic.tasks.models import auto_class as task_auto_class
-
-    if head in HEAD_SUFFIX:
-        return task_auto_class(head)
-    return {"causal": transformers.AutoModelForCausalLM, "masked": transformers.AutoModelForMaskedLM,
-            "encoder": transformers.AutoModel}[head]

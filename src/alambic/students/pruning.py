@@ -158,6 +158,9 @@ class WidthPruning:
     roles: dict[str, tuple[int, str]] = field(default_factory=dict)
     """Teacher module name -> (teacher layer, role), for the projections of the kept layers."""
     conv1d: set[str] = field(default_factory=set)
+    embeddings: set[str] = field(default_factory=set)
+    """Teacher embedding tables: (entries, hidden), so only their last dimension carries hidden channels, whatever
+    the number of entries (gpt2-medium has 1024 positions and 1024 channels)."""
 
     def slice(self, key: str, source: torch.Tensor) -> torch.Tensor:
         """``source`` (the teacher tensor named ``key``) with the kept indices of every dimension that shrinks."""
@@ -177,8 +180,16 @@ class WidthPruning:
             else:
                 index[out_dim] = inner
                 handled.add(out_dim)
-        for dim, size in enumerate(source.shape):
-            if dim not in handled and size == self.teacher_hidden and self.hidden is not None:
+        # the dimensions that carry hidden channels: by role (a projection's other side, an embedding's last
+        # dimension), never by a size that happens to equal the width
+        hidden_dims = range(source.dim())
+        if module in self.embeddings:
+            hidden_dims = [source.dim() - 1]
+        elif role is not None:  # a projection writes (or reads) the hidden state on its other side only
+            side = out_dim if role in _READS_INNER else in_dim
+            hidden_dims = [side] if side is not None else []
+        for dim in hidden_dims:
+            if dim not in handled and source.shape[dim] == self.teacher_hidden and self.hidden is not None:
                 index[dim] = self.hidden
         for dim, kept in enumerate(index):
             if kept is not None:
@@ -229,6 +240,7 @@ def plan_pruning(teacher: nn.Module, student_config, layers: list[int], importan
     group = t_heads // t_kv
     if slice_heads and (s_heads % group or s_kv * group != s_heads):
         slice_heads = False  # regrouped heads cannot be sliced; init_student leaves attention fresh and says so
+    plan.embeddings = {name for name, module in teacher.named_modules() if isinstance(module, nn.Embedding)}
     t_layers = modeling.transformer_layers(teacher)
     prefix = modeling.module_name(teacher, t_layers)
     for i in layers:

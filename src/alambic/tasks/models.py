@@ -9,20 +9,12 @@ from __future__ import annotations
 import torch
 
 from alambic.errors import AlambicError
-from alambic.modeling import model_inputs
+from alambic.modeling import head_auto_class, model_inputs
 
 HEAD_SUFFIX = {"classification": "ForSequenceClassification", "ner": "ForTokenClassification",
                "qa": "ForQuestionAnswering"}
 MASKED = -1e4
 """The logit given to positions that cannot be an answer (finite, so KL and cross-entropy stay NaN-free)."""
-
-
-def auto_class(task: str):
-    import transformers
-
-    return {"classification": transformers.AutoModelForSequenceClassification,
-            "ner": transformers.AutoModelForTokenClassification,
-            "qa": transformers.AutoModelForQuestionAnswering}[task]
 
 
 def head_task(config_or_model) -> str | None:
@@ -81,7 +73,7 @@ def load_task_model(spec, task: str, labels: list[str] | None = None, *, role: s
                   "label2id": {label: i for i, label in enumerate(labels)}}
     try:
         with _quiet_transformers():
-            model = auto_class(task).from_pretrained(path, dtype=torch.float32, **kwargs)
+            model = head_auto_class(task).from_pretrained(path, dtype=torch.float32, **kwargs)
     except ValueError as error:
         raise AlambicError(f"{role} {spec} ({config.model_type}) has no {task} head class in transformers: "
                            f"{str(error).splitlines()[0]}") from None

@@ -20,8 +20,7 @@ from alambic.data.chat import ChatExamples
 from alambic.data.collate import pad_id_of
 from alambic.data.sources import describe_sources
 from alambic.engine.checkpoint import finished_step, latest_checkpoint, require_checkpoints
-from alambic.engine.loop import make_accelerator, train
-from alambic.engine.precision import choose_precision
+from alambic.engine.loop import agreed_precision, make_accelerator, train
 from alambic.engine.run_folder import locked_run
 from alambic.errors import AlambicError
 from alambic.evaluation.lm import evaluate_lm
@@ -181,7 +180,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
         return DistillResult(Path(cfg.out), Path(cfg.out) / "student", None, None, {})
     calibration, notes = _check_inputs(cfg, resume)
     run_dir = Path(cfg.out)
-    precision = choose_precision(cfg.training.mixed_precision)
+    precision = agreed_precision(cfg.training.mixed_precision)
     accelerator = make_accelerator(cfg.training, precision)
     say = accelerator.print
     for note in notes:
