@@ -125,15 +125,18 @@ def test_killed_inside_a_checkpoint_write_resumes_exactly(where, text_dir, tmp_p
     real = {"student weights": (ckpt, "save_file"), "trainer state": (torch, "save"),
             "manifest": (ckpt, "verify_checkpoint"), "latest pointer": (ckpt, "atomic_write_text")}[where]
     original = getattr(*real)
+    fired = []
 
     def dies_at_step_six(*args, **kwargs):
         if "0000006" in " ".join(map(str, args)):
+            fired.append(where)
             raise Interrupt
         return original(*args, **kwargs)
 
     monkeypatch.setattr(*real, dies_at_step_six)
     run_six(text_dir, tmp_path / "run")
     monkeypatch.undo()
+    assert fired == [where]  # the run did die inside that write
     leftovers = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".tmp")]
     assert leftovers == []
     assert_same_weights(straight9, resume_to_nine(text_dir, tmp_path / "run"))

@@ -84,6 +84,9 @@ def distillation_card(config: dict, *, teacher_parameters: int | None = None, st
         else:
             built += " with the embeddings, final norm and LM head"
     lines.append(f"- student: {built} ({layers(student_layers) or 'layers not recorded'}{params(student_parameters)})")
+    if config.get("teacher_logits"):
+        lines.append(f"- teacher outputs: read from the cache `{config['teacher_logits']}` (`alambic cache-teacher`); "
+                     "the teacher did not run while training")
     auto = {"causal": "AutoModelForCausalLM", "masked": "AutoModelForMaskedLM"}.get(kind, "AutoModel")
     docs = _loss_docs(recipe)
     weights = {k: v for k, v in loss.items() if k.startswith("alpha_")}

@@ -124,12 +124,59 @@ class CachedExample:
     shard: int
 
 
+_SAFETENSORS_DTYPES = {"I64": np.int64, "I32": np.int32, "U16": np.uint16, "F16": np.float16, "F32": np.float32}
+"""The dtypes a cache shard holds (see the table above)."""
+
+
+class ShardReader:
+    """Rows of one safetensors shard, read on demand with ``pread`` from an open file: nothing is mapped or kept, so
+    the memory a run holds does not grow with the cache (a 1B-token cache at 136 B/token is 136 GB)."""
+
+    def __init__(self, path: Path):
+        import os
+
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        (size,) = np.frombuffer(os.pread(self.fd, 8, 0), dtype="<u8")
+        header = json.loads(os.pread(self.fd, int(size), 8))
+        header.pop("__metadata__", None)
+        self.start = 8 + int(size)
+        self.tensors = header
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def rows(self, name: str, begin: int, end: int) -> torch.Tensor:
+        """Rows ``begin:end`` (first dimension) of tensor ``name``."""
+        import os
+
+        info = self.tensors[name]
+        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+        shape = info["shape"]
+        row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        first = self.start + info["data_offsets"][0] + begin * row_bytes
+        data = os.pread(self.fd, (end - begin) * row_bytes, first)
+        if len(data) != (end - begin) * row_bytes:
+            raise AlambicError(f"{self.path} is shorter than its header says (cut while copying?): cache again")
+        return torch.from_numpy(np.frombuffer(data, dtype=dtype).reshape(end - begin, *shape[1:]).copy())
+
+    def whole(self, name: str) -> torch.Tensor:
+        return self.rows(name, 0, self.tensors[name]["shape"][0])
+
+    def close(self) -> None:
+        import os
+
+        os.close(self.fd)
+
+
 class TeacherOutputs:
-    """The cache's examples and their teacher rows; shards are read on first use and kept."""
+    """The cache's examples and their teacher rows, streamed: each read takes only the rows a batch needs from its
+    shard; only the shards' small offset tables are kept."""
 
     def __init__(self, folder, manifest: dict):
         self.folder, self.manifest = Path(folder), manifest
-        self._shards: dict[int, dict] = {}
+        self._readers: dict[int, ShardReader] = {}
+        self._offsets: dict[int, np.ndarray] = {}
         self.starts = np.cumsum([0] + [s["examples"] for s in manifest["shards"]])
 
     def __len__(self) -> int:
@@ -138,32 +185,33 @@ class TeacherOutputs:
     def __getitem__(self, index: int) -> "CachedExample":
         return self.example(index)
 
-    def _shard(self, index: int) -> dict:
-        if index not in self._shards:
-            from safetensors.torch import load_file
-
-            self._shards[index] = load_file(str(self.folder / self.manifest["shards"][index]["file"]))
-        return self._shards[index]
+    def _reader(self, index: int) -> ShardReader:
+        if index not in self._readers:
+            self._readers[index] = ShardReader(self.folder / self.manifest["shards"][index]["file"])
+            self._offsets[index] = self._readers[index].whole("offsets").numpy()
+        return self._readers[index]
 
     def example(self, index: int) -> CachedExample:
         shard = int(np.searchsorted(self.starts, index, side="right") - 1)
-        tensors = self._shard(shard)
+        reader = self._reader(shard)
         local = index - int(self.starts[shard])
-        start, end = int(tensors["offsets"][local]), int(tensors["offsets"][local + 1])
-        targets = tensors.get("mlm_targets")
-        return CachedExample(tensors["input_ids"][start:end].numpy().astype(np.int64),
-                             targets[start:end].numpy().astype(np.int64) if targets is not None else None,
+        start, end = int(self._offsets[shard][local]), int(self._offsets[shard][local + 1])
+        targets = reader.rows("mlm_targets", start, end).numpy().astype(np.int64) if "mlm_targets" in reader else None
+        return CachedExample(reader.rows("input_ids", start, end).numpy().astype(np.int64), targets,
                              slice(start, end), shard)
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.concatenate([np.diff(self._shard(i)["offsets"].numpy()) for i in range(len(self.starts) - 1)])
+        for i in range(len(self.starts) - 1):
+            self._reader(i)
+        return np.concatenate([np.diff(self._offsets[i]) for i in range(len(self.starts) - 1)])
 
     def rows(self, examples: list[CachedExample]) -> dict[str, torch.Tensor]:
         """The teacher rows of ``examples``, concatenated in order (= the batch's non-pad tokens, row-major)."""
         names = ["topk_ids", "topk_log_probs", "rest_log_prob"] + (["hidden"] if self.manifest["hidden_states"]
                                                                    else [])
-        parts = {name: [self._shard(e.shard)[name][e.rows] for e in examples] for name in names}
+        parts = {name: [self._reader(e.shard).rows(name, e.rows.start, e.rows.stop) for e in examples]
+                 for name in names}
         out = {name: torch.cat(chunks) for name, chunks in parts.items()}
         out["topk_ids"] = out["topk_ids"].to(torch.int64)
         return out
