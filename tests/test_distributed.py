@@ -204,3 +204,47 @@ def test_a_resume_on_another_number_of_processes_is_refused_in_one_line(llama_an
     # its own summary of the failed workers)
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 2  # nothing trained again
+
+
+@needs_torchrun
+@pytest.mark.parametrize("variant", ["bf16", "teacher-logits", "teacher-logits-bf16"])
+def test_fsdp_with_bf16_or_a_teacher_cache_matches_one_process(variant, llama_and_text):
+    """What the README says FSDP runs: bf16, and --teacher-logits. Against one process accumulating the same global
+    batch: with a cache, in fp32, the same weights up to summation order; in bf16, the same losses up to bf16
+    rounding (FSDP computes with bf16 parameters, one process with bf16 autocast: both round, differently)."""
+    tmp_path = llama_and_text
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["distill", "--max-steps", "3", "--batch-size", "2", "--no-progress", "--set", "training.log_every=1",
+              "--set", "data.max_length=32", "--layers", "0,2", "--teacher", str(tmp_path / "teacher")]
+    bf16 = variant.endswith("bf16")
+    common += ["--set", f"training.mixed_precision={'bf16' if bf16 else 'no'}"]
+    if variant.startswith("teacher-logits"):
+        cache = tmp_path / "cache"
+        subprocess.run([sys.executable, "-m", "alambic", "cache-teacher", "--teacher", str(tmp_path / "teacher"),
+                        "--data", str(tmp_path / "text"), "--out", str(cache), "--top-k", "16", "--max-length", "32"],
+                       check=True, env=env, capture_output=True, timeout=TIMEOUT_S)
+        common += ["--teacher-logits", str(cache)]
+    else:
+        common += ["--data", str(tmp_path / "text")]
+    torchrun("-m", "alambic", *common, "--set", "training.distributed=fsdp", "--out", str(tmp_path / "fsdp"))
+    subprocess.run([sys.executable, "-m", "alambic", *common, "--grad-accum", "2", "--out", str(tmp_path / "one")],
+                   check=True, env=env, capture_output=True, timeout=TIMEOUT_S)
+    logs = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("fsdp", "one")}
+    assert [r["step"] for r in logs["fsdp"]] == [1, 2, 3]
+    tolerance = 2e-2 if bf16 else 1e-5
+    for a, b in zip(logs["fsdp"], logs["one"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=tolerance)
+        assert a.get("loss/kd", 0) > 0
+    fsdp = load_file(str(tmp_path / "fsdp" / "student" / "model.safetensors"))
+    one = load_file(str(tmp_path / "one" / "student" / "model.safetensors"))
+    assert sorted(fsdp) == sorted(one) and all(fsdp[k].dtype == one[k].dtype for k in one)  # exported as fp32
+    start = tiny_llama().state_dict()
+    for name in ("model.norm.weight", "model.layers.1.mlp.down_proj.weight"):
+        moved_fsdp = fsdp[name] - start[name.replace("layers.1", "layers.2")]
+        moved_one = one[name] - start[name.replace("layers.1", "layers.2")]
+        assert moved_one.abs().max() > 1e-4  # it trained
+        # AdamW's first steps move each weight by about lr x sign(gradient): where a gradient is near zero, a
+        # rounding difference flips a whole step, so the updates are compared on average, not weight by weight
+        share = (moved_fsdp - moved_one).abs().mean() / moved_one.abs().mean()
+        assert share <= (0.1 if bf16 else 0.01), (name, float(share))

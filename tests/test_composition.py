@@ -1,0 +1,89 @@
+"""Features in combination, each case asserting a property of the result (issue 21's matrix). Elsewhere:
+pruned -> distill -> GGUF -> llama.cpp (tests/test_llama_cpp.py), offline cache -> FSDP and bf16 -> FSDP against one
+process, and a DDP resume on another number of processes refused (tests/test_distributed.py)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from alambic.cli import main
+from alambic.evaluation.report import ReportSettings, build_report
+from alambic.export.runtime import load_exported, read_manifest
+from alambic.workflows.export import encode, parity
+from tiny import bpe_tokenizer, sample_texts, tiny_bert, tiny_llama, wordpiece_tokenizer
+
+DATA = Path(__file__).parent / "data"
+
+
+def cli(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("composition")
+    tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(root / "llama")
+    bpe_tokenizer().save_pretrained(root / "llama")
+    tiny_bert(num_hidden_layers=4).save_pretrained(root / "bert")
+    wordpiece_tokenizer().save_pretrained(root / "bert")
+    texts = sample_texts(14)
+    (root / "text.txt").write_text("\n\n".join(texts[:10]))
+    (root / "heldout.txt").write_text("\n\n".join(texts[10:]))
+    (root / "transfer.txt").write_text("\n".join(t.split("\n")[0] for t in sample_texts(40)))
+    return root
+
+
+def test_pruned_then_distilled_then_onnx_int8_scores_like_pytorch_in_onnxruntime(files, tmp_path):
+    # a narrower decoder sliced by importance, distilled, quantised: onnxruntime runs what PyTorch runs, within the
+    # int8 bound, and the held-out perplexity moves by less than 2%
+    assert cli("init-student", "--teacher", files / "llama", "--out", tmp_path / "init", "--layers", "0,3",
+               "--hidden-size", 32, "--calibration-data", files / "text.txt", "--calibration-tokens", 256,
+               "--max-length", 32) == 0
+    assert cli("distill", "--teacher", files / "llama", "--student", tmp_path / "init", "--data", files / "text.txt",
+               "--out", tmp_path / "run", "--max-steps", 2, "--batch-size", 2, "--max-length", 32,
+               "--no-progress") == 0
+    assert cli("export", tmp_path / "run", "--format", "onnx-int8", "--out", tmp_path / "int8") == 0
+    manifest = read_manifest(tmp_path / "int8")
+    assert manifest["parity_bound"]["max_mean_kl"] == 0.05 and "parity_outside_bound" not in manifest
+    settings = ReportSettings(seq_lens=[16], batch_size=2, warmup=0, repeats=1, threads=1,
+                              lm_data=[str(files / "heldout.txt")], max_tokens=512)
+    report = build_report([str(tmp_path / "run"), str(tmp_path / "int8")], settings, log=None, warn=None)
+    student, exported = report["models"]
+    assert exported["runtime"] == "onnxruntime int8 dynamic"
+    assert exported["quality"]["tokens"] == student["quality"]["tokens"]
+    assert exported["quality"]["perplexity"] == pytest.approx(student["quality"]["perplexity"], rel=0.02)
+
+
+def test_distill_task_with_a_transfer_set_then_onnx_then_report(files, tmp_path, capsys):
+    # a classification teacher -> a student distilled on labelled data plus an unlabelled transfer set -> its ONNX
+    # graph: the report scores the graph exactly as the PyTorch student, from the same run folder
+    data = DATA / "sentiment_ko.jsonl"
+    fast = ["--max-length", 64, "--batch-size", 4, "--no-progress"]
+    assert cli("finetune", "--task", "classification", "--model", files / "bert", "--train", data,
+               "--out", tmp_path / "teacher", "--max-steps", 3, *fast) == 0
+    assert cli("distill-task", "--task", "classification", "--teacher", tmp_path / "teacher", "--student-layers",
+               "0,2", "--train", data, "--unlabelled", files / "transfer.txt", "--out", tmp_path / "student",
+               "--max-steps", 4, *fast) == 0
+    assert "unlabelled (soft targets only)" in capsys.readouterr().out
+    assert cli("export", tmp_path / "student", "--format", "onnx", "--out", tmp_path / "onnx") == 0
+    assert read_manifest(tmp_path / "onnx")["source_path"] == str(tmp_path / "student" / "best")
+    settings = ReportSettings(seq_lens=[16], batch_size=2, warmup=0, repeats=1, threads=1, task="classification",
+                              data=[str(data)], max_length=64)
+    report = build_report([str(tmp_path / "teacher"), str(tmp_path / "student"), str(tmp_path / "onnx")], settings,
+                          log=None, warn=None)
+    teacher, student, graph = report["models"]
+    assert graph["runtime"] == "onnxruntime float32" and graph["parameters"] == student["parameters"]
+    assert graph["parameters"]["total"] < teacher["parameters"]["total"]
+    assert graph["quality"]["value"] == pytest.approx(student["quality"]["value"], abs=1e-9)
+    # and the graph's logits are the student's on the saved tokenizer's own output
+    model = load_exported(tmp_path / "onnx")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "onnx")
+    reference = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "student" / "best").eval()
+    batch = encode(tokenizer, reference, [json.loads(line)["text"] for line in data.read_text().splitlines()[:6]],
+                   max_length=64)
+    with torch.no_grad():
+        expected = {"logits": reference(**batch).logits}
+    assert parity(expected, {"logits": model(**batch).logits}, batch["attention_mask"])["max_abs_diff"] < 1e-4
