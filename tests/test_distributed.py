@@ -248,3 +248,17 @@ def test_fsdp_with_bf16_or_a_teacher_cache_matches_one_process(variant, llama_an
         # rounding difference flips a whole step, so the updates are compared on average, not weight by weight
         share = (moved_fsdp - moved_one).abs().mean() / moved_one.abs().mean()
         assert share <= (0.1 if bf16 else 0.01), (name, float(share))
+
+
+@needs_torchrun
+def test_an_error_on_the_main_process_before_a_barrier_ends_every_process(llama_and_text):
+    """The main process stops on a user error while the other waits at a barrier: the launcher ends the run (exit
+    status 2 of the main process), within seconds, with the error's one line; nothing waits forever."""
+    tmp_path = llama_and_text
+    worker = os.path.join(os.path.dirname(__file__), "rank0_failure_worker.py")
+    done = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", worker, str(tmp_path / "text"),
+                           str(tmp_path / "out")], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert done.returncode != 0 and "released" not in done.stdout
+    assert "alambic: error: unknown teacher 'no-such-teacher'" in done.stderr
+    assert "exitcode  : 2" in done.stderr  # the main process's own exit status, as the launcher reports it

@@ -42,7 +42,8 @@ SMALL_SETTINGS = {"training.grad_accum": "1"}
 BUDGETS = {
     "distill": ["--max-steps", "2", "--batch-size", "4", "--set", "training.grad_accum=1"],
     "finetune": ["--max-steps", "2"], "distill-task": ["--max-steps", "2"],
-    "report": ["--repeats", "1", "--warmup", "0", "--max-tokens", "1024", "--seq-lens", "32"],
+    "report": ["--repeats", "1", "--warmup", "0", "--max-tokens", "1024", "--seq-lens", "32",
+               "--chat-max-examples", "4", "--chat-max-new-tokens", "4"],
     "eval-lm": ["--max-tokens", "1024"], "cache-teacher": [], "eval-chat": ["--max-examples", "4"],
 }
 """Budget flags added where a command leaves them to defaults or a config file (DistilBERT's config trains 100,000

@@ -72,8 +72,9 @@ def add_init_student(sub) -> None:
                    "QA), auto (default): keep for a fine-tuned task teacher, drop otherwise")
     auto = p.add_argument_group(
         "measuring the teacher (--layers auto, narrower widths)",
-        "greedy (default): drop, one at a time, the layer whose removal raises the calibration loss least; "
-        "influence: keep the layers that change the hidden state most (one forward pass). The loss is next-token "
+        "auto:greedy (what `auto` alone means): drop, one at a time, the layer whose removal raises the calibration "
+        "loss least; auto:influence (what --layers default picks for a decoder): keep the layers that change the "
+        "hidden state most (one forward pass). The loss is next-token "
         "cross-entropy (decoders), masked-LM cross-entropy (encoders), or the distance to the teacher's final hidden "
         "states (encoders without an MLM head).")
     auto.add_argument("--calibration-data", nargs="+", metavar="PATH",
