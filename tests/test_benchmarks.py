@@ -15,3 +15,19 @@ def test_benchmark_script_answers_help(script, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(str(script), run_name="__main__")
     assert exit_.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_the_gpu_check_passes_its_dry_run_on_the_cpu():
+    """benchmarks/gpu_check.sh is run when a GPU is lent; until then its checks run here on tiny shapes."""
+    import os
+    import subprocess
+
+    root = Path(__file__).parent.parent
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), "--dry-run"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PY": sys.executable, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    table = done.stdout[done.stdout.index("| check |"):].splitlines()
+    assert [line.split(" | ")[0] for line in table[2:]] == [
+        "| bf16 parity of a step", "| fused vocabulary loss vs full logits", "| one on-policy (GKD) step",
+        "| throughput 0.00B -> 0.00B, 2 x 64 bf16"]
+    assert all(line.endswith("| yes |") for line in table[2:])
