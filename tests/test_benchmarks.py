@@ -17,6 +17,7 @@ def test_benchmark_script_answers_help(script, monkeypatch, capsys):
     assert exit_.value.code == 0 and "usage:" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # builds the chat data and converts SmolLM2's tokenizer: about a minute
 def test_the_gpu_check_passes_its_dry_run_on_the_cpu():
     """benchmarks/gpu_check.sh is run when a GPU is lent; until then its checks run here on tiny shapes."""
     import os

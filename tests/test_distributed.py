@@ -207,6 +207,7 @@ def test_a_resume_on_another_number_of_processes_is_refused_in_one_line(llama_an
 
 
 @needs_torchrun
+@pytest.mark.slow  # three FSDP runs and three single-process ones: a minute; CI runs it in `make test-slow`
 @pytest.mark.parametrize("variant", ["bf16", "teacher-logits", "teacher-logits-bf16"])
 def test_fsdp_with_bf16_or_a_teacher_cache_matches_one_process(variant, llama_and_text):
     """What the README says FSDP runs: bf16, and --teacher-logits. Against one process accumulating the same global
