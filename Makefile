@@ -44,7 +44,8 @@ demo-lm: setup
 test: setup
 	$(PY) -m pytest -q -rs -m "not slow" || [ $$? -eq 5 ]
 
-# The few tests that take minutes (README blocks run on the real SmolLM2); CI runs them after `make test`.
+# The tests that take a minute or more (every README and docs command on the real packaged models, FSDP variants,
+# the GPU check's dry run); CI runs them after `make test`.
 test-slow: setup
 	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
 
