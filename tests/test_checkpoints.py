@@ -216,3 +216,24 @@ def test_a_sharded_checkpoint_loads_through_the_safe_reader_and_refuses_code(tmp
                                            r"holds.*start afresh without --resume"):
         reader.read_metadata()
     assert not marker.exists()
+
+
+def test_the_metadata_reader_refuses_a_dotted_name_through_an_allowed_module(tmp_path):
+    # pickle's protocol 4 resolves "os.system" inside an allowed module that imports os: refused by name
+    import pickle
+
+    from alambic.engine.sharding import _MetadataUnpickler
+
+    marker = tmp_path / "ran"
+    def text(value: str) -> bytes:  # SHORT_BINUNICODE
+        return b"\x8c" + bytes([len(value)]) + value.encode()
+
+    # PROTO 4, module and name, STACK_GLOBAL, the command, TUPLE1, REDUCE, STOP
+    payload = (b"\x80\x04" + text("torch.distributed.checkpoint.metadata") + text("os.system") + b"\x93"
+               + text(f"touch {marker}") + b"\x85R.")
+    import io
+
+    with pytest.raises(AlambicError, match="names torch.distributed.checkpoint.metadata.os.system"):
+        _MetadataUnpickler(io.BytesIO(payload)).load()
+    assert not marker.exists()
+    assert pickle.loads(payload) == 0 and marker.exists()  # the same bytes do run a command when unpickled freely

@@ -84,6 +84,8 @@ def test_the_examples_of_the_issue(capsys):
         "alambic distill: error: --set takes KEY=VALUE as one word: --set loss.temperature=4")
     assert error_line(capsys, ["distil"]).startswith("alambic: error: unknown command 'distil': did you mean distill?")
     assert "did you mean classification?" in error_line(capsys, ["finetune", "--task", "clasification"])
+    assert error_line(capsys, []).startswith("alambic: error: COMMAND is required, e.g. alambic init-student")
+    assert error_line(capsys, ["--debug"]).startswith("alambic: error: COMMAND is required")
 
 
 @pytest.mark.parametrize("key, suggestion", [

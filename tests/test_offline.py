@@ -312,7 +312,6 @@ def test_shards_are_read_row_by_row_as_safetensors_stores_them(llama_cache, tmp_
         assert torch.equal(reader.whole(name), tensor), name
         rows = len(tensor)
         assert torch.equal(reader.rows(name, rows // 3, rows // 2), tensor[rows // 3: rows // 2]), name
-    reader.close()
     # nothing of a shard is kept but its offsets: the run's memory does not grow with the cache
     outputs = TeacherOutputs(llama_cache, manifest)
     batch = outputs.rows([outputs.example(i) for i in range(len(outputs))])

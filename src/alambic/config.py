@@ -234,12 +234,13 @@ class DistillConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
-    explicit: typing.ClassVar[frozenset] = frozenset()
-    """The dotted options the user set (YAML or flags); :func:`load_config` fills it per instance. A default the
-    run can adapt (the cosine term of a narrower student, a cache's temperature) is adapted only when not in it."""
+    explicit: typing.ClassVar[frozenset | None] = None
+    """The dotted options the user set (YAML or flags), filled by :func:`load_config`. A default the run can adapt
+    (the cosine term of a narrower student, a cache's temperature) is adapted only when not in it. None (a config
+    built in Python): every option counts as set, so nothing is replaced behind the caller's back."""
 
     def is_explicit(self, option: str) -> bool:
-        return option in self.explicit
+        return self.explicit is None or option in self.explicit
 
     def validate(self) -> "DistillConfig":
         if not self.teacher and not self.teacher_logits:

@@ -60,7 +60,7 @@ class Parser(argparse.ArgumentParser):
     def _example(self, name: str) -> str:
         for action in self._actions:
             if name in action.option_strings or name in (action.metavar, action.dest):
-                value = (str(action.choices[0]) if action.choices else
+                value = (str(next(iter(action.choices))) if action.choices else
                          (action.metavar or action.dest).upper() if action.metavar == "FILE" else
                          EXAMPLE_VALUES.get(action.dest, (action.metavar or action.dest).upper()))
                 return f"{action.option_strings[0]} {value}" if action.option_strings else value
@@ -73,8 +73,8 @@ class Parser(argparse.ArgumentParser):
         for position, word in enumerate(argv):
             if word == "--":
                 break
-            if word == "--set" and position + 2 < len(argv) and "=" not in argv[position + 1] \
-                    and not argv[position + 2].startswith("-"):
+            if word == "--set" and "--set" in options and position + 2 < len(argv) \
+                    and "=" not in argv[position + 1] and not argv[position + 2].startswith("-"):
                 key, value = argv[position + 1], argv[position + 2]
                 return f"--set takes KEY=VALUE as one word: --set {key}={value}"
             flag = word.split("=", 1)[0]

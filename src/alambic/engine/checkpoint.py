@@ -245,11 +245,12 @@ def load_checkpoint(path: Path, objective, student, optimizer, scheduler, proces
     step to continue from and the loop state. ``processes``: the resuming run's process count, which must be the
     saving run's (its data order and global batch depend on it)."""
     path = Path(path)
-    if processes is not None:
-        check_world_size(path, len(_trainer_state(path)["rng"]), processes)
     if (path / "sharded").is_dir():
         raise AlambicError(f"checkpoint {path} was written under FSDP (sharded): resume it with "
                            "training.distributed=fsdp on the same number of processes")
+    state = _trainer_state(path)
+    if processes is not None:
+        check_world_size(path, len(state["rng"]), processes)
     trained = type(student).from_pretrained(path / "student", dtype=next(student.parameters()).dtype)
     student.load_state_dict(trained.state_dict())
     extra = load_file(str(path / "objective-extra.safetensors"))
@@ -258,7 +259,6 @@ def load_checkpoint(path: Path, objective, student, optimizer, scheduler, proces
         if missing:
             raise AlambicError(f"checkpoint {path} holds parameters this recipe does not have ({sorted(missing)[:3]}): resume with the recipe that wrote it")
         objective.load_state_dict(extra, strict=False)
-    state = _trainer_state(path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng_states = state["rng"]

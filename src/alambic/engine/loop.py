@@ -103,9 +103,16 @@ def agreed_precision(requested: str) -> PrecisionChoice:
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())  # under torchrun: joins the process group
-    choice = [choose_precision(requested) if state.is_main_process else None]
+    choice = [None]
+    if state.is_main_process:
+        try:
+            choice = [choose_precision(requested)]
+        except AlambicError as error:  # e.g. a bad ALAMBIC_CPU_BF16: every process stops with it
+            choice = [error]
     if state.num_processes > 1:
         broadcast_object_list(choice)
+    if isinstance(choice[0], AlambicError):
+        raise choice[0]
     return choice[0]
 
 

@@ -1,10 +1,12 @@
 """The run folder (``--out``): made writable before any model loads, and locked while a run uses it.
 
 Two runs writing one folder would interleave checkpoints, ``metrics.jsonl`` and the exported student, the later one
-silently overwriting the other. :func:`hold_run_folder` writes ``OUT/.alambic.lock`` (process id, host, start time)
-with an exclusive create, so a second run stops at once and names the first one's process. A lock whose process is no
-longer running on this host (a killed run) is stale: the next run takes it over and says so. Under torchrun only the
-main process (``RANK`` 0) holds the lock.
+silently overwriting the other. :func:`hold_run_folder` holds an exclusive ``flock`` on ``OUT/.alambic.lock`` and
+writes its process id, host and start time in it, so a second run stops at once and names the first one's process.
+The kernel decides who holds the flock and frees it when its holder dies: a lock file created but not yet written
+never reads as stale, and two runs taking over one stale lock cannot both win. A lock left by a killed run is taken
+over, and the run says so. On a file system without flock the record alone guards the folder, as it did before.
+Under torchrun only the main process (``RANK`` 0) holds the lock.
 """
 
 from __future__ import annotations
@@ -69,17 +71,20 @@ def _lock_file(path: Path) -> int | None:
         except BlockingIOError:
             os.close(fd)
             return None
+        except OSError:  # a file system without flock (some network mounts): the record alone guards the folder
+            return fd
         try:
             current = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
             current = False
         if current:
             return fd
-        os.close(fd)  # the holder removed that file as it finished, between our open and our flock: open the new one
+        os.close(fd)  # its holder removed that file as it finished, between our open and our flock: try again
 
 
 def _write_in_place(fd: int, text: str) -> None:
-    """Overwrite then trim, so a reader sees the old record or the new one, never an empty file."""
+    """Overwrite then trim: a reader never finds the file empty (at worst, for an instant, the new record followed
+    by the old one's tail, which reads as no record); whether the folder is held is the flock's answer anyway."""
     data = text.encode("utf-8")
     os.pwrite(fd, data, 0)
     os.ftruncate(fd, len(data))
@@ -120,7 +125,7 @@ def hold_run_folder(out: Path, say=print):
     try:
         yield out
     finally:
-        path.unlink(missing_ok=True)  # before the flock goes: a waiter that opened this file then retries
+        path.unlink(missing_ok=True)  # before the flock goes: a run that opened this file meanwhile sees it gone
         os.close(fd)
         if created and not any(out.iterdir()):
             out.rmdir()

@@ -19,6 +19,7 @@ import contextlib
 import os
 import pickle
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -149,8 +150,13 @@ torch's dtypes: its descriptions of the shards, and nothing that runs code."""
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        allowed = ((module, name) in METADATA_CLASSES or module == "torch.distributed.checkpoint.metadata"
-                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+        # a dotted name would walk from an allowed module to anything it imports (the metadata module imports os)
+        found = None if "." in name else getattr(sys.modules.get(module), name, None)
+        allowed = "." not in name and (
+            (module, name) in METADATA_CLASSES
+            or (module == "torch.distributed.checkpoint.metadata" and isinstance(found, type)
+                and found.__module__ == module)
+            or (module == "torch" and isinstance(found, torch.dtype)))
         if not allowed:
             raise AlambicError(f"a sharded checkpoint's .metadata names {module}.{name}, which a checkpoint "
                                "description never holds: it was not written by alambic's FSDP run, and is not loaded "
@@ -210,8 +216,16 @@ def load_sharded_checkpoint(path: Path, objective, optimizer, scheduler, process
         raise AlambicError(f"checkpoint {path} was written by {state.get('processes')} processes and FSDP resumes "
                            f"on the same number: launch {state.get('processes')} processes (now {processes})")
     shards = {"model": get_model_state_dict(objective), "optim": get_optimizer_state_dict(objective, optimizer)}
+    from torch.distributed.checkpoint.api import CheckpointException
+
     reader, planner = safe_checkpoint_io(path / SHARDED)
-    dcp.load(shards, storage_reader=reader, planner=planner)
+    try:
+        dcp.load(shards, storage_reader=reader, planner=planner)
+    except CheckpointException as error:  # torch gathers each rank's (exception, trace): ours is one line
+        refused = [exception for exception, _ in error.failures.values() if isinstance(exception, AlambicError)]
+        if refused:
+            raise refused[0] from None
+        raise
     set_model_state_dict(objective, shards["model"])
     set_optimizer_state_dict(objective, optimizer, shards["optim"])
     scheduler.load_state_dict(state["scheduler"])

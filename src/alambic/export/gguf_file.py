@@ -39,9 +39,10 @@ def check_gguf_model(config) -> str:
     heads, size, hidden = modeling.num_heads(config), modeling.head_dim(config), modeling.hidden_size(config)
     if model_type == "qwen2" and heads * size != hidden:
         # llama.cpp's qwen2 graph shapes the query projection hidden x hidden, whatever the file's key_length says
+        fix = (f"build the student with --num-heads {hidden // size} (or leave --num-heads out)" if hidden % size == 0
+               else f"build the student with a hidden size that is a multiple of {size}")
         raise AlambicError(f"llama.cpp runs qwen2 models whose heads x head size equals the hidden size; this one "
-                           f"has {heads} x {size} != {hidden}: build the student with --num-heads {hidden // size} "
-                           "(or leave --num-heads out), or export it with --format onnx")
+                           f"has {heads} x {size} != {hidden}: {fix}, or export it with --format onnx")
     return ARCHITECTURES[model_type]
 
 

@@ -193,8 +193,10 @@ def _student_config(teacher, layers, hidden, ffn, heads, keep_token_types, notes
                            "cannot be copied and it would be larger, not smaller; choose smaller sizes, or pass "
                            "--allow-wider (student.allow_wider=true) if that is what you want")
     if heads is None:
-        # keep the head size, so whole heads are sliced, and heads x head size = hidden (what llama.cpp assumes)
-        heads = t_heads if hidden == t_hidden or hidden % t_head_dim else hidden // t_head_dim
+        # keep the head size (whole heads are sliced) and the teacher's ratio of heads x head size to hidden size:
+        # SmolLM2's 9 heads of 64 at 576 wide become 6 at 384 (what llama.cpp's qwen2 graph needs, heads x size =
+        # hidden), Qwen3-0.6B's 16 of 128 at 1024 become 14 at 896
+        heads = t_heads * hidden // t_hidden if (t_heads * hidden) % t_hidden == 0 else t_heads
     if hidden % heads:
         whole = hidden // t_head_dim if hidden % t_head_dim == 0 else None
         divisor = whole or max(h for h in range(1, t_heads + 1) if hidden % h == 0)

@@ -5,6 +5,7 @@ Cheap checks (paths, names, layer specs) come first so a mistake is reported bef
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,9 +175,10 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
     cfg.validate()
     done = finished_step(Path(cfg.out), cfg.training.max_steps) if resume else None
     if done is not None and (Path(cfg.out) / "student" / "config.json").is_file():
-        # said before any model loads or any layer is measured
-        print(f"{cfg.out} is complete: trained to step {done} of training.max_steps={cfg.training.max_steps}, its "
-              f"student is in {Path(cfg.out) / 'student'}; raise --max-steps to train on", flush=True)
+        # said before any model loads or any layer is measured; by the main process only under torchrun
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{cfg.out} is complete: trained to step {done} of training.max_steps={cfg.training.max_steps}, its "
+                  f"student is in {Path(cfg.out) / 'student'}; raise --max-steps to train on", flush=True)
         return DistillResult(Path(cfg.out), Path(cfg.out) / "student", None, None, {})
     calibration, notes = _check_inputs(cfg, resume)
     run_dir = Path(cfg.out)

@@ -46,6 +46,8 @@ almost everywhere; int8 and q8_0 change outputs by design, so they are held to t
 agreement and a mean KL(PyTorch || export) <= 0.05 nats over the rows of each output's softmax. Top-1 agreement is
 counted on the rows whose top prediction is clear (:data:`CLEAR_MARGIN`): where two outputs tie, which one wins is
 noise in any precision, and the KL bound already covers those rows."""
+ENCODER_INT8_BOUND = {"max_relative_diff": 0.1}
+"""int8 hidden states (an encoder exported without head): within 10% of the largest output."""
 CLEAR_MARGIN = 1.0
 """A row's top prediction is clear when its top output exceeds the runner-up by this much (in logits: e times as
 probable)."""
@@ -146,8 +148,10 @@ def parity(reference: dict[str, torch.Tensor], exported: dict[str, torch.Tensor]
     """The largest |difference| over real positions, the reference's largest |value|, and the share of real rows
     whose top prediction (argmax over the last dimension; over positions for QA) agrees."""
     worst, scale, agree, rows, kl_sum, clear, clear_agree = 0.0, 0.0, 0, 0, 0.0, 0, 0
+    finite = True
     for name, ref in reference.items():
         got = exported[name].float()
+        finite &= bool(torch.isfinite(got[mask.bool()] if got.shape[:2] == mask.shape else got).all())
         if ref.dim() == 1 + mask.dim() and ref.shape[:2] == mask.shape:  # per token: keep real positions
             ref, got = ref[mask.bool()], got[mask.bool()]
         elif ref.shape == mask.shape:  # QA start / end logits: pads are not candidates
@@ -164,19 +168,22 @@ def parity(reference: dict[str, torch.Tensor], exported: dict[str, torch.Tensor]
         clear_agree += int(((ref.argmax(-1) == got.argmax(-1)) & decided).sum())
     return {"max_abs_diff": worst, "max_abs_reference": scale, "top1_agreement": agree / max(rows, 1),
             "clear_rows": clear, "clear_top1_agreement": clear_agree / clear if clear else 1.0,
-            "mean_kl": kl_sum / max(rows, 1), "rows": rows}
+            "mean_kl": kl_sum / max(rows, 1), "rows": rows, "finite": finite}
 
 
 def parity_bound(manifest: dict) -> dict:
     """The bound an export is held to (see :data:`FLOAT_BOUND`)."""
     if manifest["format"] in ("onnx-int8", "torch-int8") or manifest.get("gguf_type") == "q8_0":
-        return INT8_BOUND
+        # hidden states have no softmax or top prediction: an encoder without head is held to their difference
+        return ENCODER_INT8_BOUND if manifest["head"] == "encoder" else INT8_BOUND
     return HALF_BOUND if manifest.get("gguf_type") == "f16" else FLOAT_BOUND
 
 
 def parity_failures(result: dict, bound: dict) -> list[str]:
     """How ``result`` (from :func:`parity`) misses ``bound``, in words; empty when it meets it."""
     failures = []
+    if not result.get("finite", True):
+        return ["outputs that are not finite (NaN or infinite)"]
     relative = result["max_abs_diff"] / max(1.0, result["max_abs_reference"])
     if relative > bound.get("max_relative_diff", float("inf")):
         failures.append(f"max |diff| {result['max_abs_diff']:.3g} is {relative:.2g} of the outputs' scale "
