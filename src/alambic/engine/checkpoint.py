@@ -84,13 +84,17 @@ def save_model_folder(model, tokenizer, path: Path) -> None:
             tokenizer.save_pretrained(tmp)
 
 
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """Where checkpoint ``step`` of a run lives: ``OUT/checkpoints/step-NNNNNNN``."""
+    return Path(run_dir) / "checkpoints" / f"step-{step:07d}"
+
+
 def save_checkpoint(run_dir: Path, step: int, objective, student, optimizer, scheduler, tokenizer, keep: int,
                     loop_state: dict | None = None, rng_states: list[dict] | None = None) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it, and prune all but the ``keep`` newest.
     ``loop_state`` is whatever else the loop must restore (e.g. the best evaluation so far); ``rng_states`` holds
     every process's :func:`rng_state` in process order (default: this process's only)."""
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"step-{step:07d}"
+    final = checkpoint_path(run_dir, step)
     with atomic_directory(final) as tmp:
         student.save_pretrained(tmp / "student")
         if tokenizer is not None:
@@ -165,7 +169,7 @@ def verify_checkpoint(path: Path) -> str | None:
         files, step = dict(manifest["files"]), int(manifest["step"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"{MANIFEST} unreadable ({error})"
-    if path.name != f"step-{step:07d}":
+    if path.name != checkpoint_path(path.parent, step).name:
         return f"{MANIFEST} says step {step}, the folder is {path.name}"
     for name, size in files.items():
         file = path / name

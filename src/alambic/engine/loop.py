@@ -29,8 +29,8 @@ from alambic.cache import atomic_write_text
 from alambic.config import TrainingConfig
 from alambic.engine import sharding
 from alambic.engine.disk import DiskGuard, estimated_checkpoint_bytes
-from alambic.engine.checkpoint import (latest_checkpoint, load_checkpoint, resume_checkpoint, rng_state,
-                                       save_checkpoint, save_model_folder)
+from alambic.engine.checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, resume_checkpoint,
+                                       rng_state, save_checkpoint, save_model_folder)
 from alambic.engine.precision import PrecisionChoice, choose_precision
 from alambic.errors import AlambicError
 
@@ -393,7 +393,7 @@ def train(
                                     scheduler, tokenizer, cfg.keep_checkpoints, loop_state, rng_states)
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
-                    line = guard.saved(run_dir / "checkpoints" / f"step-{step:07d}")
+                    line = guard.saved(checkpoint_path(run_dir, step))
                     if line:
                         tqdm.write(line)
             if stopping:

@@ -114,10 +114,10 @@ def save_sharded_checkpoint(run_dir: Path, step: int, objective, student, optimi
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    from alambic.engine.checkpoint import publish_checkpoint, write_manifest
+    from alambic.engine.checkpoint import checkpoint_path, publish_checkpoint, write_manifest
 
     root = Path(run_dir) / "checkpoints"
-    final = root / f"step-{step:07d}"
+    final = checkpoint_path(run_dir, step)
     tmp = root / f".{final.name}.partial"
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
