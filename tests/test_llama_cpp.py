@@ -99,14 +99,18 @@ def test_llama_cpp_generates_the_tokens_pytorch_generates(files, tmp_path):
     prompt = tokenizer("Shares in the company rose", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, prompt.shape[1]:]
-    llm = llama_cpp.Llama(model_path=str(out / read_manifest(out)["files"][0]), n_ctx=64, verbose=False)
+    # logits_all: without it llama.cpp fills only the last row of `scores`, and the rest is uninitialised memory
+    llm = llama_cpp.Llama(model_path=str(out / read_manifest(out)["files"][0]), n_ctx=64, logits_all=True,
+                          verbose=False)
     produced = []
     for token in llm.generate(prompt[0].tolist(), top_k=1, temp=0.0):
         produced.append(token)
         if len(produced) == len(expected):
             break
     assert produced == expected.tolist()
-    assert np.isfinite(llm.scores[: prompt.shape[1] + len(expected) - 1]).all()
+    scores = llm.scores[prompt.shape[1] - 1: prompt.shape[1] + len(expected) - 1]
+    assert np.isfinite(scores).all()
+    assert scores.argmax(axis=-1).tolist() == produced
 
 
 def test_a_qwen2_shape_llama_cpp_cannot_run_is_refused_in_one_line(files, tmp_path, capsys):
