@@ -8,6 +8,7 @@ import json
 import math
 import statistics
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,14 +67,15 @@ def run(argv, capsys):
 def test_json_layout_is_stable(report):
     assert tuple(report) == REPORT_KEYS
     assert report["schema_version"] == SCHEMA_VERSION == 1 and report["kind"] == "alambic.report"
-    for row in report["models"]:
+    for index, row in enumerate(report["models"]):
         assert tuple(row) == MODEL_KEYS
         assert set(row["parameters"]) == {"total", "embedding", "non_embedding"}
         for f in row["flops"]:
             assert {"seq_len", "formula_per_token", "measured_per_token", "relative_difference", "breakdown"} == set(f)
         for s in row["speed"]:
+            paired = {"paired"} if index else set()  # the speed-up over the reference, timed in the same rounds
             assert {"device", "dtype", "runtime", "batch_size", "seq_len", "warmup", "repeats", "threads", "times_s",
-                    "median_s", "p25_s", "p75_s", "min_s", "max_s", "ms_per_batch", "tokens_per_s"} == set(s)
+                    "median_s", "p25_s", "p75_s", "min_s", "max_s", "ms_per_batch", "tokens_per_s"} | paired == set(s)
         assert {"parameters", "non_embedding_parameters", "disk", "flops", "speed", "summary",
                 "quality_retention_pct", "chat_retention_pct"} == set(row["ratios"])
         assert {"metric", "value", "source"} <= set(row["quality"])
@@ -129,7 +131,7 @@ def test_speed_figures_are_computed_as_documented(report):
         assert {(s["batch_size"], s["seq_len"]) for s in row["speed"]} == {(1, 8), (2, 8), (1, 16), (2, 16)}
         for s in row["speed"]:
             times = s["times_s"]
-            assert len(times) == 3 and all(t > 0 for t in times)
+            assert 3 <= len(times) <= 60 and len(times) == s["repeats"] and all(t > 0 for t in times)
             assert s["median_s"] == statistics.median(times)
             assert s["min_s"] <= s["p25_s"] <= s["median_s"] <= s["p75_s"] <= s["max_s"]
             assert s["tokens_per_s"] == pytest.approx(s["batch_size"] * s["seq_len"] / s["median_s"])
@@ -138,8 +140,6 @@ def test_speed_figures_are_computed_as_documented(report):
 
 
 def test_quantile_interpolates_like_numpy():
-    import numpy as np
-
     values = [0.3, 0.1, 0.7, 0.2, 0.5]
     for q in (0, 0.25, 0.5, 0.75, 1):
         assert report_mod.speed_mod.quantile(values, q) == pytest.approx(float(np.quantile(values, q)))
@@ -154,7 +154,12 @@ def test_ratios_are_computed_from_the_figures(report):
         def flops(row):
             return next(f["measured_per_token"] for f in row["flops"] if f["seq_len"] == r["seq_len"])
 
-        assert r["speedup"] == pytest.approx(ref["median_s"] / mine["median_s"])
+        # interleaved rounds: the median of the per-round ratios, with the median's ~95% interval
+        ratios = [a / b for a, b in zip(ref["times_s"], mine["times_s"])]
+        assert len(ref["times_s"]) == len(mine["times_s"]) == r["rounds"]
+        assert r["speedup"] == pytest.approx(statistics.median(ratios))
+        iqr = float(np.quantile(ratios, 0.75) - np.quantile(ratios, 0.25))
+        assert r["notch"] == pytest.approx(1.57 * iqr / math.sqrt(len(ratios)))
         assert r["flop_ratio"] == pytest.approx(flops(teacher) / flops(student))
         assert r["efficiency"] == pytest.approx(r["speedup"] / r["flop_ratio"])
     summary = student["ratios"]["summary"]["cpu"]
@@ -218,7 +223,7 @@ def test_interrupted_report_writes_nothing(files, tmp_path, capsys, monkeypatch)
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report_mod.speed_mod, "time_forward", interrupt)
+    monkeypatch.setattr(report_mod.speed_mod, "time_interleaved", interrupt)
     out = tmp_path / "report"
     code, _, stderr = run(["report", files / "teacher", "--seq-lens", "8", "--out", out], capsys)
     assert code == 130 and "nothing was written" in stderr

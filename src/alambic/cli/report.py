@@ -64,8 +64,15 @@ def add_report(sub) -> None:
     timing = p.add_argument_group("speed")
     timing.add_argument("--seq-lens", default="64,128,256", help="sequence lengths timed (default 64,128,256)")
     timing.add_argument("--batch-size", type=int, default=8, help="batch of the throughput measurement (default 8)")
-    timing.add_argument("--warmup", type=int, default=2, help="untimed forwards before timing (default 2)")
-    timing.add_argument("--repeats", type=int, default=5, help="timed forwards; the median is reported (default 5)")
+    timing.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing (default 2)")
+    timing.add_argument("--repeats", type=int, default=5,
+                        help="timed rounds at least; each round runs every model once, interleaved (default 5)")
+    timing.add_argument("--max-repeats", type=int, default=60,
+                        help="timed rounds at most: rounds go on until each speed-up is known within --tolerance "
+                        "(default 60)")
+    timing.add_argument("--tolerance", type=float, default=0.02,
+                        help="relative half-width of each speed-up's ~95%% interval at which timing stops "
+                        "(default 0.02: +-2%%)")
     timing.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; recorded either way)")
     timing.add_argument("--devices", help="cpu and/or cuda, comma-separated (default: cpu, plus cuda when present)")
     p.add_argument("--names", help="comma-separated labels for the models, in order (default: as given)")
@@ -91,7 +98,8 @@ def _command(args) -> str:
     for flag, value in (("--max-length", args.max_length), ("--max-tokens", args.max_tokens),
                         ("--eval-batch-size", args.eval_batch_size),
                         ("--seq-lens", args.seq_lens), ("--batch-size", args.batch_size), ("--warmup", args.warmup),
-                        ("--repeats", args.repeats), ("--threads", args.threads), ("--devices", args.devices),
+                        ("--repeats", args.repeats), ("--max-repeats", args.max_repeats),
+                        ("--tolerance", args.tolerance), ("--threads", args.threads), ("--devices", args.devices),
                         ("--names", args.names)):
         if value is not None:
             parts += [flag, str(value)]
@@ -121,7 +129,7 @@ def run_report(args) -> int:
 
     settings = ReportSettings(
         seq_lens=_numbers("--seq-lens", args.seq_lens), batch_size=args.batch_size, warmup=args.warmup,
-        repeats=args.repeats, threads=args.threads,
+        repeats=args.repeats, max_repeats=args.max_repeats, tolerance=args.tolerance, threads=args.threads,
         devices=[d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None,
         lm_data=list(args.lm_data or []), max_length=args.max_length, max_tokens=args.max_tokens,
         eval_batch_size=args.eval_batch_size, text_field=args.text_field, task=args.task, data=list(args.data or []),

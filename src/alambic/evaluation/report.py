@@ -56,6 +56,11 @@ class ReportSettings:
     """Batch of the throughput measurement (latency is always batch 1)."""
     warmup: int = 2
     repeats: int = 5
+    """Timed rounds at least (each round: one forward of every model, interleaved)."""
+    max_repeats: int = 60
+    """Timed rounds at most: rounds go on until every speed-up is known within ``tolerance``."""
+    tolerance: float = speed_mod.DEFAULT_TOLERANCE
+    """Relative half-width of each speed-up's ~95% interval at which timing stops (0.02: +-2%)."""
     devices: list[str] | None = None
     """cpu (always) and cuda when a GPU is present; None: that default."""
     threads: int | None = None
@@ -80,6 +85,10 @@ class ReportSettings:
     def check(self, n_models: int) -> None:
         if not self.seq_lens or any(length < 1 for length in self.seq_lens):
             raise AlambicError(f"--seq-lens must be positive token counts such as 64,128, got {self.seq_lens}")
+        if self.max_repeats < self.repeats:
+            raise AlambicError(f"--max-repeats ({self.max_repeats}) must be at least --repeats ({self.repeats})")
+        if not 0 < self.tolerance < 1:
+            raise AlambicError(f"--tolerance is a relative spread such as 0.02 (+-2%), got {self.tolerance}")
         for name, low in (("batch_size", 1), ("repeats", 1), ("warmup", 0), ("max_tokens", 1), ("eval_batch_size", 1)):
             if getattr(self, name) < low:
                 flag = "--" + name.replace("_", "-")
@@ -375,8 +384,10 @@ def _run_chat(prepared: list[_Prepared], plan: _ChatPlan, settings: ReportSettin
     return out
 
 
-def _measure(p: _Prepared, index: int, total: int, settings: ReportSettings, devices: list[str], log,
-             chat: dict | None = None) -> dict:
+def _measure(p: _Prepared, index: int, total: int, settings: ReportSettings, log,
+             chat: dict | None = None) -> tuple[dict, object]:
+    """Everything but speed: size, FLOPs and quality. Returns the row and the loaded model, which stays in memory
+    until every model is timed interleaved with the others (:func:`_time_models`)."""
     from alambic.evaluation.lm import weights_size_bytes
 
     tag = f"[{index}/{total}] {p.name}"
@@ -404,7 +415,7 @@ def _measure(p: _Prepared, index: int, total: int, settings: ReportSettings, dev
                           "breakdown": formula.to_dict()})
         log(f"{tag}: {measured / 1e6:.4g} MFLOPs/token at {length} tokens (formula {formula.total / 1e6:.4g})")
 
-    # quality first, in float32: the GPU timing below leaves the weights in bf16
+    # quality in float32: the GPU timing, after every model's quality, casts the weights to bf16
     if settings.task:
         log(f"{tag}: task {settings.task}")
         quality = _task_quality(p, settings)
@@ -420,36 +431,49 @@ def _measure(p: _Prepared, index: int, total: int, settings: ReportSettings, dev
         log(f"{tag}: {quality['metric']} {quality['value']:.4g}")
     elif quality.get("reason"):
         log(f"{tag}: quality not measured: {quality['reason']}")
-    speed_rows = []
-    for device in devices if not p.export else ["cpu"]:  # an export runs where its runtime does: the CPU here
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        if not p.export:
-            model.to(device=device, dtype=dtype)
-        for length in settings.seq_lens:
-            for batch in sorted({1, settings.batch_size}):
-                row = speed_mod.time_forward(model, batch_size=batch, seq_len=length, warmup=settings.warmup,
-                                             repeats=settings.repeats)
-                speed_rows.append(row)
-                log(f"{tag}: {device} {row['dtype']} batch {batch} x {length} tokens: {row['ms_per_batch']:.1f} ms "
-                    f"(IQR {1000 * row['p25_s']:.1f}-{1000 * row['p75_s']:.1f}, {settings.repeats} runs), "
-                    f"{row['tokens_per_s']:.0f} tokens/s")
-
     cfg = modeling._config(p.config)
     row = {
         "name": p.name, "spec": p.spec, "path": str(p.path), "kind": p.kind,
         "architecture": type(model).__name__, "layers": modeling.num_layers(cfg),
         "hidden_size": modeling.hidden_size(cfg), "vocab_size": modeling.vocab_size(cfg),
         "tokenizer": vocabulary_hash(p.tokenizer)[:16], "parameters": params,
-        "disk_bytes": disk, "flops": flop_rows, "speed": speed_rows, "quality": quality,
+        "disk_bytes": disk, "flops": flop_rows, "speed": [], "quality": quality,
         "ratios": None, "format": p.export["format"] if p.export else "pytorch", "runtime": runtime,
         "chat": chat,
     }
-    del model, architecture
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    log(f"{tag}: done in {time.perf_counter() - start:.0f} s")
-    return row
+    del architecture
+    log(f"{tag}: measured in {time.perf_counter() - start:.0f} s")
+    return row, model
+
+
+def _time_models(rows: list[dict], models: list, exported: list[bool], settings: ReportSettings,
+                 devices: list[str], log) -> None:
+    """Time every model interleaved with the others (:func:`speed_mod.time_interleaved`), on each device, length and
+    batch, and fill each row's ``speed``; the first model is the reference of the paired speed-ups."""
+    for device in devices:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        # an export runs where its runtime does: the CPU here
+        here = [i for i, is_export in enumerate(exported) if device == "cpu" or not is_export]
+        for i in here:
+            if not exported[i]:
+                models[i].to(device=device, dtype=dtype)
+        for length in settings.seq_lens:
+            for batch in sorted({1, settings.batch_size}):
+                timed = speed_mod.time_interleaved(
+                    {rows[i]["name"]: models[i] for i in here}, batch_size=batch, seq_len=length,
+                    warmup=settings.warmup, min_rounds=settings.repeats,
+                    max_rounds=settings.max_repeats if len(here) > 1 else settings.repeats,
+                    tolerance=settings.tolerance)
+                for i in here:
+                    result = timed[rows[i]["name"]]
+                    rows[i]["speed"].append(result)
+                    paired = result.get("paired")
+                    spread = (f", {paired['speedup']:.2f}x +-{paired['notch']:.2f} over {paired['reference']}"
+                              if paired else "")
+                    log(f"{rows[i]['name']}: {device} {result['dtype']} batch {batch} x {length} tokens: "
+                        f"{result['ms_per_batch']:.1f} ms (IQR {1000 * result['p25_s']:.1f}-"
+                        f"{1000 * result['p75_s']:.1f}, {result['repeats']} rounds), "
+                        f"{result['tokens_per_s']:.0f} tokens/s{spread}")
 
 
 def _load_torch(p: _Prepared, settings: ReportSettings):
@@ -478,10 +502,13 @@ def _ratios(row: dict, ref: dict) -> dict:
         if base is None:
             continue
         mine = next(f["measured_per_token"] for f in row["flops"] if f["seq_len"] == s["seq_len"])
-        speedup = base["median_s"] / s["median_s"]
+        paired = s.get("paired")  # timed in the same rounds as the reference: the median of per-round ratios
+        speedup = paired["speedup"] if paired else base["median_s"] / s["median_s"]
         flop_ratio = ref_flops[s["seq_len"]] / mine
         speed.append({"device": s["device"], "batch_size": s["batch_size"], "seq_len": s["seq_len"],
-                      "speedup": speedup, "flop_ratio": flop_ratio, "efficiency": speedup / flop_ratio})
+                      "speedup": speedup, "notch": paired["notch"] if paired else None,
+                      "rounds": paired["rounds"] if paired else None,
+                      "flop_ratio": flop_ratio, "efficiency": speedup / flop_ratio})
     summary = {}
     for device in sorted({s["device"] for s in speed}):
         rows = [s for s in speed if s["device"] == device]
@@ -565,8 +592,17 @@ def _build(prepared: list[_Prepared], chat: _ChatPlan | None, settings: ReportSe
         note(line)
     # chat first, in float32, with the teacher and one model in memory; then one model at a time for the rest
     chats = _run_chat(prepared, chat, settings, log) if chat is not None else {}
-    rows = [_measure(p, i, len(prepared), settings, devices, log, chats.get(p.name))
-            for i, p in enumerate(prepared, 1)]
+    measured = [_measure(p, i, len(prepared), settings, log, chats.get(p.name))
+                for i, p in enumerate(prepared, 1)]
+    rows, models = [row for row, _ in measured], [model for _, model in measured]
+    del measured
+    try:
+        _time_models(rows, models, [p.export is not None for p in prepared], settings, devices, log)
+    finally:
+        del models
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     for row in rows:
         row["ratios"] = _ratios(row, rows[0])
         for f in row["flops"]:
@@ -589,6 +625,14 @@ def _build(prepared: list[_Prepared], chat: _ChatPlan | None, settings: ReportSe
 
 
 # --- rendering ----------------------------------------------------------------------------------------------------
+
+def _speedup_cell(ratio: dict | None) -> str:
+    """2.03x +-0.04 (the paired interval), or 2.03x for a report written before interleaved timing."""
+    if ratio is None:
+        return "-"
+    notch = ratio.get("notch")
+    return f"{ratio['speedup']:.2f}x" + (f" +-{notch:.2f}" if notch is not None else "")
+
 
 def _quality_cell(q: dict) -> str:
     if q.get("value") is None:
@@ -677,7 +721,7 @@ def render_markdown(report: dict) -> str:
         lat, thr = speedup_row(m, dev, 1, length), speedup_row(m, dev, batch, length)
         fv = format_value
         rows.append([m["name"], fv(100 * r["parameters"], ".1f", "%"), fv(r["disk"] and 100 * r["disk"], ".1f", "%"),
-                     fv(lat and lat["speedup"], ".2f", "x"), fv(thr and thr["speedup"], ".2f", "x"),
+                     _speedup_cell(lat), _speedup_cell(thr),
                      fv(lat and lat["flop_ratio"], ".2f", "x"), fv(lat and lat["efficiency"], ".2f"),
                      fv(thr and thr["efficiency"], ".2f")]
                     + ([] if chat_only else [format_percent(r["quality_retention_pct"])])
@@ -690,9 +734,13 @@ def render_markdown(report: dict) -> str:
                        *(f"{label} retained" for _, label in chat_retained)], rows)
 
     out += ["", "## Speed", "",
-            f"Median of {settings['repeats']} timed forwards after {settings['warmup']} untimed warm-up "
-            f"forward{'s' if settings['warmup'] != 1 else ''}, random token ids, all attended; IQR = 25th-75th "
-            "percentile of the repeats.", ""]
+            f"The models are timed interleaved: each round runs one forward of every model, after "
+            f"{settings['warmup']} untimed warm-up round{'s' if settings['warmup'] != 1 else ''}; random token ids, "
+            f"all attended. Rounds repeat (at least {settings['repeats']}, at most "
+            f"{settings.get('max_repeats', settings['repeats'])}) until each speed-up is known within "
+            f"+-{100 * settings.get('tolerance', 0):.0f}%. median = median forward time, IQR = its 25th-75th "
+            "percentile; speed-up = median of the per-round ratios reference / model, +- the half-width of its "
+            "~95% interval (1.57 IQR / sqrt(rounds), McGill et al. 1978).", ""]
     rows = []
     for m in models:
         for s in m["speed"]:
@@ -701,7 +749,7 @@ def render_markdown(report: dict) -> str:
             rows.append([m["name"], f"{s['device']} {s.get('runtime', 'torch')} {s['dtype']}{threads}",
                          str(s["batch_size"]), str(s["seq_len"]), f"{s['ms_per_batch']:.2f}",
                          f"{1000 * s['p25_s']:.2f}-{1000 * s['p75_s']:.2f}", f"{s['tokens_per_s']:.0f}",
-                         format_value(rr and rr["speedup"], ".2f", "x"), format_value(rr and rr["efficiency"], ".2f")])
+                         _speedup_cell(rr), format_value(rr and rr["efficiency"], ".2f")])
     out += _table(["model", "device", "batch", "tokens", "median (ms)", "IQR (ms)", "tokens/s", "speed-up",
                    "speed-up / FLOP ratio"], rows, right_from=2)
     summaries = [(m["name"], d, s) for m in models for d, s in m["ratios"]["summary"].items()]
