@@ -55,10 +55,32 @@ class StudentConfig:
     """Tokens of calibration_data measured by layers=auto (at least 256)."""
     token_types: str = "auto"
     """BERT-style segment embeddings: drop (DistilBERT: type 0 only), keep, or auto (keep for task teachers only)."""
+    target_speedup: float | None = None
+    """A budget instead of a shape: the student runs this many times faster than the teacher (shape search)."""
+    target_latency_ms: float | None = None
+    """A budget instead of a shape: a forward of the student takes at most this many milliseconds."""
+    target_params: int | None = None
+    """A budget instead of a shape: the student has at most this many parameters."""
+    budget_batch_size: int = 1
+    """Batch of the forward the budget is timed on."""
+    budget_seq_len: int = 128
+    """Tokens of the forward the budget is timed on."""
+    budget_device: str = "cpu"
+    """Where the budget is timed: cpu or cuda."""
+    budget_threads: int | None = None
+    """torch CPU threads while timing the budget; empty: torch's choice."""
+    budget_precision: str | None = None
+    """float32 or bfloat16; empty: float32 on CPU, bfloat16 on GPU."""
+    budget_seconds: float | None = None
+    """Time limit of the shape search's timing; empty: none."""
+    timing_cache: str | None = None
+    """Folder of the per-machine timing cache; empty: $ALAMBIC_CACHE/shape-timings."""
 
     RANGES: typing.ClassVar[dict] = {
         "hidden_size": POSITIVE, "intermediate_size": POSITIVE, "num_heads": POSITIVE, "depth": POSITIVE,
-        "selection_budget": NON_NEGATIVE, "calibration_tokens": Range(256),
+        "selection_budget": NON_NEGATIVE, "calibration_tokens": Range(256), "budget_seconds": ABOVE_ZERO,
+        "target_speedup": Range(1, low_open=True), "target_latency_ms": ABOVE_ZERO, "target_params": POSITIVE,
+        "budget_batch_size": POSITIVE, "budget_seq_len": POSITIVE, "budget_threads": POSITIVE,
     }
 
     def validate(self):
@@ -84,6 +106,28 @@ class StudentConfig:
                                    f"set student.layers=auto or drop student.{used[0]}")
         if self.width_init not in WIDTH_INITS:
             raise AlambicError(f"student.width_init must be importance or random, got {self.width_init!r}")
+        budget = self.budget()
+        if budget is not None:
+            target = next(f"student.{name}" for name in ("target_speedup", "target_latency_ms", "target_params")
+                          if getattr(self, name) is not None)
+            shape = [f"student.{name}" for name in ("init", "hidden_size", "intermediate_size", "num_heads", "depth")
+                     if getattr(self, name) is not None]
+            shape += ["student.layers"] if text != "default" else []
+            if shape:
+                raise AlambicError(f"give the student's shape or a budget, not both: drop {shape[0]} (the search "
+                                   f"chooses it for {target}) or drop {target}")
+        elif self.budget_seconds is not None:
+            raise AlambicError("student.budget_seconds bounds a shape search: set student.target_speedup, "
+                               "target_latency_ms or target_params, or drop it")
+
+    def budget(self):
+        """The :class:`alambic.search.Budget` of a searched student (checked), or None when the shape is given."""
+        if all(getattr(self, name) is None for name in ("target_speedup", "target_latency_ms", "target_params")):
+            return None
+        from alambic.search.budget import Budget
+
+        return Budget(self.target_speedup, self.target_latency_ms, self.target_params, self.budget_batch_size,
+                      self.budget_seq_len, self.budget_device, self.budget_threads, self.budget_precision).check()
 
     def narrows(self) -> bool:
         """Whether a width option is set (the built student may be narrower than its teacher)."""

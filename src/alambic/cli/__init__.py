@@ -16,6 +16,7 @@ from alambic.config import TOKEN_TYPES
 from alambic.environment import env_switch
 from alambic.errors import AlambicError
 from alambic.ranges import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, Range, check_value
+from alambic.cli.budget import add_budget_options, budget_from_args
 from alambic.cli.chat_eval import add_eval_chat
 from alambic.cli.export import add_export
 from alambic.cli.generate import add_generate
@@ -85,7 +86,47 @@ def add_init_student(sub) -> None:
     auto.add_argument("--calibration-tokens", type=int, default=4096,
                       help="tokens of calibration text measured (default 4096)")
     auto.add_argument("--max-length", type=int, default=128, help="tokens per calibration sequence (default 128)")
+    add_budget_options(p, "--layers, --depth, --hidden-size, --intermediate-size, --num-heads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar during a shape search")
     p.set_defaults(run=run_init_student)
+
+
+def _shape_flags(args) -> list[str]:
+    """The shape options init-student was given (the budget's alternative)."""
+    flags = [f"--{name.replace('_', '-')}" for name in ("depth", "hidden_size", "intermediate_size", "num_heads")
+             if getattr(args, name) is not None]
+    return (["--layers"] if args.layers.strip().lower() != "default" else []) + flags
+
+
+def _run_shape_search(args, budget) -> int:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from alambic.data.sources import describe_sources
+    from alambic.modeling import model_kind
+    from alambic.search import SEARCH_FILE, search_shape
+    from alambic.students import save_student
+    from alambic.students import selection as sel
+    from alambic.teachers import load_teacher, resolve_model_path
+
+    if not args.calibration_data:
+        raise AlambicError("a shape search ranks the shapes that meet the budget on calibration text: add "
+                           "--calibration-data PATH (a few thousand tokens of your text, e.g. bbc-news:train)")
+    path = resolve_model_path(args.teacher)
+    describe_sources(args.calibration_data)
+    calibration = sel.calibration_batches(
+        args.calibration_data, AutoTokenizer.from_pretrained(path), model_kind(AutoConfig.from_pretrained(path)),
+        max_tokens=args.calibration_tokens, max_length=args.max_length, seed=args.seed)
+    teacher, tokenizer = load_teacher(args.teacher)
+    search, built = search_shape(teacher, budget, calibration, max_seconds=args.budget_seconds,
+                                 timing_cache=args.timing_cache, seed=args.seed, token_types=args.token_types,
+                                 log=lambda line: print(line, flush=True), progress=not args.no_progress)
+    print("\n".join(search.table()))
+    print(search.summary())
+    print(built.summary())
+    save_student(built.model, tokenizer, args.out, card=built.model_card(args.teacher),
+                 files={SEARCH_FILE: search.to_json()})
+    print(f"student written to {args.out}")
+    return 0
 
 
 def run_init_student(args) -> int:
@@ -96,6 +137,9 @@ def run_init_student(args) -> int:
     from alambic.students import selection as sel
     from alambic.teachers import load_teacher, resolve_model_path
 
+    budget = budget_from_args(args, _shape_flags(args))
+    if budget is not None:
+        return _run_shape_search(args, budget)
     path = resolve_model_path(args.teacher)
     config = AutoConfig.from_pretrained(path)
     n = num_layers(config)
@@ -181,6 +225,10 @@ def add_distill(sub) -> None:
     p.add_argument("--layers", help="teacher layers the built student keeps: default (auto:influence on the training "
                    "data for decoders, every-other for encoders), every-other, even, odd, linspace:K, 0,2,4,... or "
                    "auto[:greedy|influence]")
+    p.add_argument("--target-speedup", type=float, metavar="X",
+                   help="a budget instead of a shape (student.target_speedup): the search picks the student that runs "
+                   "X times faster than the teacher; also --set student.target_latency_ms / target_params, "
+                   "student.budget_* for the conditions")
     p.add_argument("--recipe", help="distillation method: distilbert (default), tinybert, minilm")
     p.add_argument("--layer-map", help="tinybert/minilm: student:teacher layer pairs (0 = embeddings), uniform or last")
     p.add_argument("--max-steps", type=int, help="optimiser steps")
@@ -201,7 +249,7 @@ def add_distill(sub) -> None:
 
 FLAG_TO_OPTION = {
     "teacher": "teacher", "teacher_logits": "teacher_logits", "data": "data.train", "eval_data": "data.eval", "out": "out", "student": "student.init",
-    "layers": "student.layers", "recipe": "recipe", "layer_map": "loss.layer_map", "max_steps": "training.max_steps",
+    "layers": "student.layers", "target_speedup": "student.target_speedup", "recipe": "recipe", "layer_map": "loss.layer_map", "max_steps": "training.max_steps",
     "batch_size": "training.batch_size", "grad_accum": "training.grad_accum", "lr": "training.lr",
     "max_length": "data.max_length", "divergence": "loss.divergence", "divergence_param": "loss.divergence_param",
 }
@@ -386,6 +434,10 @@ FLAG_RANGES = {
     "max_new_tokens": POSITIVE, "num_return_sequences": POSITIVE, "max_examples": POSITIVE,
     "chat_max_new_tokens": POSITIVE, "chat_max_examples": POSITIVE,
     "max_length": Range(8), "context": Range(8), "calibration_tokens": Range(256),
+    "max_repeats": POSITIVE, "budget_batch_size": POSITIVE, "budget_seq_len": POSITIVE, "budget_threads": POSITIVE,
+    "target_params": POSITIVE,
+    # budgets: a student faster than its teacher, a positive latency or time limit
+    "target_speedup": Range(1, low_open=True), "target_latency": ABOVE_ZERO, "budget_seconds": ABOVE_ZERO,
     # switches where 0 means off, seeds, seconds
     "warmup": NON_NEGATIVE, "eval_every": NON_NEGATIVE, "patience": NON_NEGATIVE, "seed": NON_NEGATIVE,
     "budget": NON_NEGATIVE, "alpha_kd": NON_NEGATIVE, "alpha_ce": NON_NEGATIVE, "sampling_temperature": NON_NEGATIVE,
@@ -393,7 +445,7 @@ FLAG_RANGES = {
     "lr": ABOVE_ZERO, "trm_lr": ABOVE_ZERO, "temperature": ABOVE_ZERO, "warmup_ratio": FRACTION,
     "probability": Range(0, 1, low_open=True), "mlm_probability": Range(0, 1, low_open=True),
     "divergence_param": Range(0, 1), "max_prompts": POSITIVE,
-    "top_p": Range(0, 1, low_open=True),
+    "top_p": Range(0, 1, low_open=True), "tolerance": Range(0, 1, low_open=True, high_open=True),
 }
 """The range of every numeric flag of every verb, by argparse destination (tests check that none is missing)."""
 FLAG_SPELLINGS = {"sampling_temperature": "--temperature"}

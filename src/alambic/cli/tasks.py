@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from alambic.cli.budget import add_budget_options, budget_from_args
 from alambic.errors import AlambicError
 
 TASK_CHOICES = ("classification", "ner", "qa")
@@ -131,6 +132,7 @@ def add_distill_task(sub) -> None:
                    "head size kept)")
     s.add_argument("--width-init", choices=("importance", "random"), default="importance",
                    help="narrower widths: importance (default; Minitron) or random (fresh weights)")
+    add_budget_options(p, "--student, --student-layers, --hidden-size, --intermediate-size, --num-heads")
     l = p.add_argument_group("loss")  # noqa: E741
     l.add_argument("--stages", default="pred", help="pred (default), trm,pred (intermediate layers then prediction) "
                    "or joint")
@@ -162,6 +164,10 @@ def run_distill_task(args) -> int:
     from alambic.recipes.tinybert import TinyBERTLossConfig
 
     parse_stages(args.stages)
+    shape = [f"--{name.replace('_', '-')}" for name in ("student", "student_layers", "hidden_size",
+                                                         "intermediate_size", "num_heads")
+             if getattr(args, name) is not None]
+    budget = budget_from_args(args, shape)
     loss = TaskLossConfig(args.pred_loss, args.temperature, args.alpha_kd, args.alpha_ce, args.divergence,
                           args.divergence_param).validate()
     cfg = _training_config(args)
@@ -171,7 +177,8 @@ def run_distill_task(args) -> int:
         validation=args.validation, stages=args.stages, loss=loss,
         intermediate=TinyBERTLossConfig(layer_map=args.layer_map), training=cfg, trm_steps=args.trm_steps,
         trm_lr=args.trm_lr, data=_data(args), teacher_cache=not args.no_teacher_cache, unlabelled=args.unlabelled,
-        width_init=args.width_init, resume=args.resume, progress=not args.no_progress, keep_stages=args.keep_stages)
+        width_init=args.width_init, resume=args.resume, progress=not args.no_progress, keep_stages=args.keep_stages,
+        budget=budget, search_seconds=args.budget_seconds, timing_cache=args.timing_cache)
     value = summary[f"best_validation_{cfg.best_metric}"]
     shown = "n/a" if value is None else f"{value:.4f}"
     print(f"best validation {cfg.best_metric}: {shown}; student in {summary['best_model']}")

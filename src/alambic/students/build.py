@@ -27,7 +27,7 @@ HEAD_DIM_READERS = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")
 these keeps its teacher's head size by writing it down, even when the teacher's config left it implicit."""
 
 
-def _with_task_head(teacher: nn.Module) -> nn.Module:
+def with_task_head(teacher: nn.Module) -> nn.Module:
     """A fine-tuned task model whose head ``load_model`` left out (it loads language models, and keeps a bare
     encoder when the checkpoint has no LM head), reloaded with its saved task class so the student gets the head."""
     archs = getattr(teacher.config, "architectures", None) or []
@@ -118,26 +118,29 @@ class StudentInit:
     selection: object = None  # a LayerSelection when the layers were chosen by measurement (layers="auto...")
     teacher_name: str = ""
     pruning: object = None  # a WidthPruning when a narrower student was sliced by importance
+    search: object = None  # a ShapeSearch when the shape was chosen to meet a speed or size budget
 
     def model_card(self, teacher_name: str | None = None) -> str | None:
-        """README.md text recording how the layers were chosen and what width pruning kept; None when neither
-        was measured."""
+        """README.md text recording how the shape was searched, how the layers were chosen and what width pruning
+        kept; None when none of them was measured."""
         name = teacher_name or self.teacher_name or self.teacher_class
-        if self.selection is None and self.pruning is None:
+        if self.selection is None and self.pruning is None and self.search is None:
             return None
-        if self.selection is not None:
-            card = self.selection.card(name, self.teacher_class)
-        else:
-            card = "\n".join(["---", "library_name: transformers", "---", "",
-                              f"# A {len(self.layers)}-layer student of {name}", "",
-                              f"Initialised from the teacher `{name}` ({self.teacher_class}, {self.teacher_layers} "
-                              f"layers): layers {', '.join(map(str, self.layers))} sliced to a narrower width. "
-                              "Not yet distilled unless stated elsewhere.", ""]) + "\n"
-        lines = ["", "## Width pruning", "",
-                 "Narrower widths keep the teacher's most important channels, heads and neurons, measured on "
-                 "calibration text (Minitron, Muralidharan et al. 2024):", ""]
-        return card + "\n".join(lines + [f"- {line}" for line in self.pruning.summary()]) + "\n" \
-            if self.pruning is not None else card
+        card = self.selection.card(name, self.teacher_class) if self.selection is not None else self._header(name)
+        if self.pruning is not None:
+            lines = ["", "## Width pruning", "",
+                     "Narrower widths keep the teacher's most important channels, heads and neurons, measured on "
+                     "calibration text (Minitron, Muralidharan et al. 2024):", ""]
+            card += "\n".join(lines + [f"- {line}" for line in self.pruning.summary()]) + "\n"
+        return card + (self.search.card() if self.search is not None else "")
+
+    def _header(self, name: str) -> str:
+        return "\n".join(["---", "library_name: transformers", "---", "",
+                          f"# A {len(self.layers)}-layer student of {name}", "",
+                          f"Initialised from the teacher `{name}` ({self.teacher_class}, {self.teacher_layers} "
+                          f"layers): layers {', '.join(map(str, self.layers))}"
+                          + (" sliced to a narrower width" if self.pruning is not None else "")
+                          + ". Not yet distilled unless stated elsewhere.", ""]) + "\n"
 
     def summary(self) -> str:
         share = 100 * self.student_parameters / self.teacher_parameters
@@ -159,8 +162,11 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _student_config(teacher, layers, hidden, ffn, heads, keep_token_types, notes, allow_wider=False):
-    config = copy.deepcopy(teacher.config)
+def student_config(teacher_config, layers, hidden, ffn, heads, keep_token_types, notes, allow_wider=False):
+    """The student's configuration: ``teacher_config`` with the ``layers`` kept and the widths given (None: the
+    teacher's; the head size is kept, so a narrower width has fewer heads). Every shape mistake is refused in one
+    line, and what changes beyond the shape is appended to ``notes``."""
+    config = copy.deepcopy(teacher_config)
     n = modeling.num_layers(config)
     for name, value in list(vars(config).items()):  # per-layer settings (Qwen2's layer_types) follow their layers
         if "layer" in name and isinstance(value, (list, tuple)) and len(value) == n:
@@ -288,7 +294,7 @@ def _copy_weights(teacher, student, layers, notes, resize=None):
 def init_student(teacher, *, layers="every-other", hidden_size=None, intermediate_size=None, num_heads=None,
                  seed=0, depth=None, calibration_data=None, selection_budget=None,
                  calibration_tokens=None, tokenizer=None, log=None, token_types="auto",
-                 width_init="importance", allow_wider=False) -> StudentInit:
+                 width_init="importance", allow_wider=False, importance=None) -> StudentInit:
     """A float32 *ForMaskedLM / *ForCausalLM student of ``teacher`` (a model, or a spec ``load_model`` understands).
 
     ``layers="auto"`` / ``"auto:greedy"`` / ``"auto:influence"`` chooses ``depth`` layers (default ceil(N/2)) by
@@ -297,7 +303,9 @@ def init_student(teacher, *, layers="every-other", hidden_size=None, intermediat
     A narrower student (``hidden_size``, ``intermediate_size``, ``num_heads``) is sliced out of the teacher by the
     importance of its channels, neurons and heads measured on ``calibration_data``
     (:mod:`alambic.students.pruning`); ``width_init="random"`` initialises what changed width at random instead.
-    A width above the teacher's is refused unless ``allow_wider``.
+    A width above the teacher's is refused unless ``allow_wider``. ``importance``: scores already measured on the
+    calibration data (:func:`alambic.students.pruning.measure_importance`), so that several students of one teacher
+    share one measurement.
     ``token_types`` (BERT-style segment embeddings): ``drop`` keeps type 0 only (DistilBERT), ``keep`` keeps them
     all (sentence-pair tasks), ``auto`` keeps them for a fine-tuned task teacher and drops them otherwise.
     The student comes back in eval mode, like a freshly loaded model; the training loop switches it to train.
@@ -324,7 +332,7 @@ def init_student(teacher, *, layers="every-other", hidden_size=None, intermediat
         teacher_name = str(teacher)
         teacher, loaded_tokenizer = load_model(teacher)
         tokenizer = tokenizer or loaded_tokenizer
-    teacher = _with_task_head(teacher)
+    teacher = with_task_head(teacher)
     n = modeling.num_layers(teacher.config)
     kind = modeling.model_kind(teacher)
     tokens = calibration_tokens or sel.DEFAULT_CALIBRATION_TOKENS
@@ -332,7 +340,7 @@ def init_student(teacher, *, layers="every-other", hidden_size=None, intermediat
     task_head = type(teacher).__name__.endswith(TASK_HEADS)
     keep_token_types = token_types == "keep" or (token_types == "auto" and task_head)
     # the shape is checked before any measurement, so a size mistake costs no calibration pass
-    config = _student_config(teacher, list(range(n)), hidden_size, intermediate_size, num_heads, keep_token_types,
+    config = student_config(teacher.config, list(range(n)), hidden_size, intermediate_size, num_heads, keep_token_types,
                              notes, allow_wider)
     narrower = _narrower(teacher.config, config)
     if narrower and width_init == "importance" and calibration_data is None:
@@ -351,7 +359,7 @@ def init_student(teacher, *, layers="every-other", hidden_size=None, intermediat
     else:
         chosen = parse_layer_spec(layers, n)
     notes = []
-    config = _student_config(teacher, chosen, hidden_size, intermediate_size, num_heads, keep_token_types, notes,
+    config = student_config(teacher.config, chosen, hidden_size, intermediate_size, num_heads, keep_token_types, notes,
                              allow_wider)
     if not modeling.has_lm_head(teacher) and not task_head:
         notes.append(f"{type(teacher).__name__} has no LM head: the student's head is freshly initialised "
@@ -365,7 +373,7 @@ def init_student(teacher, *, layers="every-other", hidden_size=None, intermediat
             student = auto.from_config(config, dtype=torch.float32)  # trainable weights, whatever the teacher's dtype
     plan = None
     if narrower and width_init == "importance":
-        importance = pruning.measure_importance(teacher, batches)
+        importance = importance or pruning.measure_importance(teacher, batches)
         plan = pruning.plan_pruning(teacher, config, chosen, importance)
         notes += [f"sliced from the teacher: {line}" for line in plan.summary()]
     elif narrower:
@@ -384,10 +392,11 @@ def _narrower(teacher_config, student_config) -> list[str]:
             if get(student_config) != get(teacher_config)]
 
 
-def save_student(model, tokenizer, out_dir, *, overwrite=False, card: str | None = None) -> Path:
+def save_student(model, tokenizer, out_dir, *, overwrite=False, card: str | None = None,
+                 files: dict[str, str] | None = None) -> Path:
     """Write ``model`` with ``tokenizer`` as a plain Hugging Face folder (safetensors, config, tokenizer) that loads
     without alambic installed. Written atomically; refuses to overwrite a non-empty folder unless asked.
-    ``card``: a Hugging Face model card, written as README.md."""
+    ``card``: a Hugging Face model card, written as README.md; ``files``: more text files, ``{name: text}``."""
     out_dir = Path(out_dir)
     if tokenizer is None:
         raise AlambicError("save_student needs the teacher's tokenizer: the student shares its vocabulary")
@@ -398,4 +407,6 @@ def save_student(model, tokenizer, out_dir, *, overwrite=False, card: str | None
         tokenizer.save_pretrained(tmp)
         if card:
             (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
+        for name, text in (files or {}).items():
+            (Path(tmp) / name).write_text(text, encoding="utf-8")
     return out_dir

@@ -29,6 +29,7 @@ from alambic.evaluation.model_card import distillation_card, last_logged
 from alambic.modeling import eos_token_ids, hidden_size, lm_body, model_kind, num_layers, vocab_size
 from alambic.recipes import recipe_parts
 from alambic.recipes.distilbert import resolve_kd_rows
+from alambic.search import SEARCH_FILE
 from alambic.students import count_parameters, init_student, parse_layer_spec, save_student, selection
 from alambic.offline.store import TeacherOutputs, check_cache, read_manifest
 from alambic.offline.training import OfflineDistilBERTRecipe, cached_batches
@@ -80,15 +81,16 @@ def _check_inputs(cfg: DistillConfig, resume: bool) -> tuple[list[dict] | None, 
             raise AlambicError("chat data trains decoders (causal LMs); the teacher is an encoder: give raw text, "
                                "or a decoder teacher")
         n = num_layers(teacher_config)
-        if cfg.student.layers.strip().lower() == selection.DEFAULT_SPEC:  # the training data is at hand
+        searched = cfg.student.budget() is not None
+        if cfg.student.layers.strip().lower() == selection.DEFAULT_SPEC and not searched:  # the data is at hand
             cfg.student.layers = selection.default_layers(model_kind(teacher_config), calibration_at_hand=True)
             cfg.student.validate()
-        auto = selection.parse_auto_spec(cfg.student.layers) is not None
+        auto = not searched and selection.parse_auto_spec(cfg.student.layers) is not None
         if auto:
             selection.check_depth(cfg.student.depth, n)
-        else:
+        elif not searched:
             parse_layer_spec(cfg.student.layers, n)
-        if auto or cfg.student.prunes():
+        if auto or searched or cfg.student.prunes():
             from transformers import AutoTokenizer
 
             specs = calibration_specs(cfg)
@@ -152,6 +154,9 @@ def _build_student(cfg: DistillConfig, teacher, calibration, accelerator):
     """``init_student`` from the config. With measured layers (``layers=auto``) on several processes, the main
     process measures and the others build the student it chose: a greedy search may stop on its time budget, so
     processes measuring on their own could disagree, and the measurement need not run N times."""
+    budget = cfg.student.budget()
+    if budget is not None:
+        return _search_student(cfg, budget, teacher, calibration, accelerator)
     shape = dict(hidden_size=cfg.student.hidden_size, intermediate_size=cfg.student.intermediate_size,
                  num_heads=cfg.student.num_heads, token_types=cfg.student.token_types, seed=cfg.training.seed,
                  width_init=cfg.student.width_init, allow_wider=cfg.student.allow_wider)
@@ -168,6 +173,31 @@ def _build_student(cfg: DistillConfig, teacher, calibration, accelerator):
         return built
     return init_student(teacher, layers=chosen[0], calibration_data=calibration if cfg.student.prunes() else None,
                         **shape)
+
+
+def _search_student(cfg: DistillConfig, budget, teacher, calibration, accelerator):
+    """A student of the shape the search chooses for ``budget``: the main process searches (timings differ between
+    processes), the others build the shape and layers it chose."""
+    from alambic.search import search_shape
+
+    chosen = [None]
+    built = None
+    if accelerator.is_main_process:
+        search, built = search_shape(teacher, budget, calibration, max_seconds=cfg.student.budget_seconds,
+                                     timing_cache=cfg.student.timing_cache, seed=cfg.training.seed,
+                                     token_types=cfg.student.token_types, log=accelerator.print)
+        for line in search.table():
+            accelerator.print(line)
+        accelerator.print(search.summary())
+        shape = search.chosen.shape
+        chosen = [(list(built.layers), shape.hidden, shape.ffn, shape.heads)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(chosen)
+    if built is not None:
+        return built
+    layers, hidden, ffn, heads = chosen[0]
+    return init_student(teacher, layers=layers, hidden_size=hidden, intermediate_size=ffn, num_heads=heads,
+                        calibration_data=calibration, token_types=cfg.student.token_types, seed=cfg.training.seed)
 
 
 @locked_run(lambda arguments: arguments["cfg"].validate().out)
@@ -204,6 +234,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
         teacher_parameters, teacher_layers = count_parameters(teacher), num_layers(teacher.config)
     torch.manual_seed(cfg.training.seed)
     card = None  # the model card of a student whose layers were chosen by measurement
+    search_files = None  # a searched shape's candidates, saved with the student
     if cfg.student.init:
         student, student_tokenizer = load_model(cfg.student.init, kind=kind, for_training=True)
         if teacher is not None:
@@ -213,6 +244,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
         if built.selection is not None:
             built.selection.calibration = ", ".join(calibration_specs(cfg))
         card = built.model_card(cfg.teacher)
+        search_files = {SEARCH_FILE: built.search.to_json()} if built.search is not None else None
         say(built.summary())
         student = built.model
     if outputs is not None:
@@ -220,7 +252,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
     elif cfg.recipe == "distilbert":
         _fit_cosine_term(cfg, hidden_size(teacher.config), student, say)
     if cfg.student.save_init and accelerator.is_main_process and not resume:
-        save_student(student, tokenizer, run_dir / "student-init", card=card)
+        save_student(student, tokenizer, run_dir / "student-init", card=card, files=search_files)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
@@ -266,7 +298,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
                                  teacher_layers=teacher_layers, student_layers=num_layers(exported.config),
                                  metrics=last_logged(run_dir), selection_card=card, kind=kind,
                                  precision=precision.describe())
-        save_student(exported, tokenizer, student_dir, overwrite=True, card=card)
+        save_student(exported, tokenizer, student_dir, overwrite=True, card=card, files=search_files)
         say(f"student written to {student_dir}")
     accelerator.wait_for_everyone()
     return DistillResult(run_dir, student_dir, teacher_parameters, count_parameters(student), result.metrics)

@@ -53,7 +53,8 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
                  intermediate: TinyBERTLossConfig | None = None, training=None, trm_steps: int | None = None,
                  trm_lr: float | None = None, data: DataOptions | None = None, teacher_cache: bool = True,
                  unlabelled=(), width_init: str = "importance", resume: bool = False, progress: bool = True,
-                 keep_stages: bool = False, log=print) -> dict:
+                 keep_stages: bool = False, budget=None, search_seconds: float | None = None,
+                 timing_cache=None, log=print) -> dict:
     """Distil the fine-tuned ``teacher`` into a student on ``task``; returns the summary in ``OUT/task.json``.
 
     ``train_data`` may mix labelled and unlabelled examples; ``unlabelled``: transfer-set files (the teacher's soft
@@ -64,9 +65,9 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
     loss = (loss or TaskLossConfig()).validate()
     data = data or DataOptions()
     training = training or task_training_config(task)
-    if (student is None) == (student_layers is None):
-        raise AlambicError("give the student either as a folder (--student) or as teacher layers to copy "
-                           "(--student-layers, e.g. linspace:3)")
+    if sum(x is not None for x in (student, student_layers, budget)) != 1:
+        raise AlambicError("give the student as one of: a folder (--student), teacher layers to copy "
+                           "(--student-layers, e.g. linspace:3), or a budget the search meets (--target-speedup X)")
     if student_layers is None and any(v is not None for v in (hidden_size, intermediate_size, num_heads)):
         raise AlambicError("--hidden-size, --intermediate-size and --num-heads build a student with "
                            "--student-layers; drop them or give --student-layers")
@@ -84,7 +85,19 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
 
     torch.manual_seed(training.seed)
     card = None  # what a student built here kept of its teacher (layers, width pruning), for OUT/best/README.md
-    if student_layers is not None:
+    search_json = None  # a searched shape's candidates, for OUT/best/alambic-search.json
+    if budget is not None:
+        from alambic.search import search_shape
+
+        calibration = [batches(i) for i in range(min(batches.per_epoch, CALIBRATION_BATCHES))]
+        search, built = search_shape(teacher_model, budget, calibration, max_seconds=search_seconds,
+                                     timing_cache=timing_cache, seed=training.seed, log=log, progress=progress)
+        for line in search.table():
+            log(line)
+        log(search.summary())
+        student_model, card, search_json = built.model, built.model_card(str(teacher)), search.to_json()
+        log(built.summary())
+    elif student_layers is not None:
         narrower = any(v is not None for v in (hidden_size, intermediate_size, num_heads))
         calibration = None
         if narrower and width_init == "importance":
@@ -151,7 +164,11 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
     save_model_folder(student_model, tokenizer, out / "student")  # the last step's student, as distill exports it
     if card and (out / "best").is_dir():
         atomic_write_text(out / "best" / "README.md", card)
-    summary = {"task": task, "teacher": str(teacher), "student": str(student or f"layers {student_layers}"),
+    if search_json and (out / "best").is_dir():
+        from alambic.search import SEARCH_FILE
+
+        atomic_write_text(out / "best" / SEARCH_FILE, search_json)
+    summary = {"task": task, "teacher": str(teacher), "student": str(student or (f"layers {student_layers}" if student_layers else f"searched: {budget.describe()}")),
                "stages": list(plan), "labels": labels, "loss": vars(loss),
                "training_examples": {"labelled": sum(e.labelled for e in prepared.train_examples),
                                      "unlabelled": sum(not e.labelled for e in prepared.train_examples)},

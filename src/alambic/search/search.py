@@ -1,0 +1,366 @@
+"""Choose the student's shape for a budget: enumerate, discard by FLOPs, time on this machine, rank by divergence.
+
+1. **Enumerate** the candidate shapes (:mod:`alambic.search.shapes`): depth x hidden width (head size kept) x FFN.
+2. **Discard the hopeless by FLOPs**: a shape whose FLOP ratio to the teacher is below ``FLOP_SLACK`` (0.8) times
+   the speed-up asked cannot meet it (measured speed-ups fall short of the FLOP ratio: fixed costs do not shrink).
+   A latency budget becomes a speed-up once the teacher is timed: teacher latency / target latency.
+3. **Time the rest**, largest first (parameters), each interleaved with the teacher in the budget's conditions
+   (:mod:`alambic.search.timing`, cached per machine). A shape no larger in any dimension (depth, width, FFN) than one
+   that meets the budget is *dominated*: it is not timed, as it can only be faster and worse. ``max_seconds`` bounds
+   the timing; shapes left are listed as not timed.
+4. **Rank** the shapes that meet the budget (at most ``max_finalists``, the largest of each depth) by the forward KL
+   from the teacher on the calibration text after importance slicing of the widths and influence selection of the
+   layers: the student each would start from. The lowest divergence is chosen (ties: more parameters).
+
+A size budget (``params``) skips the timing: parameters are counted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from alambic import modeling
+from alambic.errors import AlambicError
+from alambic.evaluation.flops import head_type
+from alambic.losses.divergences import divergence_rows
+from alambic.losses.features import attention_relation_kl
+from alambic.search.budget import PROMISE_TOLERANCE, Budget
+from alambic.search.shapes import (Shape, enumerate_shapes, flops, instantiate, parameter_count, shape_config,
+                                   teacher_shape)
+from alambic.search import timing as timing_mod
+from alambic.search.timing import TimingCache, machine_key
+from alambic.search.timing import timing_cache as timing_cache_for
+
+FLOP_SLACK = 0.8
+MAX_FINALISTS = 8
+SEARCH_FILE = "alambic-search.json"
+"""Written next to the searched student's weights: the budget and every candidate, read by ``alambic report``."""
+
+
+@dataclass
+class Candidate:
+    shape: Shape
+    params: int
+    flops: float
+    flop_ratio: float
+    timing: dict | None = None
+    """latency_ms, teacher_ms, speedup, notch, rounds, cached."""
+    divergence: float | None = None
+    status: str = "pending"
+    """chosen, meets, misses, hopeless, dominated, out of time."""
+    reason: str = ""
+
+    def meets(self, budget: Budget) -> bool:
+        timing = self.timing or {}
+        return budget.met_by(speedup=timing.get("speedup"), latency_ms=timing.get("latency_ms"), params=self.params)
+
+    def to_dict(self) -> dict:
+        return {"shape": self.shape.to_dict(), "key": self.shape.key, "params": self.params, "flops": self.flops,
+                "flop_ratio": self.flop_ratio, "timing": self.timing, "divergence": self.divergence,
+                "status": self.status, "reason": self.reason}
+
+
+@dataclass
+class ShapeSearch:
+    budget: Budget
+    teacher: Shape
+    teacher_params: int
+    candidates: list[Candidate]
+    chosen: Candidate
+    layers: list[int]
+    seconds: float
+    machine: dict = field(default_factory=dict)
+
+    def rows(self) -> list[Candidate]:
+        """The candidates worth a line: every one timed or ranked, the chosen first."""
+        shown = [c for c in self.candidates if c.timing is not None or c.divergence is not None]
+        return sorted(shown, key=lambda c: (c is not self.chosen, c.divergence is None,
+                                            c.divergence if c.divergence is not None else 0, -c.params))
+
+    def table(self) -> list[str]:
+        lines = ["| shape | params (M) | GFLOPs/token | FLOP ratio | latency (ms) | speed-up | calibration KL | "
+                 "decision |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for c in self.rows():
+            t = c.timing or {}
+            speedup = f"{t['speedup']:.2f}x +-{t['notch']:.2f}" if t else "-"
+            lines.append(f"| {c.shape.label()} | {c.params / 1e6:.2f} | {c.flops / 1e9:.3f} | {c.flop_ratio:.2f}x | "
+                         + (f"{t['latency_ms']:.2f}" if t else "-") + f" | {speedup} | "
+                         + (f"{c.divergence:.4f}" if c.divergence is not None else "-")
+                         + f" | {c.status}{': ' + c.reason if c.reason else ''} |")
+        untimed = {}
+        for c in self.candidates:
+            if c.timing is None and c.divergence is None:
+                untimed[c.status] = untimed.get(c.status, 0) + 1
+        if untimed:
+            lines += ["", "Not timed: " + "; ".join(f"{n} {status}" for status, n in sorted(untimed.items()))
+                      + f" (hopeless: a FLOP ratio below {FLOP_SLACK} x the speed-up asked; dominated: no larger "
+                      "in any dimension than a shape that meets the budget)."]
+        return lines
+
+    def summary(self) -> str:
+        c, t = self.chosen, self.chosen.timing or {}
+        measured = f", measured {t['speedup']:.2f}x +-{t['notch']:.2f} ({t['latency_ms']:.1f} ms)" if t else ""
+        return (f"shape search: {self.chosen.shape.label()} (layers {','.join(map(str, self.layers))}), "
+                f"{c.params / 1e6:.2f}M parameters{measured}, calibration KL {c.divergence:.4f}; "
+                f"budget {self.budget.describe()}; {sum(x.timing is not None for x in self.candidates)} shapes "
+                f"timed, {sum(x.divergence is not None for x in self.candidates)} ranked in {self.seconds:.0f} s")
+
+    def card(self) -> str:
+        lines = ["", "## Shape search", "",
+                 f"Budget: {self.budget.describe()}. The shape was searched by `alambic init-student` on "
+                 f"{self.machine.get('cpu', 'this machine')} ({self.machine.get('cores')} cores): candidates timed "
+                 "interleaved with the teacher (random weights), those meeting the budget ranked by the forward KL "
+                 "from the teacher on calibration text after slicing. Teacher: "
+                 f"{self.teacher.label()}, {self.teacher_params / 1e6:.2f}M parameters.", ""]
+        return "\n".join(lines + self.table()) + "\n"
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "version": 1, "budget": self.budget.to_dict(), "promise_tolerance": PROMISE_TOLERANCE,
+            "teacher": self.teacher.to_dict(), "teacher_params": self.teacher_params, "machine": self.machine,
+            "chosen": self.chosen.shape.key, "layers": self.layers, "seconds": self.seconds,
+            "candidates": [c.to_dict() for c in self.candidates]}, indent=1)
+
+
+def _dominated_by(candidate: Candidate, others: list[Candidate]) -> Candidate | None:
+    s = candidate.shape
+    return next((o for o in others if o.shape.depth >= s.depth and o.shape.hidden >= s.hidden
+                 and o.shape.ffn >= s.ffn), None)
+
+
+def _progress(total: int, enabled: bool, what: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=what, unit="shape", disable=not enabled, leave=False)
+
+
+def _time_candidates(teacher, candidates: list[Candidate], budget: Budget, cache: TimingCache, *, deadline, say,
+                     progress: bool) -> None:
+    device, dtype = torch.device(budget.device), budget.dtype
+    timed_teacher = teacher if (device.type, dtype) == ("cpu", torch.float32) else \
+        instantiate(teacher, teacher.config, device, dtype)
+    need = budget.speedup
+    if need is None:  # a latency: the speed-up it implies on this machine
+        teacher_ms = timing_mod.time_against_teacher(timed_teacher, timed_teacher, budget)["teacher_ms"]
+        need = teacher_ms / budget.latency_ms
+        say(f"teacher: {teacher_ms:.1f} ms at {budget.conditions()}; {budget.latency_ms:g} ms is a {need:.2f}x "
+            "speed-up")
+    for c in candidates:
+        if c.flop_ratio < need * FLOP_SLACK:
+            c.status, c.reason = "hopeless", f"FLOP ratio {c.flop_ratio:.2f}x"
+    queue = sorted((c for c in candidates if c.status == "pending"), key=lambda c: (-c.params, c.shape))
+    meeting: list[Candidate] = []
+    with _progress(len(queue), progress, "timing shapes") as bar:
+        for c in queue:
+            bar.update(1)
+            better = _dominated_by(c, meeting)
+            if better is not None:
+                c.status, c.reason = "dominated", f"{better.shape.label()} meets the budget"
+                continue
+            timing = cache.get(c.shape)
+            if timing is None:
+                if deadline is not None and time.perf_counter() > deadline:
+                    c.status = "out of time"
+                    continue
+                model = instantiate(teacher, shape_config(teacher.config, c.shape), device, dtype)
+                timing = timing_mod.time_against_teacher(timed_teacher, model, budget)
+                del model
+                cache.put(c.shape, timing)
+            else:
+                timing = {**timing, "cached": True}
+            c.timing = timing
+            if c.meets(budget):
+                c.status = "meets"
+                meeting.append(c)
+            else:
+                c.status = "misses"
+                c.reason = (f"{timing['speedup']:.2f}x < {budget.speedup:g}x" if budget.speedup is not None else
+                            f"{timing['latency_ms']:.1f} ms > {budget.latency_ms:g} ms")
+
+
+def _finalists(candidates: list[Candidate], budget: Budget, limit: int) -> list[Candidate]:
+    """The largest shape of each depth among those meeting the budget (undominated), evenly spread over the depths
+    when there are more than ``limit``."""
+    meeting = [c for c in candidates if c.status == "meets" or (not budget.timed and c.meets(budget))]
+    if not budget.timed:  # sizes are counted, not timed: keep the undominated ones
+        meeting = sorted(meeting, key=lambda c: (-c.params, c.shape))
+        kept = []
+        for c in meeting:
+            better = _dominated_by(c, kept)
+            if better is None:
+                kept.append(c)
+                c.status = "meets"
+            else:
+                c.status, c.reason = "dominated", f"{better.shape.label()} meets the budget"
+        for c in candidates:
+            if c.status == "pending":
+                c.status, c.reason = "misses", f"{c.params / 1e6:.2f}M > {budget.params / 1e6:.4g}M parameters"
+        meeting = kept
+    best = {}
+    for c in meeting:
+        if c.shape.depth not in best or c.params > best[c.shape.depth].params:
+            best[c.shape.depth] = c
+    depths = sorted(best)
+    if len(depths) > limit:
+        depths = sorted({depths[round(i * (len(depths) - 1) / (limit - 1))] for i in range(limit)})
+    chosen = [best[d] for d in depths]
+    for c in meeting:
+        if c not in chosen:
+            c.reason = "not ranked: a larger shape of its depth was" if c.shape.depth in depths else \
+                f"not ranked: beyond the {limit} depths ranked"
+    return chosen
+
+
+def _logit_rows(output, batch: dict) -> torch.Tensor:
+    """The rows of class scores a divergence is taken over: per example (sequence classification), per real token
+    (token tasks, language models: the scored positions when the batch names them), per start/end (QA)."""
+    if getattr(output, "logits", None) is None:  # extractive QA: start and end positions over the tokens
+        mask = batch["attention_mask"].bool()
+        rows = [getattr(output, name).float().masked_fill(~mask.to(output.start_logits.device), -1e4)
+                for name in ("start_logits", "end_logits")]
+        return torch.cat(rows)
+    logits = output.logits.float()
+    if logits.dim() == 2:
+        return logits
+    flat = logits.flatten(0, 1)
+    if "token_positions" in batch:
+        return flat[batch["token_positions"].to(flat.device)]
+    return flat[batch["attention_mask"].flatten().bool().to(flat.device)]
+
+
+@torch.no_grad()
+def calibration_divergence(teacher: torch.nn.Module, student: torch.nn.Module, batches: list[dict]) -> float:
+    """How far the student starts from its teacher on the calibration batches, width-independent:
+
+    - a teacher with an output head: ``sum_rows KL(p_teacher || q_student) / rows`` (T = 1), rows as
+      :func:`_logit_rows`;
+    - a bare encoder (no head): MiniLM's relation KL of the last hidden states,
+      ``sum_rows KL(softmax(H_t H_t^T / sqrt(d_t)) || softmax(H_s H_s^T / sqrt(d_s))) / rows`` over the real tokens
+      (:func:`alambic.losses.features.attention_relation_kl`), which compares students of any width.
+    """
+    total, rows = 0.0, 0
+    device = modeling.model_device(teacher)
+    for batch in batches:
+        def run(model):
+            inputs = {k: v.to(device) for k, v in modeling.model_inputs(model, batch).items()}
+            return model(**inputs, output_hidden_states=True)
+
+        t, s = run(teacher), run(student)
+        if getattr(t, "logits", None) is None and getattr(t, "start_logits", None) is None:
+            mask = batch["attention_mask"].bool().to(device)
+            valid = mask[:, :, None] & mask[:, None, :]
+            count = int(mask.sum())
+            total += float(attention_relation_kl(s.hidden_states[-1], t.hidden_states[-1], valid, 1)) * count
+            rows += count
+            continue
+        t_rows, s_rows = _logit_rows(t, batch), _logit_rows(s, batch)
+        total += float(divergence_rows(F.log_softmax(t_rows, -1), F.log_softmax(s_rows, -1), "forward_kl").sum())
+        rows += t_rows.shape[0]
+    return total / max(rows, 1)
+
+
+def _layer_chooser(teacher, batches: list[dict]):
+    """depth -> teacher layers: the most influential (one forward; :func:`select_layers` ``influence``) on language
+    model calibration text, evenly spaced (first and last kept) on task batches."""
+    from alambic.students.build import linspace_layers
+    from alambic.students.selection import select_layers
+
+    n = modeling.num_layers(teacher.config)
+    if not all("lm_positions" in b for b in batches):
+        return lambda depth: linspace_layers(depth, n)
+    influence = select_layers(teacher, "influence", depth=1, calibration=batches).influence
+    ranking = sorted(range(n), key=lambda i: (-influence[i], i))
+    return lambda depth: sorted(ranking[:depth])
+
+
+def search_shape(teacher: torch.nn.Module, budget: Budget, calibration: list[dict], *, align: int | None = None,
+                 max_seconds: float | None = None, max_finalists: int = MAX_FINALISTS, timing_cache=None,
+                 seed: int = 0, token_types: str = "auto", log=None, progress: bool = True):
+    """Search the shape (module docstring) and build the chosen student. Returns ``(ShapeSearch, StudentInit)``;
+    the student's ``search`` is the search, so its model card holds the candidate table.
+    ``timing_cache``: the folder of the timing cache (default ``$ALAMBIC_CACHE/shape-timings``)."""
+    from alambic.students import pruning
+    from alambic.students.build import init_student, with_task_head
+
+    budget.check()
+    teacher = with_task_head(teacher)
+    if max_seconds is not None and max_seconds <= 0:
+        raise AlambicError(f"--budget-seconds must be positive, got {max_seconds:g}")
+    say = log or (lambda line: None)
+    start = time.perf_counter()
+    deadline = start + max_seconds if max_seconds is not None else None
+    align = align or (64 if budget.device == "cpu" else 128)
+    config = teacher.config
+    head = head_type(teacher)
+    t_shape = teacher_shape(config)
+    t_flops = flops(config, budget.seq_len, head)
+    t_params = sum(p.numel() for p in teacher.parameters())
+    candidates = []
+    for shape in enumerate_shapes(config, align):
+        if shape == t_shape:
+            continue
+        cfg = shape_config(config, shape)
+        f = flops(cfg, budget.seq_len, head)
+        candidates.append(Candidate(shape, parameter_count(teacher, cfg), f, t_flops / f))
+    if not candidates:
+        raise AlambicError(f"the teacher ({t_shape.label()}) has no smaller shape with widths in multiples of "
+                           f"{align}: give the student's shape (--layers, --hidden-size) instead of a budget")
+    say(f"shape search: {len(candidates)} candidate shapes of {t_shape.label()} for a budget of {budget.describe()}")
+    machine = machine_key(budget)
+    threads = torch.get_num_threads()
+    if budget.threads:
+        torch.set_num_threads(budget.threads)
+    try:
+        if budget.timed:
+            cache = timing_cache_for(teacher, budget, timing_cache)
+            _time_candidates(teacher, candidates, budget, cache, deadline=deadline, say=say, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+    finalists = _finalists(candidates, budget, max_finalists)
+    if not finalists:
+        raise AlambicError(_nothing_meets(candidates, budget))
+    say(f"shape search: {len(finalists)} shapes meet the budget; ranking them by calibration divergence")
+    choose_layers = _layer_chooser(teacher, calibration)
+    importance = pruning.measure_importance(teacher, calibration)
+    best, built_best = None, None
+    with _progress(len(finalists), progress, "ranking shapes") as bar:
+        for c in finalists:
+            built = init_student(teacher, layers=choose_layers(c.shape.depth), hidden_size=c.shape.hidden,
+                                 intermediate_size=c.shape.ffn, num_heads=c.shape.heads, seed=seed,
+                                 calibration_data=calibration, importance=importance, token_types=token_types)
+            c.divergence = calibration_divergence(teacher, built.model, calibration)
+            bar.update(1)
+            if best is None or (c.divergence, -c.params) < (best.divergence, -best.params):
+                best, built_best = c, built
+    for c in finalists:
+        if c is not best:
+            c.reason = f"calibration KL {c.divergence:.4f} > {best.divergence:.4f}"
+    best.status, best.reason = "chosen", ""
+    result = ShapeSearch(budget, t_shape, t_params, candidates, best, list(built_best.layers),
+                         time.perf_counter() - start, machine)
+    built_best.search = result
+    return result, built_best
+
+
+def _nothing_meets(candidates: list[Candidate], budget: Budget) -> str:
+    if not budget.timed:
+        smallest = min(candidates, key=lambda c: c.params)
+        return (f"no student shape meets {budget.describe()}: the smallest, {smallest.shape.label()}, has "
+                f"{smallest.params / 1e6:.2f}M parameters; raise --target-params")
+    timed = [c for c in candidates if c.timing is not None]
+    late = sum(c.status == "out of time" for c in candidates)
+    if late and not any(c.status == "meets" for c in candidates):
+        return (f"the shape search ran out of time before any shape met {budget.describe()}: {len(timed)} timed, "
+                f"{late} left; raise --budget-seconds")
+    if not timed:
+        return (f"no student shape can meet {budget.describe()}: even the smallest has a FLOP ratio of "
+                f"{max(c.flop_ratio for c in candidates):.2f}x; ask for less")
+    fastest = max(timed, key=lambda c: c.timing["speedup"])
+    t = fastest.timing
+    return (f"no student shape meets {budget.describe()}: the fastest timed, {fastest.shape.label()}, runs "
+            f"{t['speedup']:.2f}x ({t['latency_ms']:.1f} ms); ask for less")
