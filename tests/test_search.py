@@ -241,3 +241,33 @@ def test_a_budget_no_shape_meets_is_one_line_and_writes_nothing(teacher_folder, 
     err = capsys.readouterr().err.strip()
     assert code == 2 and "no student shape" in err and "\n" not in err
     assert not out.exists()
+
+
+def test_the_report_checks_the_budget_and_plots_the_search(teacher_folder, tmp_path, capsys, no_timing):
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(teacher_folder / "teacher").eval()
+    stub_timings(teacher, Budget(speedup=2.0), tmp_path / "cache")
+    student = tmp_path / "student"
+    assert main(["init-student", "--teacher", str(teacher_folder / "teacher"), "--out", str(student),
+                 "--target-speedup", "2", "--calibration-data", str(teacher_folder / "text.txt"),
+                 "--calibration-tokens", "512", "--max-length", "64", "--timing-cache", str(tmp_path / "cache"),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "report"
+    assert main(["report", str(teacher_folder / "teacher"), str(student), "--seq-lens", "128", "--batch-size", "1",
+                 "--repeats", "3", "--max-repeats", "6", "--names", "teacher,student", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    kept = report["models"][1]["budget"]
+    ratio = next(r for r in report["models"][1]["ratios"]["speed"] if r["seq_len"] == 128)
+    assert kept["measured"] == ratio["speedup"] and kept["budget"]["speedup"] == 2.0
+    slack = max(0.05, ratio["notch"] / ratio["speedup"])
+    assert kept["slack"] == pytest.approx(slack) and kept["met"] == (ratio["speedup"] >= 2.0 * (1 - slack))
+    assert report["models"][0]["budget"] is None
+    assert "## Budget" in (out / "report.md").read_text()
+    assert (out / "search-student.png").read_bytes().startswith(b"\x89PNG")
+    # a report that does not time the budget's conditions says so instead of judging
+    out64 = tmp_path / "report64"
+    assert main(["report", str(teacher_folder / "teacher"), str(student), "--seq-lens", "64", "--batch-size", "1",
+                 "--repeats", "3", "--max-repeats", "3", "--names", "teacher,student", "--out", str(out64),
+                 "--no-plots"]) == 0
+    assert "add --seq-lens 128" in capsys.readouterr().err
+    assert json.loads((out64 / "report.json").read_text())["models"][1]["budget"]["met"] is None

@@ -116,6 +116,46 @@ def plot_quality_vs_speed(report: dict, path) -> Path:
     return save_png(fig, path)
 
 
+def plot_search(model: dict, path) -> Path:
+    """The shape search of a searched student (``model["budget"]`` of a report): every candidate ranked, speed-up
+    (timed by the search, interleaved with the teacher) against calibration divergence after slicing; the budget as
+    a vertical line, the choice as a star, and the student's speed-up measured by the report as a hollow star.
+    Candidates timed but not ranked (they miss the budget, or a larger shape of their depth was ranked) sit on the
+    bottom axis."""
+    kept = model["budget"]
+    budget, candidates = kept["budget"], kept["candidates"]
+    fig = _figure(7, 5)
+    ax = fig.add_subplot()
+    ranked = [c for c in candidates if c["divergence"] is not None and c["speedup"] is not None]
+    others = [c for c in candidates if c["divergence"] is None and c["speedup"] is not None]
+    if ranked:
+        ax.scatter([c["speedup"] for c in ranked], [c["divergence"] for c in ranked], color="C0", zorder=3,
+                   label="meets the budget, ranked")
+        for c in ranked:
+            ax.annotate(c["label"], (c["speedup"], c["divergence"]), textcoords="offset points", xytext=(6, 4),
+                        fontsize=7)
+    if others:
+        ax.scatter([c["speedup"] for c in others], [0] * len(others), marker="|", s=200, color="grey", zorder=2,
+                   label="timed, not ranked", transform=ax.get_xaxis_transform())
+    chosen = next((c for c in candidates if c["status"] == "chosen"), None)
+    if chosen is not None and chosen["speedup"] is not None:
+        ax.scatter([chosen["speedup"]], [chosen["divergence"]], marker="*", s=300, color="C3", zorder=4,
+                   label="chosen (search timing)")
+        if budget.get("speedup") is not None and kept.get("measured") is not None:
+            ax.scatter([kept["measured"]], [chosen["divergence"]], marker="*", s=300, facecolors="none",
+                       edgecolors="C3", zorder=4, label="chosen, measured by this report")
+    if budget.get("speedup") is not None:
+        ax.axvline(budget["speedup"], color="C3", linestyle="--", linewidth=1,
+                   label=f"budget {budget['speedup']:g}x")
+    ax.set_xlabel(f"speed-up vs the teacher (batch {budget['batch_size']}, {budget['seq_len']} tokens, "
+                  f"{budget['device']} {budget['precision']})")
+    ax.set_ylabel("calibration divergence from the teacher after slicing")
+    ax.set_title(f"Shape search of {model['name']}: {len(candidates)} candidates timed or ranked", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return save_png(fig, path)
+
+
 def plot_speed(report: dict, path) -> Path:
     """Throughput (tokens/s, median with IQR bars) against sequence length, one panel per device and batch."""
     panels = sorted({(s["device"], s["batch_size"]) for m in report["models"] for s in m["speed"]})

@@ -12,6 +12,7 @@ import datetime as _dt
 import gc
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from alambic.cache import atomic_write_text
 from alambic.errors import AlambicError
 from alambic.evaluation import flops as flops_mod
 from alambic.evaluation import speed as speed_mod
+from alambic.search.search import searched_shape
 from alambic.evaluation.report_format import (format_number, format_percent, format_value, headline, speed_row,
                                               speedup_row)
 from alambic.students import count_parameters
@@ -40,7 +42,8 @@ SCHEMA_VERSION = 1
 REPORT_KEYS = ("schema_version", "kind", "created", "command", "machine", "settings", "reference", "models",
                "warnings")
 MODEL_KEYS = ("name", "spec", "path", "kind", "architecture", "layers", "hidden_size", "vocab_size", "tokenizer",
-              "parameters", "disk_bytes", "flops", "speed", "quality", "ratios", "format", "runtime", "chat")
+              "parameters", "disk_bytes", "flops", "speed", "quality", "ratios", "format", "runtime", "chat",
+              "budget")
 CHAT_RETAINED = ("accuracy", "option_accuracy", "rouge_l")
 """The gold chat metrics (higher is better) retained, model / reference in %, in ``ratios["chat_retention_pct"]``."""
 CHAT_COLUMNS = (("accuracy", "accuracy"), ("option_accuracy", "option acc."), ("rouge_l", "ROUGE-L"),
@@ -164,6 +167,7 @@ class _Prepared:
     tokenizer: object
     batches: list | None = None  # held-out batches (--lm-data), built before any weights load
     export: dict | None = None  # the manifest of an `alambic export` folder, measured in its own runtime
+    search: dict | None = None  # the shape search of a student built for a budget (alambic-search.json)
 
 
 @dataclass
@@ -222,7 +226,9 @@ def _prepare(models: list[str], settings: ReportSettings, warn, log) -> tuple[li
         except (OSError, ValueError) as err:
             raise AlambicError(f"{path} has no usable tokenizer ({str(err).strip().splitlines()[0]}); "
                                "save one next to the model")
-        prepared.append(_Prepared(str(spec), name, path, config, kind, tokenizer, export=manifest))
+        searched = searched_shape(path)
+        prepared.append(_Prepared(str(spec), name, path, config, kind, tokenizer, export=manifest,
+                                  search=json.loads(searched) if searched else None))
     fingerprints = {p.name: vocabulary_hash(p.tokenizer)[:16] for p in prepared}
     chat = _prepare_chat(prepared, settings, fingerprints, warn) if settings.chat_data else None
     if settings.lm_data:  # tokenise (cached) and check the data now: too little text fails before any timing
@@ -439,7 +445,7 @@ def _measure(p: _Prepared, index: int, total: int, settings: ReportSettings, log
         "tokenizer": vocabulary_hash(p.tokenizer)[:16], "parameters": params,
         "disk_bytes": disk, "flops": flop_rows, "speed": [], "quality": quality,
         "ratios": None, "format": p.export["format"] if p.export else "pytorch", "runtime": runtime,
-        "chat": chat,
+        "chat": chat, "budget": None,
     }
     del architecture
     log(f"{tag}: measured in {time.perf_counter() - start:.0f} s")
@@ -546,6 +552,56 @@ def _ratios(row: dict, ref: dict) -> dict:
     }
 
 
+def _shape_label(shape: dict) -> str:
+    return f"{shape['depth']}x{shape['hidden']} f{shape['ffn']}"
+
+
+def _budget_kept(row: dict, search: dict, note, log) -> dict:
+    """Whether a student whose shape was searched for a budget keeps it, measured here against the reference
+    (its teacher): met when the measured speed-up is at least (1 - slack) x the budget (a latency: at most
+    (1 + slack) x), slack = the larger of the search's promise tolerance (5%, the bound of one model timed against
+    itself) and this measurement's own interval."""
+    budget, tolerance = search["budget"], search.get("promise_tolerance", 0.05)
+    where = (budget["device"], budget["batch_size"], budget["seq_len"])
+    candidates = [{"key": c["key"], "label": _shape_label(c["shape"]), "status": c["status"],
+                   "speedup": (c["timing"] or {}).get("speedup"), "divergence": c["divergence"]}
+                  for c in search["candidates"] if c["timing"] is not None or c["divergence"] is not None]
+    out = {"budget": budget, "chosen": search["chosen"], "tolerance": tolerance, "measured": None, "notch": None,
+           "met": None, "missed_by": None, "candidates": candidates}
+    conditions = f"batch {budget['batch_size']} x {budget['seq_len']} tokens on {budget['device']}"
+    if budget.get("params") is not None:
+        measured, target, slack = row["parameters"]["total"], budget["params"], 0.0
+        met, missed = measured <= target, measured / target - 1
+        what = f"{measured / 1e6:.2f}M parameters for at most {target / 1e6:.4g}M"
+    else:
+        ratio = next((r for r in row["ratios"]["speed"] if (r["device"], r["batch_size"], r["seq_len"]) == where),
+                     None)
+        timed = next((s for s in row["speed"] if (s["device"], s["batch_size"], s["seq_len"]) == where), None)
+        if ratio is None or timed is None:
+            note(f"{row['name']}: its shape was searched for a budget at {conditions}, which this report did not "
+                 f"time: add --seq-lens {budget['seq_len']} (batch 1 is always timed; --batch-size for another)")
+            return out
+        notch = ratio.get("notch") or 0.0
+        if budget.get("speedup") is not None:
+            measured, target = ratio["speedup"], budget["speedup"]
+            slack = max(tolerance, notch / measured)
+            met, missed = measured >= target * (1 - slack), 1 - measured / target
+            what = f"{measured:.2f}x +-{notch:.2f} for {target:g}x"
+        else:
+            measured, target = timed["ms_per_batch"], budget["latency_ms"]
+            slack = tolerance
+            met, missed = measured <= target * (1 + slack), measured / target - 1
+            what = f"{measured:.2f} ms for at most {target:g} ms"
+        out["notch"] = notch
+    out.update(measured=measured, met=met, slack=slack, missed_by=None if met else missed)
+    if met:
+        log(f"{row['name']}: budget kept: {what} at {conditions} (tolerance {100 * slack:.0f}%)")
+    else:
+        note(f"{row['name']} misses the budget its shape was searched for: {what} at {conditions}, "
+             f"{100 * missed:.0f}% short, beyond the {100 * slack:.0f}% the machine's noise allows")
+    return out
+
+
 def _warn_stderr(line: str) -> None:
     print(f"alambic: warning: {line}", file=sys.stderr, flush=True)
 
@@ -603,8 +659,10 @@ def _build(prepared: list[_Prepared], chat: _ChatPlan | None, settings: ReportSe
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    for row in rows:
+    for row, p in zip(rows, prepared):
         row["ratios"] = _ratios(row, rows[0])
+        if p.search is not None and row is not rows[0]:
+            row["budget"] = _budget_kept(row, p.search, note, log)
         for f in row["flops"]:
             if f["relative_difference"] is not None and abs(f["relative_difference"]) > 0.02:
                 note(f"{row['name']}: the FLOP formula differs from the measured count by "
@@ -625,6 +683,26 @@ def _build(prepared: list[_Prepared], chat: _ChatPlan | None, settings: ReportSe
 
 
 # --- rendering ----------------------------------------------------------------------------------------------------
+
+def _budget_text(budget: dict) -> str:
+    where = f" at b={budget['batch_size']} x {budget['seq_len']} ({budget['device']})"
+    if budget.get("speedup") is not None:
+        return f"{budget['speedup']:g}x{where}"
+    if budget.get("latency_ms") is not None:
+        return f"<= {budget['latency_ms']:g} ms{where}"
+    return f"<= {budget['params'] / 1e6:.4g}M parameters"
+
+
+def _measured_text(kept: dict) -> str:
+    value, budget = kept["measured"], kept["budget"]
+    if value is None:
+        return "-"
+    if budget.get("speedup") is not None:
+        return f"{value:.2f}x +-{kept['notch']:.2f}"
+    if budget.get("latency_ms") is not None:
+        return f"{value:.2f} ms"
+    return f"{value / 1e6:.2f}M"
+
 
 def _speedup_cell(ratio: dict | None) -> str:
     """2.03x +-0.04 (the paired interval), or 2.03x for a report written before interleaved timing."""
@@ -762,6 +840,18 @@ def render_markdown(report: dict) -> str:
                         format_value(s["flop_ratio_geomean"], ".2f", "x"),
                         format_value(s["efficiency_geomean"], ".2f")] for n, d, s in summaries if n != ref])
 
+    searched = [m for m in models if m.get("budget")]
+    if searched:
+        out += ["", "## Budget", "",
+                "Students whose shape `alambic init-student --target-...` searched for a budget, measured here "
+                "against the reference; kept within the larger of the search's tolerance and the measurement's "
+                "interval.", ""]
+        out += _table(["model", "budget", "measured", "tolerance", "kept"], [[
+            m["name"], _budget_text(m["budget"]["budget"]), _measured_text(m["budget"]),
+            format_value(m["budget"].get("slack") and 100 * m["budget"]["slack"], ".0f", "%"),
+            {True: "yes", False: f"no ({100 * (m['budget']['missed_by'] or 0):.0f}% short)", None: "not timed"}[
+                m["budget"]["met"]]] for m in searched], right_from=2, right_to=3)
+
     out += ["", "## FLOPs per token", "",
             "Forward pass, 2 FLOPs per multiply-accumulate, matrix products only (linear layers, attention, head); "
             "computed from the configuration and counted on the model with torch.utils.flop_counter.", ""]
@@ -817,11 +907,13 @@ def write_report(report: dict, out_dir, *, plots: bool = True) -> list[Path]:
     payload = json.dumps(report, indent=2, default=str) + "\n"
     written = []
     if plots:
-        from alambic.evaluation.plots import MissingMatplotlib, plot_quality_vs_speed, plot_speed
+        from alambic.evaluation.plots import MissingMatplotlib, plot_quality_vs_speed, plot_search, plot_speed
 
         try:
             written += [plot_quality_vs_speed(report, out_dir / "quality_vs_speed.png"),
                         plot_speed(report, out_dir / "speed.png")]
+            written += [plot_search(m, out_dir / f"search-{re.sub(r'[^A-Za-z0-9._-]+', '-', m['name'])}.png")
+                        for m in report["models"] if m.get("budget")]
         except MissingMatplotlib as err:  # the tables still matter without matplotlib
             line = f"plots skipped: {err}"
             report["warnings"].append(line)

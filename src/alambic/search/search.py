@@ -127,6 +127,15 @@ class ShapeSearch:
             "candidates": [c.to_dict() for c in self.candidates]}, indent=1)
 
 
+def searched_shape(folder) -> str | None:
+    """The search file of a student folder built by a shape search (it travels with the student through
+    distillation, so that ``alambic report`` can check the budget), or None."""
+    from pathlib import Path
+
+    path = Path(folder) / SEARCH_FILE
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
 def _dominated_by(candidate: Candidate, others: list[Candidate]) -> Candidate | None:
     s = candidate.shape
     return next((o for o in others if o.shape.depth >= s.depth and o.shape.hidden >= s.hidden

@@ -29,7 +29,7 @@ from alambic.evaluation.model_card import distillation_card, last_logged
 from alambic.modeling import eos_token_ids, hidden_size, lm_body, model_kind, num_layers, vocab_size
 from alambic.recipes import recipe_parts
 from alambic.recipes.distilbert import resolve_kd_rows
-from alambic.search import SEARCH_FILE
+from alambic.search import SEARCH_FILE, searched_shape
 from alambic.students import count_parameters, init_student, parse_layer_spec, save_student, selection
 from alambic.offline.store import TeacherOutputs, check_cache, read_manifest
 from alambic.offline.training import OfflineDistilBERTRecipe, cached_batches
@@ -234,9 +234,11 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
         teacher_parameters, teacher_layers = count_parameters(teacher), num_layers(teacher.config)
     torch.manual_seed(cfg.training.seed)
     card = None  # the model card of a student whose layers were chosen by measurement
-    search_files = None  # a searched shape's candidates, saved with the student
+    search_files = None  # a searched shape's candidates (this run's search, or student.init's), saved with it
     if cfg.student.init:
         student, student_tokenizer = load_model(cfg.student.init, kind=kind, for_training=True)
+        searched = searched_shape(cfg.student.init)
+        search_files = {SEARCH_FILE: searched} if searched else None
         if teacher is not None:
             check_same_vocabulary(tokenizer, student_tokenizer, teacher.config, student.config)
     else:

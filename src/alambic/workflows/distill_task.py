@@ -25,6 +25,7 @@ from alambic.engine.run_folder import locked_run
 from alambic.errors import AlambicError
 from alambic.recipes.task import TaskLossConfig, TaskRecipe
 from alambic.recipes.tinybert import TinyBERTLossConfig, TinyBERTRecipe
+from alambic.search import SEARCH_FILE, search_shape, searched_shape
 from alambic.students import count_parameters, init_student
 from alambic.tasks.cache import TeacherLogitCache, teacher_fingerprint
 from alambic.tasks.features import TaskBatches, features_fingerprint
@@ -85,10 +86,8 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
 
     torch.manual_seed(training.seed)
     card = None  # what a student built here kept of its teacher (layers, width pruning), for OUT/best/README.md
-    search_json = None  # a searched shape's candidates, for OUT/best/alambic-search.json
+    search_json = None  # a searched shape's candidates (this run's search, or the --student's), for OUT/best
     if budget is not None:
-        from alambic.search import search_shape
-
         calibration = [batches(i) for i in range(min(batches.per_epoch, CALIBRATION_BATCHES))]
         search, built = search_shape(teacher_model, budget, calibration, max_seconds=search_seconds,
                                      timing_cache=timing_cache, seed=training.seed, log=log, progress=progress)
@@ -110,6 +109,7 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
         log(built.summary())
     else:
         student_model, student_tokenizer, _ = load_task_model(student, task, labels or None, role="student")
+        search_json = searched_shape(student)
         check_same_vocabulary(tokenizer, student_tokenizer, teacher_model.config, student_model.config)
 
     cache = None
@@ -165,8 +165,6 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
     if card and (out / "best").is_dir():
         atomic_write_text(out / "best" / "README.md", card)
     if search_json and (out / "best").is_dir():
-        from alambic.search import SEARCH_FILE
-
         atomic_write_text(out / "best" / SEARCH_FILE, search_json)
     summary = {"task": task, "teacher": str(teacher), "student": str(student or (f"layers {student_layers}" if student_layers else f"searched: {budget.describe()}")),
                "stages": list(plan), "labels": labels, "loss": vars(loss),
