@@ -87,3 +87,53 @@ def test_distill_task_with_a_transfer_set_then_onnx_then_report(files, tmp_path,
     with torch.no_grad():
         expected = {"logits": reference(**batch).logits}
     assert parity(expected, {"logits": model(**batch).logits}, batch["attention_mask"])["max_abs_diff"] < 1e-4
+
+
+def test_a_budget_through_distill_task_then_report_keeps_its_promise_record(tmp_path, capsys):
+    # --target-speedup instead of a shape: the search times real candidates here, distill-task trains the chosen
+    # one, OUT/best carries the search, and the report judges the budget on it
+    teacher_model = tiny_bert(hidden_size=256, num_attention_heads=4, intermediate_size=512, num_hidden_layers=4)
+    teacher_model.save_pretrained(tmp_path / "bert")
+    wordpiece_tokenizer().save_pretrained(tmp_path / "bert")
+    data = DATA / "sentiment_ko.jsonl"
+    fast = ["--max-length", 64, "--batch-size", 4, "--no-progress"]
+    assert cli("finetune", "--task", "classification", "--model", tmp_path / "bert", "--train", data,
+               "--out", tmp_path / "teacher", "--max-steps", 2, *fast) == 0
+    assert cli("distill-task", "--task", "classification", "--teacher", tmp_path / "teacher", "--target-speedup", 1.5,
+               "--budget-seq-len", 64, "--timing-cache", tmp_path / "cache", "--train", data,
+               "--out", tmp_path / "student", "--max-steps", 2, *fast) == 0
+    out = capsys.readouterr().out
+    assert "| chosen |" in out and "shape search: " in out
+    search = json.loads((tmp_path / "student" / "best" / "alambic-search.json").read_text())
+    student = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "student" / "best")
+    chosen = next(c for c in search["candidates"] if c["status"] == "chosen")
+    assert chosen["key"] == search["chosen"] and chosen["timing"]["speedup"] >= 1.5
+    assert (student.config.num_hidden_layers, student.config.hidden_size) == (chosen["shape"]["depth"],
+                                                                              chosen["shape"]["hidden"])
+    assert "## Shape search" in (tmp_path / "student" / "best" / "README.md").read_text()
+    settings = ReportSettings(seq_lens=[64], batch_size=1, warmup=1, repeats=3, max_repeats=6,
+                              task="classification", data=[str(data)], max_length=64)
+    report = build_report([str(tmp_path / "teacher"), str(tmp_path / "student")], settings, log=None, warn=None)
+    kept = report["models"][1]["budget"]
+    assert kept["budget"]["speedup"] == 1.5 and kept["met"] in (True, False) and kept["measured"] > 0
+
+
+def test_a_budget_through_distill_writes_the_search_with_the_student(tmp_path, capsys):
+    tiny_llama(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+               num_key_value_heads=2).save_pretrained(tmp_path / "llama")
+    bpe_tokenizer().save_pretrained(tmp_path / "llama")
+    (tmp_path / "text.txt").write_text("\n\n".join(sample_texts(10)))
+    assert cli("distill", "--teacher", tmp_path / "llama", "--data", tmp_path / "text.txt", "--target-speedup", 1.5,
+               "--set", "student.budget_seq_len=32", "--set", f"student.timing_cache={tmp_path / 'cache'}",
+               "--set", "student.calibration_tokens=256", "--set", "student.save_init=true",
+               "--out", tmp_path / "run", "--max-steps", 2, "--batch-size", 2, "--max-length", 32,
+               "--no-progress") == 0
+    assert "shape search: " in capsys.readouterr().out
+    for folder in ("student-init", "student"):
+        search = json.loads((tmp_path / "run" / folder / "alambic-search.json").read_text())
+        assert search["budget"]["speedup"] == 1.5 and search["budget"]["seq_len"] == 32
+        assert "## Shape search" in (tmp_path / "run" / folder / "README.md").read_text()
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "run" / "student")
+    chosen = next(c for c in search["candidates"] if c["status"] == "chosen")["shape"]
+    assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (
+        chosen["depth"], chosen["hidden"], chosen["ffn"])
