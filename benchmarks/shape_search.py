@@ -5,7 +5,8 @@ batch 1 x 128 tokens (default 4):
 
 1. ``alambic init-student --target-speedup X`` searches the shape (its candidate table goes to OUT/search.log);
 2. the students, each distilled with ``alambic distill-task`` at the same steps, data, learning rate and seed:
-   - ``searched``: the searched student;
+   - ``searched``: the searched student (ranked as sliced);
+   - ``searched stepsK`` (``--search-steps K``): searched with finalists ranked after K steps of distillation;
    - ``hand 4x192``: the hand-picked shape of ``make demo`` (layers 0,2,3,5, hidden 192, FFN 768);
    - ``depth-only``: the deepest full-width student (layers copied, linspace) that meets the budget, if any does;
 3. per seed, ``alambic report`` measures every student against the teacher (interleaved timing, the paired speed-up
@@ -46,8 +47,6 @@ def run(argv: list[str], log: Path) -> None:
 
 def depth_only(teacher: str, speedup: float, seq_len: int) -> int | None:
     """The deepest full-width student (linspace layers) that meets the budget, timed interleaved with the teacher."""
-    import torch  # noqa: F401
-
     from alambic.search import Budget
     from alambic.search.shapes import instantiate, shape_config, teacher_shape
     from alambic.search.timing import time_against_teacher
@@ -73,6 +72,8 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-steps", type=int, default=200)
+    parser.add_argument("--search-steps", type=int, default=0,
+                        help="also a student searched with --search-steps K (16384 calibration tokens)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -82,8 +83,17 @@ def main() -> int:
         run(ALAMBIC + ["init-student", "--teacher", args.teacher, "--out", str(searched), "--target-speedup",
                        str(args.target_speedup), "--budget-seq-len", str(args.seq_len), "--calibration-data",
                        "bbc-news:train", "--max-length", "64", "--no-progress"], log)
+    students = {"searched": ["--student", str(searched)]}
+    if args.search_steps:
+        trained = out / f"searched-steps{args.search_steps}-init"
+        if not trained.is_dir():
+            run(ALAMBIC + ["init-student", "--teacher", args.teacher, "--out", str(trained), "--target-speedup",
+                           str(args.target_speedup), "--budget-seq-len", str(args.seq_len), "--calibration-data",
+                           "bbc-news:train", "--max-length", "64", "--calibration-tokens", "16384",
+                           "--search-steps", str(args.search_steps), "--no-progress"], log)
+        students[f"searched steps{args.search_steps}"] = ["--student", str(trained)]
+    students["hand 4x192"] = HAND
     depth = depth_only(args.teacher, args.target_speedup, args.seq_len)
-    students = {"searched": ["--student", str(searched)], "hand 4x192": HAND}
     if depth is not None:
         students["depth-only"] = ["--student-layers", f"linspace:{depth}"]
     common = ["--task", "classification", "--teacher", args.teacher, "--train", "bbc-news:train", "--max-length",
@@ -98,10 +108,14 @@ def main() -> int:
                     out / f"seed{seed}.log")
             folders.append(str(folder / "best"))
         report = out / f"seed{seed}" / "report"
+        names = ["teacher", *[n.replace(" ", "-") for n in students]]
+        if (report / "report.json").is_file() and \
+                [m["name"] for m in json.loads((report / "report.json").read_text())["models"]] != names:
+            (report / "report.json").unlink()  # a report of another set of students: measure them all again
         if not (report / "report.json").is_file():
             run(ALAMBIC + ["report", args.teacher, *folders, "--task", "classification", "--data",
                            "bbc-news:heldout", "--max-length", "64", "--seq-lens", str(args.seq_len),
-                           "--names", ",".join(["teacher", *[n.replace(" ", "-") for n in students]]),
+                           "--names", ",".join(names),
                            "--out", str(report), "--no-plots"], out / f"seed{seed}.log")
         data = json.loads((report / "report.json").read_text())
         results["seeds"][seed] = {

@@ -16,7 +16,7 @@ from alambic.search import SEARCH_FILE, Budget, search_shape
 from alambic.search import search as search_mod
 from alambic.search import timing as timing_mod
 from alambic.search.shapes import Shape, enumerate_shapes, shape_config, teacher_shape
-from alambic.students import selection
+from alambic.students import init_student, selection
 from tiny import bpe_tokenizer, sample_texts, tiny_bert, tiny_llama
 
 
@@ -271,3 +271,24 @@ def test_the_report_checks_the_budget_and_plots_the_search(teacher_folder, tmp_p
                  "--no-plots"]) == 0
     assert "add --seq-lens 128" in capsys.readouterr().err
     assert json.loads((out64 / "report.json").read_text())["models"][1]["budget"]["met"] is None
+
+
+def test_search_steps_rank_the_finalists_after_a_short_distillation(calibration, tmp_path, no_timing):
+    teacher = teacher_model()
+    budget = Budget(speedup=2.0)
+    stub_timings(teacher, budget, tmp_path)
+    search, built = search_shape(teacher, budget, calibration, timing_cache=tmp_path, search_steps=3,
+                                 progress=False)
+    ranked = [c for c in search.candidates if c.divergence is not None]
+    assert len(ranked) >= 2 and all(c.trained_divergence is not None for c in ranked)
+    assert min(ranked, key=lambda c: c.trained_divergence) is search.chosen
+    assert any(c.trained_divergence < c.divergence for c in ranked)  # the short distillation moved them
+    assert "KL after 3 steps" in search.table()[0]
+    # the student comes back as sliced: the short distillation only ranked it
+    shape = search.chosen.shape
+    fresh = init_student(teacher, layers=search.layers, hidden_size=shape.hidden, intermediate_size=shape.ffn,
+                         num_heads=shape.heads, calibration_data=calibration)
+    for a, b in zip(built.model.state_dict().values(), fresh.model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(AlambicError, match="--search-steps must be 0 or more"):
+        search_shape(teacher, budget, calibration, timing_cache=tmp_path, search_steps=-1, progress=False)

@@ -75,12 +75,15 @@ class StudentConfig:
     """Time limit of the shape search's timing; empty: none."""
     timing_cache: str | None = None
     """Folder of the per-machine timing cache; empty: $ALAMBIC_CACHE/shape-timings."""
+    search_steps: int = 0
+    """Distil each shape that meets the budget this many steps on the calibration text and rank them after it."""
 
     RANGES: typing.ClassVar[dict] = {
         "hidden_size": POSITIVE, "intermediate_size": POSITIVE, "num_heads": POSITIVE, "depth": POSITIVE,
         "selection_budget": NON_NEGATIVE, "calibration_tokens": Range(256), "budget_seconds": ABOVE_ZERO,
         "target_speedup": Range(1, low_open=True), "target_latency_ms": ABOVE_ZERO, "target_params": POSITIVE,
         "budget_batch_size": POSITIVE, "budget_seq_len": POSITIVE, "budget_threads": POSITIVE,
+        "search_steps": NON_NEGATIVE,
     }
 
     def validate(self):
@@ -116,9 +119,11 @@ class StudentConfig:
             if shape:
                 raise AlambicError(f"give the student's shape or a budget, not both: drop {shape[0]} (the search "
                                    f"chooses it for {target}) or drop {target}")
-        elif self.budget_seconds is not None:
-            raise AlambicError("student.budget_seconds bounds a shape search: set student.target_speedup, "
-                               "target_latency_ms or target_params, or drop it")
+        else:
+            stray = next((name for name in ("budget_seconds", "search_steps") if getattr(self, name)), None)
+            if stray:
+                raise AlambicError(f"student.{stray} applies to a shape search: set student.target_speedup, "
+                                   "target_latency_ms or target_params, or drop it")
 
     def budget(self):
         """The :class:`alambic.search.Budget` of a searched student (checked), or None when the shape is given."""

@@ -118,7 +118,7 @@ def _run_shape_search(args, budget) -> int:
         max_tokens=args.calibration_tokens, max_length=args.max_length, seed=args.seed)
     teacher, tokenizer = load_teacher(args.teacher)
     search, built = search_shape(teacher, budget, calibration, max_seconds=args.budget_seconds,
-                                 timing_cache=args.timing_cache, seed=args.seed, token_types=args.token_types,
+                                 timing_cache=args.timing_cache, search_steps=args.search_steps, seed=args.seed, token_types=args.token_types,
                                  log=lambda line: print(line, flush=True), progress=not args.no_progress)
     print("\n".join(search.table()))
     print(search.summary())
@@ -440,7 +440,7 @@ FLAG_RANGES = {
     "target_speedup": Range(1, low_open=True), "target_latency": ABOVE_ZERO, "budget_seconds": ABOVE_ZERO,
     # switches where 0 means off, seeds, seconds
     "warmup": NON_NEGATIVE, "eval_every": NON_NEGATIVE, "patience": NON_NEGATIVE, "seed": NON_NEGATIVE,
-    "budget": NON_NEGATIVE, "alpha_kd": NON_NEGATIVE, "alpha_ce": NON_NEGATIVE, "sampling_temperature": NON_NEGATIVE,
+    "budget": NON_NEGATIVE, "search_steps": NON_NEGATIVE, "alpha_kd": NON_NEGATIVE, "alpha_ce": NON_NEGATIVE, "sampling_temperature": NON_NEGATIVE,
     # rates and shares
     "lr": ABOVE_ZERO, "trm_lr": ABOVE_ZERO, "temperature": ABOVE_ZERO, "warmup_ratio": FRACTION,
     "probability": Range(0, 1, low_open=True), "mlm_probability": Range(0, 1, low_open=True),

@@ -29,6 +29,9 @@ def add_budget_options(parser, shape_flags: str) -> None:
     group.add_argument("--budget-precision", help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
     group.add_argument("--budget-seconds", type=float, metavar="S", help="time limit of the timing; shapes left "
                        "are listed as not timed")
+    group.add_argument("--search-steps", type=int, default=0, metavar="K",
+                       help="distil each shape that meets the budget K steps on the calibration text and rank them "
+                       "by their divergence after it (Minitron), instead of as sliced (default 0)")
     group.add_argument("--timing-cache", metavar="DIR", help="folder of the per-machine timing cache (default "
                        "$ALAMBIC_CACHE/shape-timings, ~/.cache/alambic/shape-timings)")
 
@@ -42,6 +45,9 @@ def budget_from_args(args, shape_given: list[str]):
                "--target-params": args.target_params}
     given = [flag for flag, value in targets.items() if value is not None]
     if not given:
+        if args.search_steps:
+            raise AlambicError("--search-steps ranks the shapes of a shape search: add --target-speedup, "
+                               "--target-latency or --target-params, or drop --search-steps")
         if args.budget_seconds is not None:
             raise AlambicError("--budget-seconds bounds a shape search: add --target-speedup, --target-latency or "
                                "--target-params, or drop --budget-seconds")

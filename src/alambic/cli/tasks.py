@@ -178,7 +178,8 @@ def run_distill_task(args) -> int:
         intermediate=TinyBERTLossConfig(layer_map=args.layer_map), training=cfg, trm_steps=args.trm_steps,
         trm_lr=args.trm_lr, data=_data(args), teacher_cache=not args.no_teacher_cache, unlabelled=args.unlabelled,
         width_init=args.width_init, resume=args.resume, progress=not args.no_progress, keep_stages=args.keep_stages,
-        budget=budget, search_seconds=args.budget_seconds, timing_cache=args.timing_cache)
+        budget=budget, search_seconds=args.budget_seconds, timing_cache=args.timing_cache,
+        search_steps=args.search_steps)
     value = summary[f"best_validation_{cfg.best_metric}"]
     shown = "n/a" if value is None else f"{value:.4f}"
     print(f"best validation {cfg.best_metric}: {shown}; student in {summary['best_model']}")

@@ -564,7 +564,7 @@ def _budget_kept(row: dict, search: dict, note, log) -> dict:
     budget, tolerance = search["budget"], search.get("promise_tolerance", 0.05)
     where = (budget["device"], budget["batch_size"], budget["seq_len"])
     candidates = [{"key": c["key"], "label": _shape_label(c["shape"]), "status": c["status"],
-                   "speedup": (c["timing"] or {}).get("speedup"), "divergence": c["divergence"]}
+                   "speedup": (c["timing"] or {}).get("speedup"), "divergence": c.get("score", c["divergence"])}
                   for c in search["candidates"] if c["timing"] is not None or c["divergence"] is not None]
     out = {"budget": budget, "chosen": search["chosen"], "tolerance": tolerance, "measured": None, "notch": None,
            "met": None, "missed_by": None, "candidates": candidates}

@@ -10,7 +10,9 @@
    the timing; shapes left are listed as not timed.
 4. **Rank** the shapes that meet the budget (at most ``max_finalists``, the largest of each depth) by the forward KL
    from the teacher on the calibration text after importance slicing of the widths and influence selection of the
-   layers: the student each would start from. The lowest divergence is chosen (ties: more parameters).
+   layers: the student each would start from. With ``search_steps`` K, each is first distilled K steps on three
+   quarters of the calibration text and ranked on the last quarter (Minitron's short retraining: a shallow, wide
+   student starts close to its teacher but learns less). The lowest divergence is chosen (ties: more parameters).
 
 A size budget (``params``) skips the timing: parameters are counted.
 """
@@ -38,6 +40,10 @@ from alambic.search.timing import timing_cache as timing_cache_for
 
 FLOP_SLACK = 0.8
 MAX_FINALISTS = 8
+SEARCH_LR = 1e-4
+"""Learning rate of the short distillation that re-ranks the finalists (``search_steps``)."""
+HELD_OUT_SHARE = 0.25
+"""With ``search_steps``, the last quarter of the calibration batches is held out to rank the trained finalists."""
 SEARCH_FILE = "alambic-search.json"
 """Written next to the searched student's weights: the budget and every candidate, read by ``alambic report``."""
 
@@ -51,6 +57,9 @@ class Candidate:
     timing: dict | None = None
     """latency_ms, teacher_ms, speedup, notch, rounds, cached."""
     divergence: float | None = None
+    """Calibration divergence from the teacher as sliced (held-out batches when the finalists were trained)."""
+    trained_divergence: float | None = None
+    """The same after ``search_steps`` of distillation on the other batches."""
     status: str = "pending"
     """chosen, meets, misses, hopeless, dominated, out of time."""
     reason: str = ""
@@ -59,10 +68,16 @@ class Candidate:
         timing = self.timing or {}
         return budget.met_by(speedup=timing.get("speedup"), latency_ms=timing.get("latency_ms"), params=self.params)
 
+    @property
+    def score(self) -> float | None:
+        """What the finalists are ranked by: the divergence after the short distillation, else as sliced."""
+        return self.trained_divergence if self.trained_divergence is not None else self.divergence
+
     def to_dict(self) -> dict:
         return {"shape": self.shape.to_dict(), "key": self.shape.key, "params": self.params, "flops": self.flops,
                 "flop_ratio": self.flop_ratio, "timing": self.timing, "divergence": self.divergence,
-                "status": self.status, "reason": self.reason}
+                "trained_divergence": self.trained_divergence, "score": self.score, "status": self.status,
+                "reason": self.reason}
 
 
 @dataclass
@@ -75,23 +90,28 @@ class ShapeSearch:
     layers: list[int]
     seconds: float
     machine: dict = field(default_factory=dict)
+    search_steps: int = 0
 
     def rows(self) -> list[Candidate]:
         """The candidates worth a line: every one timed or ranked, the chosen first."""
         shown = [c for c in self.candidates if c.timing is not None or c.divergence is not None]
-        return sorted(shown, key=lambda c: (c is not self.chosen, c.divergence is None,
-                                            c.divergence if c.divergence is not None else 0, -c.params))
+        return sorted(shown, key=lambda c: (c is not self.chosen, c.score is None,
+                                            c.score if c.score is not None else 0, -c.params))
 
     def table(self) -> list[str]:
-        lines = ["| shape | params (M) | GFLOPs/token | FLOP ratio | latency (ms) | speed-up | calibration KL | "
-                 "decision |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+        trained = f" KL after {self.search_steps} steps |" if self.search_steps else ""
+        lines = ["| shape | params (M) | GFLOPs/token | FLOP ratio | latency (ms) | speed-up | calibration KL |"
+                 f"{trained} decision |", "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if trained else "")
+                 + "---|"]
         for c in self.rows():
             t = c.timing or {}
             speedup = f"{t['speedup']:.2f}x +-{t['notch']:.2f}" if t else "-"
+            after = "" if not trained else \
+                (f" {c.trained_divergence:.4f} |" if c.trained_divergence is not None else " - |")
             lines.append(f"| {c.shape.label()} | {c.params / 1e6:.2f} | {c.flops / 1e9:.3f} | {c.flop_ratio:.2f}x | "
                          + (f"{t['latency_ms']:.2f}" if t else "-") + f" | {speedup} | "
                          + (f"{c.divergence:.4f}" if c.divergence is not None else "-")
-                         + f" | {c.status}{': ' + c.reason if c.reason else ''} |")
+                         + f" |{after} {c.status}{': ' + c.reason if c.reason else ''} |")
         untimed = {}
         for c in self.candidates:
             if c.timing is None and c.divergence is None:
@@ -105,8 +125,9 @@ class ShapeSearch:
     def summary(self) -> str:
         c, t = self.chosen, self.chosen.timing or {}
         measured = f", measured {t['speedup']:.2f}x +-{t['notch']:.2f} ({t['latency_ms']:.1f} ms)" if t else ""
+        after = (f", {c.trained_divergence:.4f} after {self.search_steps} steps" if self.search_steps else "")
         return (f"shape search: {self.chosen.shape.label()} (layers {','.join(map(str, self.layers))}), "
-                f"{c.params / 1e6:.2f}M parameters{measured}, calibration KL {c.divergence:.4f}; "
+                f"{c.params / 1e6:.2f}M parameters{measured}, calibration KL {c.divergence:.4f}{after}; "
                 f"budget {self.budget.describe()}; {sum(x.timing is not None for x in self.candidates)} shapes "
                 f"timed, {sum(x.divergence is not None for x in self.candidates)} ranked in {self.seconds:.0f} s")
 
@@ -115,7 +136,9 @@ class ShapeSearch:
                  f"Budget: {self.budget.describe()}. The shape was searched by `alambic init-student` on "
                  f"{self.machine.get('cpu', 'this machine')} ({self.machine.get('cores')} cores): candidates timed "
                  "interleaved with the teacher (random weights), those meeting the budget ranked by the forward KL "
-                 "from the teacher on calibration text after slicing. Teacher: "
+                 "from the teacher on calibration text after slicing"
+                 + (f" and {self.search_steps} steps of distillation on it (a quarter held out)"
+                    if self.search_steps else "") + ". Teacher: "
                  f"{self.teacher.label()}, {self.teacher_params / 1e6:.2f}M parameters.", ""]
         return "\n".join(lines + self.table()) + "\n"
 
@@ -124,6 +147,7 @@ class ShapeSearch:
             "version": 1, "budget": self.budget.to_dict(), "promise_tolerance": PROMISE_TOLERANCE,
             "teacher": self.teacher.to_dict(), "teacher_params": self.teacher_params, "machine": self.machine,
             "chosen": self.chosen.shape.key, "layers": self.layers, "seconds": self.seconds,
+            "search_steps": self.search_steps,
             "candidates": [c.to_dict() for c in self.candidates]}, indent=1)
 
 
@@ -242,9 +266,30 @@ def _logit_rows(output, batch: dict) -> torch.Tensor:
     return flat[batch["attention_mask"].flatten().bool().to(flat.device)]
 
 
+def _batch_divergence(teacher: torch.nn.Module, student: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """The summed divergence of :func:`calibration_divergence` on one batch and its row count; differentiable with
+    respect to the student (the teacher runs without gradients)."""
+    device = modeling.model_device(teacher)
+
+    def run(model):
+        inputs = {k: v.to(device) for k, v in modeling.model_inputs(model, batch).items()}
+        return model(**inputs, output_hidden_states=True)
+
+    with torch.no_grad():
+        t = run(teacher)
+    s = run(student)
+    if getattr(t, "logits", None) is None and getattr(t, "start_logits", None) is None:
+        mask = batch["attention_mask"].bool().to(device)
+        valid = mask[:, :, None] & mask[:, None, :]
+        count = int(mask.sum())
+        return attention_relation_kl(s.hidden_states[-1], t.hidden_states[-1], valid, 1) * count, count
+    t_rows, s_rows = _logit_rows(t, batch), _logit_rows(s, batch)
+    return divergence_rows(F.log_softmax(t_rows, -1), F.log_softmax(s_rows, -1), "forward_kl").sum(), t_rows.shape[0]
+
+
 @torch.no_grad()
 def calibration_divergence(teacher: torch.nn.Module, student: torch.nn.Module, batches: list[dict]) -> float:
-    """How far the student starts from its teacher on the calibration batches, width-independent:
+    """How far a student is from its teacher on the calibration batches, whatever its width:
 
     - a teacher with an output head: ``sum_rows KL(p_teacher || q_student) / rows`` (T = 1), rows as
       :func:`_logit_rows`;
@@ -253,24 +298,27 @@ def calibration_divergence(teacher: torch.nn.Module, student: torch.nn.Module, b
       (:func:`alambic.losses.features.attention_relation_kl`), which compares students of any width.
     """
     total, rows = 0.0, 0
-    device = modeling.model_device(teacher)
     for batch in batches:
-        def run(model):
-            inputs = {k: v.to(device) for k, v in modeling.model_inputs(model, batch).items()}
-            return model(**inputs, output_hidden_states=True)
-
-        t, s = run(teacher), run(student)
-        if getattr(t, "logits", None) is None and getattr(t, "start_logits", None) is None:
-            mask = batch["attention_mask"].bool().to(device)
-            valid = mask[:, :, None] & mask[:, None, :]
-            count = int(mask.sum())
-            total += float(attention_relation_kl(s.hidden_states[-1], t.hidden_states[-1], valid, 1)) * count
-            rows += count
-            continue
-        t_rows, s_rows = _logit_rows(t, batch), _logit_rows(s, batch)
-        total += float(divergence_rows(F.log_softmax(t_rows, -1), F.log_softmax(s_rows, -1), "forward_kl").sum())
-        rows += t_rows.shape[0]
+        value, count = _batch_divergence(teacher, student, batch)
+        total, rows = total + float(value), rows + count
     return total / max(rows, 1)
+
+
+def distil_briefly(teacher: torch.nn.Module, student: torch.nn.Module, batches: list[dict], steps: int,
+                   lr: float = SEARCH_LR) -> None:
+    """``steps`` AdamW steps of the student on the divergence of :func:`calibration_divergence` (per-row mean of
+    each batch), cycling through ``batches``: Minitron's short retraining, which ranks candidates better than
+    their starting divergence (a shallow, wide student starts close but learns less)."""
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
+    student.train()
+    try:
+        for step in range(steps):
+            value, count = _batch_divergence(teacher, student, batches[step % len(batches)])
+            (value / max(count, 1)).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        student.eval()
 
 
 def _layer_chooser(teacher, batches: list[dict]):
@@ -289,10 +337,12 @@ def _layer_chooser(teacher, batches: list[dict]):
 
 def search_shape(teacher: torch.nn.Module, budget: Budget, calibration: list[dict], *, align: int | None = None,
                  max_seconds: float | None = None, max_finalists: int = MAX_FINALISTS, timing_cache=None,
-                 seed: int = 0, token_types: str = "auto", log=None, progress: bool = True):
+                 search_steps: int = 0, seed: int = 0, token_types: str = "auto", log=None, progress: bool = True):
     """Search the shape (module docstring) and build the chosen student. Returns ``(ShapeSearch, StudentInit)``;
     the student's ``search`` is the search, so its model card holds the candidate table.
-    ``timing_cache``: the folder of the timing cache (default ``$ALAMBIC_CACHE/shape-timings``)."""
+    ``timing_cache``: the folder of the timing cache (default ``$ALAMBIC_CACHE/shape-timings``).
+    ``search_steps``: distil every finalist that many steps on the calibration text (a quarter held out) and rank
+    them by their divergence after it, as Minitron ranks its candidates (0: rank by the starting divergence)."""
     from alambic.students import pruning
     from alambic.students.build import init_student, with_task_head
 
@@ -300,6 +350,8 @@ def search_shape(teacher: torch.nn.Module, budget: Budget, calibration: list[dic
     teacher = with_task_head(teacher)
     if max_seconds is not None and max_seconds <= 0:
         raise AlambicError(f"--budget-seconds must be positive, got {max_seconds:g}")
+    if search_steps < 0:
+        raise AlambicError(f"--search-steps must be 0 or more, got {search_steps}")
     say = log or (lambda line: None)
     start = time.perf_counter()
     deadline = start + max_seconds if max_seconds is not None else None
@@ -333,25 +385,44 @@ def search_shape(teacher: torch.nn.Module, budget: Budget, calibration: list[dic
     finalists = _finalists(candidates, budget, max_finalists)
     if not finalists:
         raise AlambicError(_nothing_meets(candidates, budget))
-    say(f"shape search: {len(finalists)} shapes meet the budget; ranking them by calibration divergence")
+    train, held = calibration, calibration
+    if search_steps:
+        held_count = max(1, round(len(calibration) * HELD_OUT_SHARE))
+        if len(calibration) - held_count < 1:
+            raise AlambicError(f"--search-steps trains on calibration text and ranks on a held-out quarter of it, "
+                               f"but it is only {len(calibration)} batch: raise --calibration-tokens")
+        train, held = calibration[:-held_count], calibration[-held_count:]
+    say(f"shape search: {len(finalists)} shapes meet the budget; ranking them by calibration divergence"
+        + (f" after {search_steps} steps of distillation on calibration text" if search_steps else ""))
     choose_layers = _layer_chooser(teacher, calibration)
     importance = pruning.measure_importance(teacher, calibration)
+
+    def build(c: Candidate):
+        return init_student(teacher, layers=choose_layers(c.shape.depth), hidden_size=c.shape.hidden,
+                            intermediate_size=c.shape.ffn, num_heads=c.shape.heads, seed=seed,
+                            calibration_data=calibration, importance=importance, token_types=token_types)
+
     best, built_best = None, None
     with _progress(len(finalists), progress, "ranking shapes") as bar:
         for c in finalists:
-            built = init_student(teacher, layers=choose_layers(c.shape.depth), hidden_size=c.shape.hidden,
-                                 intermediate_size=c.shape.ffn, num_heads=c.shape.heads, seed=seed,
-                                 calibration_data=calibration, importance=importance, token_types=token_types)
-            c.divergence = calibration_divergence(teacher, built.model, calibration)
+            built = build(c)
+            c.divergence = calibration_divergence(teacher, built.model, held)
+            if search_steps:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    distil_briefly(teacher, built.model, train, search_steps)
+                c.trained_divergence = calibration_divergence(teacher, built.model, held)
             bar.update(1)
-            if best is None or (c.divergence, -c.params) < (best.divergence, -best.params):
-                best, built_best = c, built
+            if best is None or (c.score, -c.params) < (best.score, -best.params):
+                best, built_best = c, (None if search_steps else built)
     for c in finalists:
         if c is not best:
-            c.reason = f"calibration KL {c.divergence:.4f} > {best.divergence:.4f}"
+            c.reason = (f"KL after {search_steps} steps {c.score:.4f} > {best.score:.4f}" if search_steps else
+                        f"calibration KL {c.score:.4f} > {best.score:.4f}")
     best.status, best.reason = "chosen", ""
+    built_best = built_best or build(best)  # as sliced: the short distillation only ranked it
     result = ShapeSearch(budget, t_shape, t_params, candidates, best, list(built_best.layers),
-                         time.perf_counter() - start, machine)
+                         time.perf_counter() - start, machine, search_steps)
     built_best.search = result
     return result, built_best
 

@@ -184,7 +184,8 @@ def _search_student(cfg: DistillConfig, budget, teacher, calibration, accelerato
     built = None
     if accelerator.is_main_process:
         search, built = search_shape(teacher, budget, calibration, max_seconds=cfg.student.budget_seconds,
-                                     timing_cache=cfg.student.timing_cache, seed=cfg.training.seed,
+                                     timing_cache=cfg.student.timing_cache, search_steps=cfg.student.search_steps,
+                                     seed=cfg.training.seed,
                                      token_types=cfg.student.token_types, log=accelerator.print)
         for line in search.table():
             accelerator.print(line)

@@ -55,7 +55,7 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
                  trm_lr: float | None = None, data: DataOptions | None = None, teacher_cache: bool = True,
                  unlabelled=(), width_init: str = "importance", resume: bool = False, progress: bool = True,
                  keep_stages: bool = False, budget=None, search_seconds: float | None = None,
-                 timing_cache=None, log=print) -> dict:
+                 timing_cache=None, search_steps: int = 0, log=print) -> dict:
     """Distil the fine-tuned ``teacher`` into a student on ``task``; returns the summary in ``OUT/task.json``.
 
     ``train_data`` may mix labelled and unlabelled examples; ``unlabelled``: transfer-set files (the teacher's soft
@@ -90,7 +90,8 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
     if budget is not None:
         calibration = [batches(i) for i in range(min(batches.per_epoch, CALIBRATION_BATCHES))]
         search, built = search_shape(teacher_model, budget, calibration, max_seconds=search_seconds,
-                                     timing_cache=timing_cache, seed=training.seed, log=log, progress=progress)
+                                     timing_cache=timing_cache, search_steps=search_steps, seed=training.seed,
+                                     log=log, progress=progress)
         for line in search.table():
             log(line)
         log(search.summary())
