@@ -26,7 +26,7 @@ from alambic.cli import main
 from tiny import BBC_DIR, MINILM_DIR, sample_texts
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = ["README.md", "docs/export.md", "docs/offline.md", "docs/report.md", "docs/tasks.md"]
+DOCUMENTS = ["README.md", "docs/export.md", "docs/offline.md", "docs/report.md", "docs/tasks.md", "docs/search.md"]
 """In reading order. docs/chat.md's block is the README's (tests/test_readme_chat.py checks they are the same)."""
 NOT_RUN = {
     "make": "make targets (setup, the demos, the tests) are what CI itself runs",
@@ -59,6 +59,7 @@ INPUTS = {
                        "runs/distill-vs-no-teacher/variant-0/metrics.jsonl": "runs/smol/metrics.jsonl",
                        "runs/distill-vs-no-teacher/variant-0/config.yaml": "runs/smol/config.yaml"},
     "docs/tasks.md": {},
+    "docs/search.md": {"runs/demo": "runs/demo"},
 }
 """Each docs page runs in a folder of its own (its commands write the same --out names as the README's), with the
 README's outputs it reads linked in. Outputs of skipped steps stand in by the README's equivalents: `make demo-lm`'s

@@ -152,7 +152,7 @@ def test_a_budget_no_shape_meets_names_the_fastest(calibration, tmp_path, no_tim
     assert "runs 2.00x" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_calibration_divergence_is_the_direct_kl():
+def test_calibration_divergence_is_the_direct_kl(monkeypatch):
     teacher, student = tiny_llama().eval(), tiny_llama(num_hidden_layers=2).eval()
     ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -165,6 +165,21 @@ def test_calibration_divergence_is_the_direct_kl():
     direct = float((p.exp() * (p - q)).sum(-1).mean())
     assert search_mod.calibration_divergence(teacher, student, [batch]) == pytest.approx(direct, rel=1e-5)
     assert search_mod.calibration_divergence(teacher, teacher, [batch]) == pytest.approx(0, abs=1e-6)
+    # a language model's many scores are kept in bfloat16: the KL moves by far less than what ranks shapes
+    monkeypatch.setattr(search_mod, "FULL_PRECISION_ELEMENTS", 0)
+    targets = search_mod.teacher_targets(teacher, [batch])
+    assert targets.values[0].dtype == torch.bfloat16
+    assert search_mod.calibration_divergence(teacher, student, [batch], targets) == pytest.approx(direct, abs=2e-3)
+
+
+def test_parameter_counts_are_the_models_own():
+    from alambic.search.shapes import parameter_count, parameter_counts
+
+    teacher = teacher_model()
+    shapes = enumerate_shapes(teacher.config)
+    counted = parameter_counts(teacher, shapes)
+    for shape in shapes[::4]:
+        assert counted[shape] == parameter_count(teacher, shape_config(teacher.config, shape))
 
 
 def test_calibration_divergence_of_a_classifier_is_over_its_classes():

@@ -32,7 +32,7 @@ from alambic.evaluation.flops import head_type
 from alambic.losses.divergences import divergence_rows
 from alambic.losses.features import attention_relation_kl
 from alambic.search.budget import PROMISE_TOLERANCE, Budget
-from alambic.search.shapes import (Shape, enumerate_shapes, flops, instantiate, parameter_count, shape_config,
+from alambic.search.shapes import (Shape, enumerate_shapes, flops, instantiate, parameter_counts, shape_config,
                                    teacher_shape)
 from alambic.search import timing as timing_mod
 from alambic.search.timing import TimingCache, machine_key
@@ -266,29 +266,56 @@ def _logit_rows(output, batch: dict) -> torch.Tensor:
     return flat[batch["attention_mask"].flatten().bool().to(flat.device)]
 
 
-def _batch_divergence(teacher: torch.nn.Module, student: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    """The summed divergence of :func:`calibration_divergence` on one batch and its row count; differentiable with
-    respect to the student (the teacher runs without gradients)."""
-    device = modeling.model_device(teacher)
+@dataclass
+class TeacherTargets:
+    """What the teacher says on each calibration batch, computed once for every finalist: its class-score rows
+    (:func:`_logit_rows`), or the last hidden states of a bare encoder. Rows beyond ``FULL_PRECISION_ELEMENTS`` in all
+    are kept in bfloat16 (a language model's vocabulary: SmolLM2's 4,096 calibration tokens are 200M scores), which
+    moves a KL by about 1e-3, far below the gaps that rank shapes."""
 
-    def run(model):
-        inputs = {k: v.to(device) for k, v in modeling.model_inputs(model, batch).items()}
-        return model(**inputs, output_hidden_states=True)
+    kind: str
+    """logits or hidden."""
+    values: list[torch.Tensor]
 
-    with torch.no_grad():
-        t = run(teacher)
-    s = run(student)
-    if getattr(t, "logits", None) is None and getattr(t, "start_logits", None) is None:
-        mask = batch["attention_mask"].bool().to(device)
-        valid = mask[:, :, None] & mask[:, None, :]
-        count = int(mask.sum())
-        return attention_relation_kl(s.hidden_states[-1], t.hidden_states[-1], valid, 1) * count, count
-    t_rows, s_rows = _logit_rows(t, batch), _logit_rows(s, batch)
-    return divergence_rows(F.log_softmax(t_rows, -1), F.log_softmax(s_rows, -1), "forward_kl").sum(), t_rows.shape[0]
+
+FULL_PRECISION_ELEMENTS = 64_000_000
 
 
 @torch.no_grad()
-def calibration_divergence(teacher: torch.nn.Module, student: torch.nn.Module, batches: list[dict]) -> float:
+def teacher_targets(teacher: torch.nn.Module, batches: list[dict]) -> TeacherTargets:
+    device = modeling.model_device(teacher)
+    values, head = [], None
+    for batch in batches:
+        out = teacher(**{k: v.to(device) for k, v in modeling.model_inputs(teacher, batch).items()},
+                      output_hidden_states=True)
+        if head is None:
+            head = getattr(out, "logits", None) is not None or getattr(out, "start_logits", None) is not None
+        values.append(_logit_rows(out, batch) if head else out.hidden_states[-1].float())
+    if head and sum(v.numel() for v in values) > FULL_PRECISION_ELEMENTS:
+        values = [v.to(torch.bfloat16) for v in values]
+    return TeacherTargets("logits" if head else "hidden", values)
+
+
+def _batch_divergence(target: torch.Tensor, kind: str, student: torch.nn.Module, batch: dict
+                      ) -> tuple[torch.Tensor, int]:
+    """The summed divergence of :func:`calibration_divergence` on one batch and its row count; differentiable with
+    respect to the student."""
+    device = modeling.model_device(student)
+    s = student(**{k: v.to(device) for k, v in modeling.model_inputs(student, batch).items()},
+                output_hidden_states=True)
+    if kind == "hidden":
+        mask = batch["attention_mask"].bool().to(device)
+        valid = mask[:, :, None] & mask[:, None, :]
+        count = int(mask.sum())
+        return attention_relation_kl(s.hidden_states[-1], target, valid, 1) * count, count
+    s_rows = _logit_rows(s, batch)
+    log_p = F.log_softmax(target.float(), -1)
+    return divergence_rows(log_p, F.log_softmax(s_rows, -1), "forward_kl").sum(), target.shape[0]
+
+
+@torch.no_grad()
+def calibration_divergence(teacher: torch.nn.Module, student: torch.nn.Module, batches: list[dict],
+                           targets: TeacherTargets | None = None) -> float:
     """How far a student is from its teacher on the calibration batches, whatever its width:
 
     - a teacher with an output head: ``sum_rows KL(p_teacher || q_student) / rows`` (T = 1), rows as
@@ -296,15 +323,18 @@ def calibration_divergence(teacher: torch.nn.Module, student: torch.nn.Module, b
     - a bare encoder (no head): MiniLM's relation KL of the last hidden states,
       ``sum_rows KL(softmax(H_t H_t^T / sqrt(d_t)) || softmax(H_s H_s^T / sqrt(d_s))) / rows`` over the real tokens
       (:func:`alambic.losses.features.attention_relation_kl`), which compares students of any width.
+
+    ``targets``: the teacher's, computed once by :func:`teacher_targets` (else here).
     """
+    targets = targets or teacher_targets(teacher, batches)
     total, rows = 0.0, 0
-    for batch in batches:
-        value, count = _batch_divergence(teacher, student, batch)
+    for target, batch in zip(targets.values, batches):
+        value, count = _batch_divergence(target, targets.kind, student, batch)
         total, rows = total + float(value), rows + count
     return total / max(rows, 1)
 
 
-def distil_briefly(teacher: torch.nn.Module, student: torch.nn.Module, batches: list[dict], steps: int,
+def distil_briefly(targets: TeacherTargets, student: torch.nn.Module, batches: list[dict], steps: int,
                    lr: float = SEARCH_LR) -> None:
     """``steps`` AdamW steps of the student on the divergence of :func:`calibration_divergence` (per-row mean of
     each batch), cycling through ``batches``: Minitron's short retraining, which ranks candidates better than
@@ -313,7 +343,8 @@ def distil_briefly(teacher: torch.nn.Module, student: torch.nn.Module, batches: 
     student.train()
     try:
         for step in range(steps):
-            value, count = _batch_divergence(teacher, student, batches[step % len(batches)])
+            index = step % len(batches)
+            value, count = _batch_divergence(targets.values[index], targets.kind, student, batches[index])
             (value / max(count, 1)).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -361,13 +392,12 @@ def search_shape(teacher: torch.nn.Module, budget: Budget, calibration: list[dic
     t_shape = teacher_shape(config)
     t_flops = flops(config, budget.seq_len, head)
     t_params = sum(p.numel() for p in teacher.parameters())
+    shapes = [shape for shape in enumerate_shapes(config, align) if shape != t_shape]
+    params = parameter_counts(teacher, shapes)
     candidates = []
-    for shape in enumerate_shapes(config, align):
-        if shape == t_shape:
-            continue
-        cfg = shape_config(config, shape)
-        f = flops(cfg, budget.seq_len, head)
-        candidates.append(Candidate(shape, parameter_count(teacher, cfg), f, t_flops / f))
+    for shape in shapes:
+        f = flops(shape_config(config, shape), budget.seq_len, head)
+        candidates.append(Candidate(shape, params[shape], f, t_flops / f))
     if not candidates:
         raise AlambicError(f"the teacher ({t_shape.label()}) has no smaller shape with widths in multiples of "
                            f"{align}: give the student's shape (--layers, --hidden-size) instead of a budget")
@@ -402,16 +432,18 @@ def search_shape(teacher: torch.nn.Module, budget: Budget, calibration: list[dic
                             intermediate_size=c.shape.ffn, num_heads=c.shape.heads, seed=seed,
                             calibration_data=calibration, importance=importance, token_types=token_types)
 
+    held_targets = teacher_targets(teacher, held)
+    train_targets = teacher_targets(teacher, train) if search_steps else None
     best, built_best = None, None
     with _progress(len(finalists), progress, "ranking shapes") as bar:
         for c in finalists:
             built = build(c)
-            c.divergence = calibration_divergence(teacher, built.model, held)
+            c.divergence = calibration_divergence(teacher, built.model, held, held_targets)
             if search_steps:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
-                    distil_briefly(teacher, built.model, train, search_steps)
-                c.trained_divergence = calibration_divergence(teacher, built.model, held)
+                    distil_briefly(train_targets, built.model, train, search_steps)
+                c.trained_divergence = calibration_divergence(teacher, built.model, held, held_targets)
             bar.update(1)
             if best is None or (c.score, -c.params) < (best.score, -best.params):
                 best, built_best = c, (None if search_steps else built)

@@ -94,5 +94,21 @@ def parameter_count(teacher: torch.nn.Module, config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def parameter_counts(teacher: torch.nn.Module, shapes: list[Shape]) -> dict[Shape, int]:
+    """The parameter count of every shape, from two counted models per width (1 and 2 layers): every layer of a
+    shape has the same size, so ``params(depth) = params(1) + (depth - 1) * (params(2) - params(1))``."""
+    per_width = {}
+    out = {}
+    for shape in shapes:
+        width = (shape.hidden, shape.ffn, shape.heads)
+        if width not in per_width:
+            one, two = (parameter_count(teacher, shape_config(teacher.config, Shape(d, *width, shape.kv_heads)))
+                        for d in (1, 2))
+            per_width[width] = (one, two - one)
+        base, layer = per_width[width]
+        out[shape] = base + (shape.depth - 1) * layer
+    return out
+
+
 def flops(config, seq_len: int, head: str) -> float:
     return flops_per_token(config, seq_len, head).total

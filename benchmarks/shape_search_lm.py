@@ -1,0 +1,100 @@
+"""Shape search on a language model: SmolLM2-135M with a speed-up budget (default 2x at batch 1 x 128 tokens).
+
+1. ``alambic init-student --target-speedup X`` searches the student's shape (candidate table in OUT/search.log);
+2. the baseline: 15 measured layers at full width (``--layers auto:influence --depth 15``, ``make demo-lm``'s
+   student);
+3. each distilled with ``configs/demo-lm.yaml`` (the triple loss on BBC text, the cosine term off for both since the
+   searched student may be narrower) at the same steps, data and seed;
+4. per seed, ``alambic report smollm2-135m searched depth-15 --lm-data bbc-news:heldout`` measures the speed-ups
+   (interleaved, with their interval) and held-out perplexity.
+
+    python benchmarks/shape_search_lm.py --out runs/search-lm
+
+Prints the table of docs/benchmarks.md; OUT/results.json holds every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ALAMBIC = [sys.executable, "-m", "alambic"]
+
+
+def run(argv: list[str], log: Path) -> None:
+    print("$ alambic " + " ".join(argv[3:]), flush=True)
+    with open(log, "a", encoding="utf-8") as handle:
+        handle.write("$ alambic " + " ".join(argv[3:]) + "\n")
+        handle.flush()
+        subprocess.run(argv, check=True, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--teacher", default="smollm2-135m")
+    parser.add_argument("--target-speedup", type=float, default=2.0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--max-steps", type=int, default=40)
+    parser.add_argument("--search-steps", type=int, default=0)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "search.log"
+    inits = {"searched": out / "searched-init", "depth-15": out / "depth15-init"}
+    if not inits["searched"].is_dir():
+        run(ALAMBIC + ["init-student", "--teacher", args.teacher, "--out", str(inits["searched"]),
+                       "--target-speedup", str(args.target_speedup), "--calibration-data", "bbc-news:train",
+                       "--search-steps", str(args.search_steps), "--no-progress"], log)
+    if not inits["depth-15"].is_dir():
+        run(ALAMBIC + ["init-student", "--teacher", args.teacher, "--out", str(inits["depth-15"]), "--layers",
+                       "auto:influence", "--depth", "15", "--calibration-data", "bbc-news:train"], log)
+    results = {"target_speedup": args.target_speedup, "max_steps": args.max_steps, "seeds": {}}
+    for seed in args.seeds:
+        folders = []
+        for name, init in inits.items():
+            folder = out / f"seed{seed}" / name
+            if not (folder / "student").is_dir():
+                run(ALAMBIC + ["distill", "--config", "configs/demo-lm.yaml", "--student", str(init), "--out",
+                               str(folder), "--max-steps", str(args.max_steps), "--set", "loss.alpha_cos=0",
+                               "--set", "student.layers=default", "--set", "student.save_init=false",
+                               "--set", f"training.seed={seed}", "--set", f"training.save_every={args.max_steps}",
+                               "--no-progress"], out / f"seed{seed}.log")
+            folders.append(str(folder / "student"))
+        report = out / f"seed{seed}" / "report"
+        if not (report / "report.json").is_file():
+            run(ALAMBIC + ["report", args.teacher, *folders, "--lm-data", "bbc-news:heldout", "--max-tokens", "8192",
+                           "--seq-lens", "128", "--batch-size", "8", "--names", "teacher," + ",".join(inits),
+                           "--out", str(report), "--no-plots"], out / f"seed{seed}.log")
+        data = json.loads((report / "report.json").read_text())
+        results["seeds"][seed] = {
+            m["name"]: {"perplexity": m["quality"]["value"], "parameters": m["parameters"]["total"],
+                        "layers": m["layers"], "hidden": m["hidden_size"],
+                        "speedup_b1": next((s["speedup"] for s in m["ratios"]["speed"] if s["batch_size"] == 1), None),
+                        "speedup_b8": next((s["speedup"] for s in m["ratios"]["speed"] if s["batch_size"] == 8), None),
+                        "tokens_per_s_b8": next(s["tokens_per_s"] for s in m["speed"] if s["batch_size"] == 8)}
+            for m in data["models"]}
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    print("\n| student | layers x width | params (M) | speed-up b=1 x 128 (mean, min-max) | tokens/s b=8 x 128 | "
+          "held-out perplexity (mean +- sd) |\n|---|---|---:|---:|---:|---:|")
+    for name in ["teacher", *inits]:
+        rows = [results["seeds"][s][name] for s in args.seeds]
+        ppl = [r["perplexity"] for r in rows]
+        speed = [r["speedup_b1"] for r in rows if r["speedup_b1"] is not None] or [1.0]
+        sd = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
+        print(f"| {name} | {rows[0]['layers']} x {rows[0]['hidden']} | {rows[0]['parameters'] / 1e6:.1f} | "
+              f"{statistics.mean(speed):.2f}x ({min(speed):.2f}-{max(speed):.2f}) | "
+              f"{statistics.mean(r['tokens_per_s_b8'] for r in rows):.0f} | {statistics.mean(ppl):.1f} +- {sd:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
