@@ -21,15 +21,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The demo: a real task teacher, a student 5x faster sliced out of it and distilled, and the report comparing them.
+# The demo: a real task teacher, a student whose shape is searched to run 4x faster on this machine, sliced out of
+# the teacher and distilled, and the report comparing them (it checks the 4x).
 DEMO_DATA := --task classification --max-length 64 --no-progress
 demo: setup
 	rm -rf $(DEMO_DIR)  # a fresh demo run each time (the caches are kept)
 	$(VENV)/bin/alambic finetune $(DEMO_DATA) --model minilm-l6 --train bbc-news:train \
 		--out $(DEMO_DIR)/teacher --max-steps 200 --eval-every 50
 	$(VENV)/bin/alambic distill-task $(DEMO_DATA) --teacher $(DEMO_DIR)/teacher --train bbc-news:train \
-		--student-layers 0,2,3,5 --hidden-size 192 --intermediate-size 768 \
-		--out $(DEMO_DIR)/student --max-steps 200 --eval-every 50 --lr 3e-4
+		--target-speedup 4 --out $(DEMO_DIR)/student --max-steps 200 --eval-every 50 --lr 3e-4
 	$(VENV)/bin/alambic report $(DEMO_DIR)/teacher/best $(DEMO_DIR)/student/best --task classification \
 		--data bbc-news:heldout --max-length 64 --seq-lens 128 --repeats 10 --names teacher,student \
 		--out $(DEMO_DIR)/report

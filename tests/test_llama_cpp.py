@@ -124,3 +124,31 @@ def test_a_qwen2_shape_llama_cpp_cannot_run_is_refused_in_one_line(files, tmp_pa
         "2 x 16 != 48: build the student with --num-heads 3 (or leave --num-heads out), or export it with "
         "--format onnx")
     assert not (tmp_path / "gguf").exists()
+
+
+def test_a_searched_student_runs_in_llama_cpp(files, tmp_path):
+    """A shape search's student (a budget instead of a shape: a size, counted) -> distill -> GGUF: llama.cpp runs it
+    as PyTorch does. Qwen2: its candidates keep heads x head size = hidden, as llama.cpp's qwen2 graph needs."""
+    teacher = tmp_path / "teacher"
+    tiny_qwen2(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+               num_hidden_layers=4).save_pretrained(teacher)
+    bpe_tokenizer().save_pretrained(teacher)
+    run = tmp_path / "run"
+    assert cli("distill", "--teacher", teacher, "--data", files / "text.txt", "--target-speedup", 1.5,
+               "--set", "student.budget_seq_len=32", "--set", f"student.timing_cache={tmp_path / 'cache'}",
+               "--set", "student.calibration_tokens=256", "--out", run, "--max-steps", 2, "--batch-size", 2,
+               "--max-length", 32, "--no-progress") == 0
+    config = transformers.AutoConfig.from_pretrained(run / "student")
+    assert (run / "student" / "alambic-search.json").is_file()
+    assert config.num_attention_heads * config.head_dim == config.hidden_size
+    out = tmp_path / "gguf"
+    assert cli("export", run / "student", "--format", "gguf", "--gguf-type", "f32", "--out", out) == 0
+    assert "llama.cpp" in {p["runtime"] for p in read_manifest(out)["parity"]}
+    exported = load_exported(out)
+    model = transformers.AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(run / "student")
+    batch = encode(tokenizer, model, list(SAMPLE_TEXTS), max_length=48)
+    with torch.no_grad():
+        reference = {"logits": model(**batch).logits}
+    result = parity(reference, {"logits": exported(**batch).logits}, batch["attention_mask"])
+    assert result["max_abs_diff"] < BOUND["f32"] and result["top1_agreement"] >= 0.99

@@ -147,9 +147,13 @@ def plot_search(model: dict, path) -> Path:
     if budget.get("speedup") is not None:
         ax.axvline(budget["speedup"], color="C3", linestyle="--", linewidth=1,
                    label=f"budget {budget['speedup']:g}x")
+    speeds = [c["speedup"] for c in candidates if c["speedup"] is not None] + [budget.get("speedup") or 1.0]
+    ax.set_xlim(min(speeds) * 0.95, max(speeds) * 1.05)
     ax.set_xlabel(f"speed-up vs the teacher (batch {budget['batch_size']}, {budget['seq_len']} tokens, "
                   f"{budget['device']} {budget['precision']})")
-    ax.set_ylabel("calibration divergence from the teacher after slicing")
+    steps = kept.get("search_steps")
+    ax.set_ylabel("calibration KL from the teacher, "
+                  + (f"after {steps} steps" if steps else "as sliced"))
     ax.set_title(f"Shape search of {model['name']}: {len(candidates)} candidates timed or ranked", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")

@@ -567,7 +567,7 @@ def _budget_kept(row: dict, search: dict, note, log) -> dict:
                    "speedup": (c["timing"] or {}).get("speedup"), "divergence": c.get("score", c["divergence"])}
                   for c in search["candidates"] if c["timing"] is not None or c["divergence"] is not None]
     out = {"budget": budget, "chosen": search["chosen"], "tolerance": tolerance, "measured": None, "notch": None,
-           "met": None, "missed_by": None, "candidates": candidates}
+           "met": None, "missed_by": None, "candidates": candidates, "search_steps": search.get("search_steps", 0)}
     conditions = f"batch {budget['batch_size']} x {budget['seq_len']} tokens on {budget['device']}"
     if budget.get("params") is not None:
         measured, target, slack = row["parameters"]["total"], budget["params"], 0.0
