@@ -12,6 +12,9 @@ quality. SmolLM2-135M -> the 15-layer student `make demo-lm` builds (auto:influe
     python benchmarks/offline_teacher.py --out runs/offline --documents 60 --steps 40 --seeds 0 1 2
     python benchmarks/offline_teacher.py --out runs/offline --documents 60 --steps 40 --seeds 0 1 2 --temperature 1 \
         --top-k 32 128 --train-k 128      # after the same with --top-k 32 --train-k 32
+    # cache format 2 (compact) against format 1 (float16), at k = 128: bytes per token and held-out perplexity
+    python benchmarks/offline_teacher.py --out runs/offline --documents 60 --steps 40 --seeds 0 1 2 --temperature 1 \
+        --top-k 128 --train-k 128 --compare-formats
 
 Every figure lands in OUT/results.json as it is measured (a rerun skips what is there); the tables are printed.
 """
@@ -80,6 +83,38 @@ def distill(out: Path, name: str, data: Path, init: Path, steps: int, seed: int,
             "tokens_per_s": statistics.median(m["tokens_per_s"] for m in logged if "tokens_per_s" in m)}
 
 
+def compare_formats(args, results: dict, data: Path, init: Path, tag: str) -> None:
+    """The same cache (k = --train-k) written in format 1 and in format 2, and the same runs trained on each."""
+    for version in (1, 2):
+        key = f"cache-k{args.train_k}{tag}-format{version}"
+        if key not in results:
+            start = time.perf_counter()
+            manifest = cache_teacher(TEACHER, [str(data)], args.out / key, top_k=args.train_k,
+                                     temperature=args.temperature, max_length=MAX_LENGTH, batch_size=8,
+                                     format_version=version)
+            results[key] = {"seconds": time.perf_counter() - start, "tokens": manifest["tokens"],
+                            "bytes_per_token": manifest["bytes_per_token"],
+                            "bytes": sum(s["bytes"] for s in manifest["shards"])}
+            save(args.out, results)
+        for seed in args.seeds:
+            run = f"top{args.train_k}{tag}-format{version}-seed{seed}"
+            if run not in results:
+                results[run] = distill(args.out, run, data, init, args.steps, seed, args.out / key, args.temperature)
+                save(args.out, results)
+    print(f"\n| cache format | bytes / token at k = {args.train_k} | seconds to cache | held-out perplexity "
+          f"({len(args.seeds)} seeds) |\n|---|---:|---:|---:|")
+    ppl = {}
+    for version in (1, 2):
+        cache = results[f"cache-k{args.train_k}{tag}-format{version}"]
+        ppl[version] = [results[f"top{args.train_k}{tag}-format{version}-seed{s}"]["perplexity"] for s in args.seeds]
+        spread = statistics.stdev(ppl[version]) if len(ppl[version]) > 1 else 0.0
+        print(f"| {version} | {cache['bytes_per_token']:.1f} | {cache['seconds']:.0f} | "
+              f"{statistics.mean(ppl[version]):.3f} ± {spread:.3f} |")
+    ratios = [b / a for a, b in zip(ppl[1], ppl[2])]
+    print(f"\nformat 2 / format 1 perplexity per seed: {', '.join(f'{r:.4f}' for r in ratios)} "
+          f"(mean {statistics.mean(ratios):.4f}; target within 1%)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path)
@@ -89,6 +124,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--temperature", type=float, default=2.0, help="of the cache and of both runs' KL")
     p.add_argument("--train-k", type=int, default=32, help="the cache (one of --top-k) the offline runs train on")
+    p.add_argument("--compare-formats", action="store_true",
+                   help="instead of live vs cache: the --train-k cache in format 1 (float16) against format 2 "
+                   "(compact), bytes per token and held-out perplexity per seed")
     args = p.parse_args()
     tag = "" if args.temperature == 2.0 else f"-T{args.temperature:g}"  # T = 2 runs were the first ones
     args.out.mkdir(parents=True, exist_ok=True)
@@ -107,6 +145,9 @@ def main() -> None:
                             "bytes": sum(s["bytes"] for s in manifest["shards"])}
             save(args.out, results)
     init = student(args.out)
+    if args.compare_formats:
+        compare_formats(args, results, data, init, tag)
+        return
     for seed in args.seeds:
         for variant, cache in (("live", None), (f"top{args.train_k}", args.out / f"cache-k{args.train_k}{tag}")):
             key = f"{variant}{tag}-seed{seed}"

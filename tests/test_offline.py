@@ -7,6 +7,7 @@ import json
 import pytest
 import yaml
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from alambic.cli import main
@@ -50,17 +51,24 @@ def test_the_cache_holds_the_teachers_top_k_for_every_token(root, llama_cache):
     assert len(manifest["shards"]) == -(-len(examples) // 16) and manifest["top_k"] == 8
     assert manifest["kind"] == "causal" and manifest["masking"] is None and manifest["hidden_states"]
     shard = load_file(str(llama_cache / manifest["shards"][1]["file"]))
-    assert shard["topk_ids"].dtype == torch.uint16 and shard["topk_log_probs"].dtype == torch.float16
-    # example 16 (the first of shard 1), recomputed directly
+    assert manifest["format_version"] == 2 and shard["packed"].dtype == torch.uint8
+    # example 16 (the first of shard 1), recomputed directly, against what a run reads back
     ids = torch.as_tensor(examples[16]).unsqueeze(0)
     with torch.no_grad():
         out = tiny_llama()(input_ids=ids, output_hidden_states=True)
     top_ids, top_log_probs, rest = topk_targets(out.logits[0], 8, 2.0)
     rows = slice(0, len(examples[16]))
+    outputs = TeacherOutputs(llama_cache, manifest)
+    read = outputs.rows([outputs[16]])
     assert torch.equal(shard["input_ids"][rows].long(), ids[0])
-    assert torch.equal(shard["topk_ids"][rows].long(), top_ids)
-    torch.testing.assert_close(shard["topk_log_probs"][rows].float(), top_log_probs, atol=2e-3, rtol=1e-3)
-    torch.testing.assert_close(shard["rest_log_prob"][rows], rest, atol=1e-5, rtol=1e-5)
+    order = top_ids.argsort(-1)  # format 2 gives each row's ids in ascending order
+    assert torch.equal(read["topk_ids"], top_ids.gather(-1, order))
+    expected = top_log_probs.gather(-1, order)
+    gaps = top_log_probs.max(-1, keepdim=True).values - expected
+    inner = gaps < 9.6  # beyond, the last code: a probability below 6e-5 of the maximum
+    # renormalised on reading: log-probabilities move by their code's bucket and a shared shift below 0.05
+    assert ((read["topk_log_probs"] - expected).abs()[inner] <= torch.exp(0.5 * gaps[inner]) / 20 + 0.05).all()
+    torch.testing.assert_close(read["rest_log_prob"], rest, atol=2e-3, rtol=1e-3)
     torch.testing.assert_close(shard["hidden"][rows].float(), out.hidden_states[-1][0], atol=2e-3, rtol=1e-3)
     # the mean probability outside the top 8, from the teacher itself: 1 - (sum of its 8 largest probabilities)
     outside = []
@@ -69,9 +77,8 @@ def test_the_cache_holds_the_teachers_top_k_for_every_token(root, llama_cache):
             logits = tiny_llama()(input_ids=torch.as_tensor(examples[i]).unsqueeze(0)).logits[0]
             outside.append(1 - (logits.float() / 2.0).softmax(-1).topk(8, dim=-1).values.sum(-1))
     assert manifest["mean_rest_mass"] == pytest.approx(float(torch.cat(outside).mean()), rel=1e-4)
-    # the bytes per token the format documents: ids 4 + k (2 + 2) + rest 4 + hidden 2d, plus headers
-    per_token = 4 + 8 * 4 + 4 + 2 * 32
-    assert per_token <= manifest["bytes_per_token"] < per_token * 1.1
+    # fewer bytes per token than format 1's ids 4 + k (2 + 2) + rest 4 + hidden 2d: 4 + 2 + 2 + 2d + the blocks
+    assert 4 + 2 + 2 + 2 * 32 < manifest["bytes_per_token"] < 4 + 8 * 4 + 4 + 2 * 32
 
 
 def _loss(recipe, batch):
@@ -81,13 +88,16 @@ def _loss(recipe, batch):
     return loss.detach(), {k: v.detach() for k, v in terms.items()}
 
 
-@pytest.mark.parametrize("kind", ["causal", "masked"])
-def test_with_k_equal_to_the_vocabulary_the_cached_loss_is_the_live_loss(kind, root, tmp_path):
+@pytest.mark.parametrize("kind, version", [("causal", 1), ("masked", 1), ("causal", 2)])
+def test_with_k_equal_to_the_vocabulary_the_cached_loss_is_the_live_loss(kind, version, root, tmp_path):
+    """Format 1 (float16) is the live loss to float16; format 2 (6-bit log-probabilities) to within what its
+    quantisation moves a KL, a few 1e-3 nats (its encoders are covered at k = 8 elsewhere: at k = V, LZMA over a
+    wordpiece vocabulary per token takes minutes)."""
     model, name = (tiny_llama, "llama") if kind == "causal" else (tiny_bert, "bert")
     tokenizer = bpe_tokenizer() if kind == "causal" else wordpiece_tokenizer()
     vocab = model().config.vocab_size
     cache_teacher(root / name, [str(root / "text.txt")], tmp_path / "cache", top_k=vocab, temperature=2.0,
-                  max_length=32, hidden_states=True, **QUIET)
+                  max_length=32, hidden_states=True, format_version=version, **QUIET)
     outputs = TeacherOutputs(tmp_path / "cache", read_manifest(tmp_path / "cache"))
     loss_cfg = DistilBERTLossConfig()
     cached = cached_batches(outputs, tokenizer, batch_size=4, seed=0)(3)
@@ -96,10 +106,19 @@ def test_with_k_equal_to_the_vocabulary_the_cached_loss_is_the_live_loss(kind, r
     offline = OfflineDistilBERTRecipe(model(seed=1), loss_cfg)
     live_loss, live_terms = _loss(live, live_batch)
     offline_loss, offline_terms = _loss(offline, cached)
-    for key in ("kd", "lm", "cos"):  # fp16 storage of log-probs and hidden states: a few 1e-4 relative
+    for key in ("lm", "cos"):  # fp16 storage of hidden states: a few 1e-4 relative
         torch.testing.assert_close(offline_terms[key], live_terms[key], rtol=2e-3, atol=1e-4)
-    for p_live, p_off in zip(live.objective.parameters(), offline.objective.parameters()):
-        torch.testing.assert_close(p_off.grad, p_live.grad, rtol=1e-2, atol=1e-4)
+    if version == 1:  # fp16 log-probs
+        torch.testing.assert_close(offline_terms["kd"], live_terms["kd"], rtol=2e-3, atol=1e-4)
+        for p_live, p_off in zip(live.objective.parameters(), offline.objective.parameters()):
+            torch.testing.assert_close(p_off.grad, p_live.grad, rtol=1e-2, atol=1e-4)
+        return
+    assert abs(float(offline_terms["kd"]) - float(live_terms["kd"])) < 3e-3
+    pairs = [(p_live.grad.flatten(), p_off.grad.flatten())
+             for p_live, p_off in zip(live.objective.parameters(), offline.objective.parameters())
+             if p_live.grad is not None]
+    live_grad, offline_grad = torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs])
+    assert F.cosine_similarity(offline_grad, live_grad, dim=0) > 0.99  # the whole step points the same way
 
 
 def test_encoder_masks_are_static_and_stored(root, tmp_path):

@@ -311,6 +311,9 @@ def add_cache_teacher(sub) -> None:
     p.add_argument("--mlm-probability", type=float, default=0.15, help="encoders: share of tokens masked (default 0.15)")
     p.add_argument("--seed", type=int, default=0, help="encoders: seed of the static masks (default 0)")
     p.add_argument("--shard-examples", type=int, default=512, help="sequences per shard file (default 512)")
+    p.add_argument("--cache-format", type=int, default=2,
+                   help="2 (default): compact, 195 bytes per token at --top-k 128 (log-probabilities in 6 bits); "
+                   "1: float16 log-probabilities, 520 bytes per token at k = 128")
     p.add_argument("--text-field", default="text", help="field or column with the text in .jsonl/.csv/.parquet")
     p.add_argument("--split-documents", choices=("file", "line", "blank-line"), default="file",
                    help="how text files split into documents, as data.split_documents (default file)")
@@ -323,7 +326,7 @@ def run_cache_teacher(args) -> int:
     cache_teacher(args.teacher, args.data, args.out, top_k=args.top_k, temperature=args.temperature,
                   max_length=args.max_length, hidden_states=args.hidden_states, batch_size=args.batch_size,
                   mlm_probability=args.mlm_probability, seed=args.seed, shard_examples=args.shard_examples,
-                  text_field=args.text_field, split_documents=args.split_documents)
+                  text_field=args.text_field, split_documents=args.split_documents, format_version=args.cache_format)
     return 0
 
 
@@ -435,7 +438,7 @@ FLAG_RANGES = {
     "chat_max_new_tokens": POSITIVE, "chat_max_examples": POSITIVE,
     "max_length": Range(8), "context": Range(8), "calibration_tokens": Range(256),
     "max_repeats": POSITIVE, "budget_batch_size": POSITIVE, "budget_seq_len": POSITIVE, "budget_threads": POSITIVE,
-    "target_params": POSITIVE,
+    "target_params": POSITIVE, "cache_format": Range(1, 2),
     # budgets: a student faster than its teacher, a positive latency or time limit
     "target_speedup": Range(1, low_open=True), "target_latency": ABOVE_ZERO, "budget_seconds": ABOVE_ZERO,
     # switches where 0 means off, seeds, seconds

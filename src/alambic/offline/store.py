@@ -1,4 +1,4 @@
-"""The on-disk format of offline teacher outputs (``alambic cache-teacher``), version 1.
+"""The on-disk format of offline teacher outputs (``alambic cache-teacher``), versions 1 and 2.
 
 A cache folder holds ``manifest.json``, the teacher's tokenizer, and shards ``shard-00000.safetensors``... Each
 shard covers consecutive training examples (the packed blocks of decoders, the chunks of encoders, exactly as
@@ -15,7 +15,22 @@ them, one row:
 | ``rest_log_prob`` | (T,) float32 | ``log(1 - sum of the k probabilities)``, -inf when k = V |
 | ``hidden`` | (T, d) float16 | optional: the teacher's last hidden states (the cosine term) |
 
-so a token costs ``4 + k (2 + 2) + 4`` bytes (k = 32: 136 bytes; +4 for encoders; +2d with hidden states). The
+so a token costs ``4 + k (2 + 2) + 4`` bytes (k = 32: 136 bytes; +4 for encoders; +2d with hidden states).
+
+Format 2 (the default since issue 22) replaces ``topk_ids`` and ``topk_log_probs`` by their compact encoding
+(:mod:`alambic.offline.compact`: ids delta-coded, log-probabilities as 6-bit gaps below the row's maximum, LZMA2 over
+blocks of examples), under 200 bytes per token at k = 128 where format 1 takes 520:
+
+| tensor | shape, dtype | meaning |
+| --- | --- | --- |
+| ``top_log_prob`` | (T,) float16 | each row's largest log-probability |
+| ``rest_log_prob`` | (T,) float16 | as in format 1 |
+| ``packed`` | (B,) uint8 | the compressed blocks, one after the other |
+| ``block_examples`` | (b + 1,) int64 | the first example of each block (the last entry: n) |
+| ``block_bytes`` | (b + 1,) int64 | where each block starts in ``packed`` |
+
+Both formats are read; the rows come back the same way (ids of format 2 in ascending order, not by probability: the
+losses do not depend on the order). The
 manifest records what a cache is only valid for: format version, teacher fingerprint, tokenizer hash, data specs and
 the hash of the examples' token ids, ``max_length``, k, temperature, masking, the mean probability outside the top k
 (``mean_rest_mass``), and each shard's file, examples, rows and bytes. :func:`check_cache` refuses, in one line, a
@@ -34,7 +49,8 @@ import torch
 
 from alambic.errors import AlambicError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 SETTINGS = "settings.json"
 """Written when a cache starts: a resumed or parallel run must use the same settings."""
@@ -73,9 +89,9 @@ def read_manifest(folder) -> dict:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise AlambicError(f"{file} is not readable JSON ({error}); make the cache again") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise AlambicError(f"{folder} is a teacher cache of format {manifest.get('format_version')}, this alambic "
-                           f"reads format {FORMAT_VERSION}: make the cache again")
+                           f"reads formats {' and '.join(map(str, READABLE_VERSIONS))}: make the cache again")
     for shard in manifest["shards"]:
         path = folder / shard["file"]
         if not path.is_file() or path.stat().st_size != shard["bytes"]:
@@ -124,7 +140,8 @@ class CachedExample:
     shard: int
 
 
-_SAFETENSORS_DTYPES = {"I64": np.int64, "I32": np.int32, "U16": np.uint16, "F16": np.float16, "F32": np.float32}
+_SAFETENSORS_DTYPES = {"I64": np.int64, "I32": np.int32, "U16": np.uint16, "U8": np.uint8, "F16": np.float16,
+                       "F32": np.float32}
 """The dtypes a cache shard holds (see the table above)."""
 
 
@@ -172,6 +189,8 @@ class TeacherOutputs:
         self.folder, self.manifest = Path(folder), manifest
         self._readers: dict[int, ShardReader] = {}
         self._offsets: dict[int, np.ndarray] = {}
+        self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # format 2: each shard's block rows and bytes
+        self._decoded: tuple | None = None  # format 2: the last block decoded (consecutive examples share it)
         self.starts = np.cumsum([0] + [s["examples"] for s in manifest["shards"]])
 
     def __len__(self) -> int:
@@ -203,10 +222,41 @@ class TeacherOutputs:
 
     def rows(self, examples: list[CachedExample]) -> dict[str, torch.Tensor]:
         """The teacher rows of ``examples``, concatenated in order (= the batch's non-pad tokens, row-major)."""
-        names = ["topk_ids", "topk_log_probs", "rest_log_prob"] + (["hidden"] if self.manifest["hidden_states"]
-                                                                   else [])
+        compact = self.manifest["format_version"] >= 2
+        names = ["rest_log_prob"] + ([] if compact else ["topk_ids", "topk_log_probs"]) + (
+            ["hidden"] if self.manifest["hidden_states"] else [])
         parts = {name: [self._reader(e.shard).rows(name, e.rows.start, e.rows.stop) for e in examples]
                  for name in names}
         out = {name: torch.cat(chunks) for name, chunks in parts.items()}
+        out["rest_log_prob"] = out["rest_log_prob"].float()
+        if compact:
+            decoded = [self._compact_rows(e) for e in examples]
+            out["topk_ids"] = torch.cat([ids for ids, _ in decoded])
+            log_probs = torch.cat([lp for _, lp in decoded])
+            # the quantised probabilities and the rest sum to 1 +- the quantisation: renormalise, so that every
+            # divergence against them is a divergence between distributions (>= 0)
+            total = torch.logaddexp(log_probs.logsumexp(-1), out["rest_log_prob"])
+            out["topk_log_probs"] = log_probs - total[:, None]
+            out["rest_log_prob"] = out["rest_log_prob"] - total
         out["topk_ids"] = out["topk_ids"].to(torch.int64)
         return out
+
+    def _compact_rows(self, example: CachedExample) -> tuple[torch.Tensor, torch.Tensor]:
+        """Format 2: decode the block ``example`` lies in (kept for the next example) and take its rows."""
+        from alambic.offline.compact import decode_block
+
+        reader = self._reader(example.shard)
+        if example.shard not in self._blocks:
+            first_rows = self._offsets[example.shard][reader.whole("block_examples").numpy()]
+            self._blocks[example.shard] = (first_rows, reader.whole("block_bytes").numpy())
+        first_rows, block_bytes = self._blocks[example.shard]
+        block = int(np.searchsorted(first_rows, example.rows.start, side="right") - 1)
+        key = (example.shard, block)
+        if self._decoded is None or self._decoded[0] != key:
+            begin, end = int(first_rows[block]), int(first_rows[block + 1])
+            blob = reader.rows("packed", int(block_bytes[block]), int(block_bytes[block + 1])).numpy().tobytes()
+            self._decoded = (key, *decode_block(blob, reader.rows("top_log_prob", begin, end), self.manifest["top_k"]))
+        _, ids, log_probs = self._decoded
+        start = example.rows.start - int(first_rows[block])
+        length = example.rows.stop - example.rows.start
+        return ids[start:start + length], log_probs[start:start + length]

@@ -23,7 +23,9 @@ import torch
 
 from alambic.cache import atomic_write_text
 from alambic.errors import AlambicError
-from alambic.offline.store import (FORMAT_VERSION, MANIFEST, SETTINGS, examples_hash, ids_dtype, shard_name)
+from alambic.offline.compact import compact_shard
+from alambic.offline.store import (FORMAT_VERSION, MANIFEST, READABLE_VERSIONS, SETTINGS, examples_hash, ids_dtype,
+                                   shard_name)
 
 
 REST_MASS_WARNING = 0.5
@@ -36,7 +38,7 @@ def _rank_and_world() -> tuple[int, int]:
 
 
 def _settings(teacher_spec, path, config, tokenizer, data, examples, *, top_k, temperature, max_length,
-              hidden_states, mlm_probability, seed, shard_examples, kind) -> dict:
+              hidden_states, mlm_probability, seed, shard_examples, kind, format_version=FORMAT_VERSION) -> dict:
     from alambic import modeling
     from alambic.data.chat import ChatExamples
     from alambic.tasks.cache import teacher_fingerprint
@@ -47,7 +49,8 @@ def _settings(teacher_spec, path, config, tokenizer, data, examples, *, top_k, t
     with torch.device("meta"):  # the parameter count, without reading or initialising any weight
         skeleton = (AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM).from_config(config)
     return {
-        "format_version": FORMAT_VERSION, "teacher": str(teacher_spec), "teacher_fingerprint": teacher_fingerprint(path),
+        "format_version": format_version, "teacher": str(teacher_spec),
+        "teacher_fingerprint": teacher_fingerprint(path),
         "teacher_parameters": sum(p.numel() for p in skeleton.parameters()),
         "teacher_layers": modeling.num_layers(config),
         "tokenizer_hash": vocabulary_hash(tokenizer), "vocab_size": modeling.vocab_size(config), "kind": kind,
@@ -134,7 +137,7 @@ def _shard(teacher, examples, first: int, count: int, settings: dict, masker, pa
     lengths = torch.tensor([len(p[0]) for p in pairs], dtype=torch.int64)
     out = {name: torch.cat(parts).contiguous() for name, parts in columns.items() if parts}
     out["offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-    return out
+    return compact_shard(out) if settings["format_version"] >= 2 else out
 
 
 def _write_atomically(tensors: dict, path: Path) -> None:
@@ -155,7 +158,7 @@ def _finish(out: Path, settings: dict, n_shards: int, examples_per_shard: int) -
     shards, tokens, rest_mass = [], 0, 0.0
     for s, file in enumerate(files):
         with safe_open(str(file), framework="pt") as handle:
-            rest = handle.get_tensor("rest_log_prob")
+            rest = handle.get_tensor("rest_log_prob").float()
         count = min(examples_per_shard, settings["examples"] - s * examples_per_shard)
         shards.append({"file": file.name, "examples": count, "rows": len(rest), "bytes": file.stat().st_size})
         tokens += len(rest)
@@ -169,8 +172,12 @@ def _finish(out: Path, settings: dict, n_shards: int, examples_per_shard: int) -
 def cache_teacher(teacher_spec, data, out, *, top_k: int = 32, temperature: float = 1.0, max_length: int = 128,
                   hidden_states: bool = False, batch_size: int = 8, mlm_probability: float = 0.15, seed: int = 0,
                   shard_examples: int = 512, text_field: str = "text", split_documents: str = "file",
-                  log=print) -> dict | None:
-    """Write (or finish) the cache in ``out``; returns its manifest, or None while other processes still write."""
+                  format_version: int = FORMAT_VERSION, log=print) -> dict | None:
+    """Write (or finish) the cache in ``out``; returns its manifest, or None while other processes still write.
+    ``format_version``: 2 (default) stores the top-k compactly (:mod:`alambic.offline.compact`, lossy: 6-bit
+    log-probabilities), 1 as float16 (exact to float16, 2.7x the bytes at k = 128)."""
+    if format_version not in READABLE_VERSIONS:
+        raise AlambicError(f"--cache-format {format_version}: use 2 (compact, the default) or 1 (float16)")
     from transformers import AutoConfig, AutoTokenizer
 
     from alambic.config import DataConfig
@@ -195,7 +202,7 @@ def cache_teacher(teacher_spec, data, out, *, top_k: int = 32, temperature: floa
     examples = training_examples(list(data), tokenizer, kind, data_cfg)
     settings = _settings(teacher_spec, path, config, tokenizer, data, examples, top_k=top_k, temperature=temperature,
                          max_length=max_length, hidden_states=hidden_states, mlm_probability=mlm_probability,
-                         seed=seed, shard_examples=shard_examples, kind=kind)
+                         seed=seed, shard_examples=shard_examples, kind=kind, format_version=format_version)
     _check_folder(out, settings, first_process=rank == 0)
     n_shards = math.ceil(len(examples) / shard_examples)
     mine = [s for s in range(rank, n_shards, world) if not (out / shard_name(s)).is_file()]
