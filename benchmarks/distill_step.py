@@ -14,10 +14,11 @@ its peak resident or device memory is its own):
   ``loss.item()``, gradient clipping at 5, torch's default AdamW;
 - naive: an even more straightforward step (eager attention, teacher with autograd on, ``F.kl_div`` over every
   position), the baseline of the earlier figures in docs/benchmarks.md;
-- alambic, alambic-bf16: the engine's step (``alambic.engine.loop``'s optimiser and clipping, the recipe's teacher
-  targets and objective): teacher under inference_mode, vocabulary projection fused with the KL and cross-entropy a
-  chunk of rows at a time, host-side row counts; in fp32, and in bf16 (autocast with fp32 master weights, bf16
-  teacher) where the machine has bf16 (a GPU, or a CPU with native bf16 matrix instructions).
+- alambic, alambic-bf16, alambic-bf16-autocast: the engine's step (``alambic.engine.loop``'s optimiser and clipping,
+  the recipe's teacher targets and objective): teacher under inference_mode, vocabulary projection fused with the KL
+  and cross-entropy a chunk of rows at a time, host-side row counts; in fp32, in bf16 (``mixed_precision: bf16``: a
+  bf16 student with fp32 master weights in the optimiser, bf16 teacher) and in bf16 autocast (fp32 weights cast on
+  every matmul, bf16 teacher) where the machine has bf16 (a GPU, or a CPU with native bf16 matrix instructions).
 Printed per step: tokens/s (non-pad tokens), FLOPs counted by ``torch.utils.flop_counter`` for that step, achieved
 FLOP/s and its share of this machine's dense matmul rates in fp32 and bf16 measured in the same run, peak memory,
 the loss of the first step (same weights, same batch; dropout draws differ), and each variant's ratio to the
@@ -47,7 +48,7 @@ SETUPS = {  # name: (teacher, student layers, batch size, sequence length)
     "decoder-1024": ("smollm2-135m", "every-other", 1, 1024),  # long sequence: logits memory stays bounded
     "encoder-128": ("minilm-l6", "linspace:3", 8, 128),
 }
-VARIANTS = ("reference", "naive", "alambic", "alambic-bf16")
+VARIANTS = ("reference", "naive", "alambic", "alambic-bf16", "alambic-bf16-autocast")
 PROFILE_KINDS = {  # kind of work: substrings of the aten op names it covers (first match wins)
     "matmul": ("addmm", "::mm", "bmm", "matmul", "linear"),
     "vocabulary softmax + loss math": ("log_softmax", "::exp", "::dot", "gather", "scatter", "nll_loss", "kl_div",
@@ -168,7 +169,7 @@ def naive_step(teacher, student, batch, kind, optimizer, T=2.0):
     return loss
 
 
-def alambic_step(recipe, batch, optimizer, autocast):
+def alambic_step(recipe, batch, optimizer, autocast, master):
     """What ``alambic.engine.loop.train`` does for one micro-batch per step."""
     counts = {k: torch.tensor(float(v), device=batch["input_ids"].device) for k, v in recipe.row_counts(batch).items()}
     with autocast():
@@ -176,9 +177,14 @@ def alambic_step(recipe, batch, optimizer, autocast):
     with autocast():
         loss, _ = recipe.objective(batch, targets, counts)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(recipe.objective.parameters(), 5.0)
+    if master:
+        master.gradients_in()
+    torch.nn.utils.clip_grad_norm_(master.trainable_masters() if master else recipe.objective.parameters(), 5.0)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if master:
+        master.weights_out()
+    else:
+        optimizer.zero_grad(set_to_none=True)
     return loss
 
 
@@ -206,6 +212,7 @@ def measure(args) -> dict:
     from alambic.config import DataConfig, TrainingConfig
     from alambic.data.pipeline import training_batches
     from alambic.engine.loop import build_optimizer
+    from alambic.engine.master_weights import MasterWeights
     from alambic.modeling import lm_body
     from alambic.recipes.distilbert import DistilBERTLossConfig, DistilBERTRecipe
 
@@ -226,20 +233,23 @@ def measure(args) -> dict:
         def step(batch):
             return step_fn(teacher, student, batch, kind, optimizer)
     else:
-        bf16 = variant == "alambic-bf16"
-        if bf16:  # as the engine does under bf16: the frozen teacher in bf16, the student's master weights fp32
+        autocast_bf16 = variant == "alambic-bf16-autocast"
+        if variant != "alambic":  # as the engine does under bf16: the frozen teacher in bf16
             teacher = teacher.to(torch.bfloat16)
         recipe = DistilBERTRecipe(teacher, student, loss_cfg)
-        optimizer = build_optimizer(recipe.objective, TrainingConfig(lr=lr, eps=1e-6))
+        # mixed_precision: bf16 -> a bf16 student, its fp32 master weights in the optimiser
+        master = MasterWeights(recipe.objective) if variant == "alambic-bf16" else None
+        parameters = master.trainable_masters() if master else recipe.objective.parameters()
+        optimizer = build_optimizer(parameters, TrainingConfig(lr=lr, eps=1e-6))
         if args.compile:  # as training.compile does
             for model in (student, teacher):
                 lm_body(model).compile()
 
         def autocast():
-            return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+            return torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16)
 
         def step(batch):
-            return alambic_step(recipe, batch, optimizer, autocast)
+            return alambic_step(recipe, batch, optimizer, autocast, master)
 
     def on_device(i):
         return {k: v.to(device) for k, v in batches(i).items()}
@@ -279,8 +289,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setups", default="bert-base,decoder-128,encoder-128",
                         help=f"comma-separated, from: {', '.join(SETUPS)}")
-    parser.add_argument("--variants", default="reference,alambic,alambic-bf16",
-                        help=f"comma-separated, from: {', '.join(VARIANTS)} (alambic-bf16 only where the machine has "
+    parser.add_argument("--variants", default="reference,alambic,alambic-bf16,alambic-bf16-autocast",
+                        help=f"comma-separated, from: {', '.join(VARIANTS)} (the bf16 ones only where the machine has "
                              "bf16)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up and one counted step")
     parser.add_argument("--repeats", type=int, default=1, help="run every variant this many times, interleaved, and "
@@ -297,14 +307,14 @@ def main() -> None:
         return
 
     bf16 = has_bf16()
-    variants = [v for v in args.variants.split(",") if v != "alambic-bf16" or bf16]
+    variants = [v for v in args.variants.split(",") if "bf16" not in v or bf16]
     peaks = {"fp32": dense_matmul_flops(torch.float32)}
     if bf16:
         peaks["bf16"] = dense_matmul_flops(torch.bfloat16)
     memory = "peak GPU MB" if torch.cuda.is_available() else "peak RSS MB"
     print(f"machine: {machine()}")
     print("dense matmul: " + ", ".join(f"{v / 1e9:,.0f} GFLOP/s {k}" for k, v in peaks.items()))
-    print(f"{'setup':<13}{'step':<14}{'tokens/s':>10}{'s/step':>8}{'GFLOP/step':>12}{'GFLOP/s':>9}"
+    print(f"{'setup':<13}{'step':<23}{'tokens/s':>10}{'s/step':>8}{'GFLOP/step':>12}{'GFLOP/s':>9}"
           + "".join(f"{'% ' + k:>8}" for k in peaks) + f"{memory:>13}{'1st loss':>10}")
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for setup in args.setups.split(","):
@@ -319,7 +329,7 @@ def main() -> None:
                     sys.exit(f"{setup} {variant} failed:\n{out.stderr[-3000:]}")
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 runs[variant].append(r)
-                print(f"{setup:<13}{variant:<14}{r['tokens_per_s']:>10.0f}{r['step_s']:>8.2f}"
+                print(f"{setup:<13}{variant:<23}{r['tokens_per_s']:>10.0f}{r['step_s']:>8.2f}"
                       f"{r['flops_per_step'] / 1e9:>12.1f}{r['achieved_flops'] / 1e9:>9.1f}"
                       + "".join(f"{100 * r['achieved_flops'] / v:>7.0f}%" for v in peaks.values())
                       + f"{r['peak_mb']:>13.0f}{r['first_loss']:>10.4f}", flush=True)

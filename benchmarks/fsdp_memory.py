@@ -48,8 +48,8 @@ def _resident_bytes() -> int:
 def _count_training_state(build_optimizer, counts: dict):
     """``build_optimizer`` that also records, after each optimiser step, the bytes this process holds of the
     student's parameters, gradients and AdamW state (local shards under FSDP)."""
-    def build(model, cfg):
-        optimizer = build_optimizer(model, cfg)
+    def build(parameters, cfg):
+        optimizer = build_optimizer(parameters, cfg)
 
         def record(opt, *_):
             params = [p for group in opt.param_groups for p in group["params"]]

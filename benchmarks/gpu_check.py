@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --dry-run     # tiny shapes on the CPU: what the test suite runs
 
 1. bf16 parity of a step: the first-step losses of the same student, batch and weights in fp32 and in bf16 (the
-   engine's autocast with fp32 master weights and a bf16 teacher) agree within 1%.
+   engine's bf16 student with fp32 master weights and a bf16 teacher) agree within 1%.
 2. The fused vocabulary loss (forward KL x T^2 + cross-entropy, chunked rows, closed-form gradients) against the full
    logits computed directly on the device: values and gradients.
 3. One on-policy (GKD) step: the student samples answers on the device, the teacher scores them, the step trains
@@ -71,23 +71,37 @@ def random_batch(vocab: int, batch: int, length: int, device: torch.device, seed
     return {k: v.to(device) for k, v in CausalLMCollator(ids_only)(rows).items()}
 
 
-def step(recipe, batch, optimizer, bf16: bool) -> float:
+def trainer(recipe, bf16: bool):
+    """The optimiser and (bf16) master weights alambic.engine.loop.train sets up: bf16 is a bf16 student with fp32
+    masters, as ``training.mixed_precision: bf16`` trains."""
+    from alambic.config import TrainingConfig
+    from alambic.engine.loop import build_optimizer
+    from alambic.engine.master_weights import MasterWeights
+
+    master = MasterWeights(recipe.objective) if bf16 else None
+    parameters = master.trainable_masters() if master else recipe.objective.parameters()
+    return build_optimizer(parameters, TrainingConfig()), master
+
+
+def step(recipe, batch, optimizer, master) -> float:
     """One step as alambic.engine.loop.train runs it (one micro-batch)."""
     device = batch["input_ids"].device
     counts = {k: torch.tensor(float(v), device=device) for k, v in recipe.row_counts(batch).items()}
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        targets = recipe.teacher_targets(batch)
-        loss, _ = recipe.objective(batch, targets, counts)
+    targets = recipe.teacher_targets(batch)
+    loss, _ = recipe.objective(batch, targets, counts)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(recipe.objective.parameters(), 5.0)
+    if master:
+        master.gradients_in()
+    torch.nn.utils.clip_grad_norm_(master.trainable_masters() if master else recipe.objective.parameters(), 5.0)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if master:
+        master.weights_out()
+    else:
+        optimizer.zero_grad(set_to_none=True)
     return float(loss)
 
 
 def check_bf16_parity(device, shape, batch_size, length) -> dict:
-    from alambic.config import TrainingConfig
-    from alambic.engine.loop import build_optimizer
     from alambic.recipes.distilbert import DistilBERTLossConfig, DistilBERTRecipe
 
     batch = random_batch(shape["vocab_size"], batch_size, length, device)
@@ -97,8 +111,7 @@ def check_bf16_parity(device, shape, batch_size, length) -> dict:
         if bf16:
             teacher = teacher.to(torch.bfloat16)
         recipe = DistilBERTRecipe(teacher, student, DistilBERTLossConfig())
-        losses["bf16" if bf16 else "fp32"] = step(recipe, batch, build_optimizer(recipe.objective, TrainingConfig()),
-                                                  bf16)
+        losses["bf16" if bf16 else "fp32"] = step(recipe, batch, *trainer(recipe, bf16))
     relative = abs(losses["bf16"] - losses["fp32"]) / abs(losses["fp32"])
     return {"check": "bf16 parity of a step", "figure": f"first-step loss fp32 {losses['fp32']:.4f}, bf16 "
             f"{losses['bf16']:.4f} ({100 * relative:.2f}% apart)", "ok": relative < 0.01}
@@ -162,24 +175,22 @@ def check_on_policy(device, dry_run: bool) -> dict:
 
 
 def check_throughput(device, shape, batch_size, length, steps: int) -> dict:
-    from alambic.config import TrainingConfig
-    from alambic.engine.loop import build_optimizer
     from alambic.recipes.distilbert import DistilBERTLossConfig, DistilBERTRecipe
 
     teacher, student = teacher_and_student(shape, device)
     bf16 = device.type == "cuda" or shape is TINY
     teacher = teacher.to(torch.bfloat16)
     recipe = DistilBERTRecipe(teacher, student, DistilBERTLossConfig(alpha_cos=1.0))
-    optimizer = build_optimizer(recipe.objective, TrainingConfig())
+    optimizer, master = trainer(recipe, bf16)
     batches = [random_batch(shape["vocab_size"], batch_size, length, device, seed) for seed in range(steps + 2)]
     for batch in batches[:2]:  # warm-up: kernels chosen, memory pools grown
-        step(recipe, batch, optimizer, bf16)
+        step(recipe, batch, optimizer, master)
     reset_peak(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     for batch in batches[2:]:
-        step(recipe, batch, optimizer, bf16)
+        step(recipe, batch, optimizer, master)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

@@ -19,7 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-PRECISIONS = ("no", "bf16")
+PRECISIONS = ("no", "bf16", "bf16-autocast")
+"""fp32; a bf16 student with fp32 master weights (what ``auto`` picks); fp32 weights under bf16 autocast."""
 TERMS = ("loss", "loss/kd", "loss/lm", "loss/cos")
 
 
@@ -58,12 +59,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--out", default="runs/precision-parity")
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     args = parser.parse_args()
     out = Path(args.out)
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     for seed in args.seeds:
-        for precision in PRECISIONS:
+        for precision in args.precisions:
             key = f"{precision}/seed{seed}"
             if key not in results:
                 results[key] = run(args, precision, seed, out / key)
@@ -79,7 +81,8 @@ def table(results: dict, args) -> str:
     lines = [f"{args.teacher} -> {args.layers}, {args.steps} steps of {args.batch_size} x {args.max_length}, "
              f"seeds {' '.join(map(str, args.seeds))}", "",
              "| precision | held-out perplexity (mean ± sd) | tokens/s (median of the runs) |", "| --- | ---: | ---: |"]
-    by_precision = {p: [results[f"{p}/seed{s}"] for s in args.seeds if f"{p}/seed{s}" in results] for p in PRECISIONS}
+    by_precision = {p: [results[f"{p}/seed{s}"] for s in args.seeds if f"{p}/seed{s}" in results]
+                    for p in args.precisions}
     for precision, runs in by_precision.items():
         if not runs:
             continue
@@ -87,11 +90,13 @@ def table(results: dict, args) -> str:
         spread = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
         lines.append(f"| {'fp32' if precision == 'no' else precision} | {statistics.mean(ppl):.2f} ± {spread:.2f} | "
                      f"{statistics.median(r['tokens_per_s'] for r in runs):.0f} |")
-    pairs = [(results[f"no/seed{s}"], results[f"bf16/seed{s}"]) for s in args.seeds
-             if f"no/seed{s}" in results and f"bf16/seed{s}" in results]
-    if pairs:
-        lines += ["", "largest relative difference of each loss term, bf16 vs fp32, over the seeds (the same weights and "
-                  "batch at step 1; after that the trajectories separate):"]
+    for precision in args.precisions:
+        pairs = [(results[f"no/seed{s}"], results[f"{precision}/seed{s}"]) for s in args.seeds
+                 if precision != "no" and f"no/seed{s}" in results and f"{precision}/seed{s}" in results]
+        if not pairs:
+            continue
+        lines += ["", f"largest relative difference of each loss term, {precision} vs fp32, over the seeds (the same "
+                  "weights and batch at step 1; after that the trajectories separate):"]
         for index in range(min(len(fp32["first_steps"]) for fp32, _ in pairs)):
             worst = {t: max(abs(bf16["first_steps"][index][t] / fp32["first_steps"][index][t] - 1)
                             for fp32, bf16 in pairs) for t in TERMS}

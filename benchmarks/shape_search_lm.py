@@ -8,7 +8,11 @@
 4. per seed, ``alambic report smollm2-135m searched depth-15 --lm-data bbc-news:heldout`` measures the speed-ups
    (interleaved, with their interval) and held-out perplexity.
 
+With ``--depth-only D``, a third student: D measured layers at full width (``--depth D``), the depth-only shape that
+meets the budget, distilled and reported the same way (its reports are written beside the first ones).
+
     python benchmarks/shape_search_lm.py --out runs/search-lm
+    python benchmarks/shape_search_lm.py --out runs/search-lm --depth-only 12
 
 Prints the table of docs/benchmarks.md; OUT/results.json holds every figure.
 """
@@ -45,18 +49,23 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-steps", type=int, default=40)
     parser.add_argument("--search-steps", type=int, default=0)
+    parser.add_argument("--depth-only", type=int, help="also a full-width student of this many measured layers")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "search.log"
     inits = {"searched": out / "searched-init", "depth-15": out / "depth15-init"}
+    if args.depth_only:
+        inits[f"depth-{args.depth_only}"] = out / f"depth{args.depth_only}-init"
     if not inits["searched"].is_dir():
         run(ALAMBIC + ["init-student", "--teacher", args.teacher, "--out", str(inits["searched"]),
                        "--target-speedup", str(args.target_speedup), "--calibration-data", "bbc-news:train",
                        "--search-steps", str(args.search_steps), "--no-progress"], log)
-    if not inits["depth-15"].is_dir():
-        run(ALAMBIC + ["init-student", "--teacher", args.teacher, "--out", str(inits["depth-15"]), "--layers",
-                       "auto:influence", "--depth", "15", "--calibration-data", "bbc-news:train"], log)
+    for depth in {15, args.depth_only} - {None}:
+        if not inits[f"depth-{depth}"].is_dir():
+            run(ALAMBIC + ["init-student", "--teacher", args.teacher, "--out", str(inits[f"depth-{depth}"]),
+                           "--layers", "auto:influence", "--depth", str(depth), "--calibration-data", "bbc-news:train"],
+                log)
     results = {"target_speedup": args.target_speedup, "max_steps": args.max_steps, "seeds": {}}
     for seed in args.seeds:
         folders = []
@@ -69,7 +78,7 @@ def main() -> int:
                                "--set", f"training.seed={seed}", "--set", f"training.save_every={args.max_steps}",
                                "--no-progress"], out / f"seed{seed}.log")
             folders.append(str(folder / "student"))
-        report = out / f"seed{seed}" / "report"
+        report = out / f"seed{seed}" / ("report" if not args.depth_only else f"report-depth{args.depth_only}")
         if not (report / "report.json").is_file():
             run(ALAMBIC + ["report", args.teacher, *folders, "--lm-data", "bbc-news:heldout", "--max-tokens", "8192",
                            "--seq-lens", "128", "--batch-size", "8", "--names", "teacher," + ",".join(inits),
@@ -82,7 +91,8 @@ def main() -> int:
                         "speedup_b8": next((s["speedup"] for s in m["ratios"]["speed"] if s["batch_size"] == 8), None),
                         "tokens_per_s_b8": next(s["tokens_per_s"] for s in m["speed"] if s["batch_size"] == 8)}
             for m in data["models"]}
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+        name = "results.json" if not args.depth_only else f"results-depth{args.depth_only}.json"
+        (out / name).write_text(json.dumps(results, indent=1))
     print("\n| student | layers x width | params (M) | speed-up b=1 x 128 (mean, min-max) | tokens/s b=8 x 128 | "
           "held-out perplexity (mean +- sd) |\n|---|---|---:|---:|---:|---:|")
     for name in ["teacher", *inits]:

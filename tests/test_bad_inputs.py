@@ -69,7 +69,7 @@ def cases(r):
         "distill: config not YAML": (d + ["--config", r / "bad.yaml"], "is not valid YAML"),
         "distill: --set without =": (d + ["--set", "training.lr"], "is not KEY=VALUE"),
         "distill: yes for a boolean": (d + ["--set", "training.compile=yes"], "expects true or false, got 'yes'"),
-        "distill: unknown precision": (d + ["--set", "training.mixed_precision=fp8"], "auto, bf16, fp16 or no"),
+        "distill: unknown precision": (d + ["--set", "training.mixed_precision=fp8"], "auto, bf16, bf16-autocast, fp16 or no"),
         "distill: unknown recipe": (d + ["--set", "recipe=tinybrt"], "did you mean 'tinybert'"),
         "distill: all loss weights 0": (d + ["--set", "loss.alpha_kd=0", "--set", "loss.alpha_lm=0", "--set",
                                              "loss.alpha_cos=0"], "all loss weights are 0"),
@@ -95,7 +95,7 @@ def cases(r):
         "finetune: lr 0": (ft + ["--lr", 0], "--lr must be > 0"),
         "finetune: doc stride 0": (ft + ["--doc-stride", 0], "--doc-stride must be >= 1, got 0"),
         "finetune: out under a file": (ft[:-1] + [r / "file" / "x"], "Not a directory"),
-        "distill-task: no student": (dt, "give the student either as a folder (--student) or as teacher layers"),
+        "distill-task: no student": (dt, "give the student as one of: a folder (--student), teacher layers to copy"),
         "distill-task: teacher without a task head": (dt + ["--student-layers", "0"], "has no classification head: "
                                                       "fine-tune it first with `alambic finetune"),
         "distill-task: negative alpha": (dt + ["--student-layers", "0", "--alpha-kd", -1], "--alpha-kd must be >= 0"),

@@ -152,7 +152,7 @@ def test_a_chat_cache_at_k_v_trains_like_the_live_teacher(chat_dir, tmp_path):
     vocab = len(chat_tokenizer())
     assert main(["cache-teacher", "--teacher", str(chat_dir / "teacher"), "--data", str(chat_dir / "chat.jsonl"),
                  "--out", str(tmp_path / "cache"), "--top-k", str(vocab), "--temperature", "1",
-                 "--max-length", "256"]) == 0
+                 "--max-length", "256", "--cache-format", "1"]) == 0  # float16: the compact format is tested apart
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["chat"] is True
     common = ["--max-steps", "1", "--divergence", "reverse_kl", "--set", "loss.alpha_lm=0", "--layers", "0",

@@ -3,6 +3,7 @@ pruned -> distill -> GGUF -> llama.cpp (tests/test_llama_cpp.py), offline cache 
 process, and a DDP resume on another number of processes refused (tests/test_distributed.py)."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,43 @@ def test_a_budget_through_distill_writes_the_search_with_the_student(tmp_path, c
     chosen = next(c for c in search["candidates"] if c["status"] == "chosen")["shape"]
     assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (
         chosen["depth"], chosen["hidden"], chosen["ffn"])
+
+
+def _fp32_weights(folder) -> set:
+    from safetensors.torch import load_file
+
+    return {t.dtype for t in load_file(str(Path(folder) / "model.safetensors")).values() if t.is_floating_point()}
+
+
+def test_bf16_with_master_weights_through_every_training_verb(files, tmp_path, capsys):
+    # training.mixed_precision=bf16 (a bf16 student, fp32 masters) with the features beside it: TinyBERT's
+    # intermediate losses and projection, on-policy chat distillation, a task student, and an offline cache; each
+    # run trains, and what it writes is an fp32 student (the masters), as fp32 runs write
+    from tiny import save_chat_teacher_and_data
+
+    bf16 = ["--mixed-precision", "bf16", "--no-progress"]
+    assert cli("distill", "--recipe", "tinybert", "--teacher", files / "bert", "--data", files / "text.txt", "--out",
+               tmp_path / "tinybert", "--max-steps", 2, "--batch-size", 2, "--max-length", 32, "--layers", "0,3",
+               "--set", "student.hidden_size=16", "--set", "student.intermediate_size=32", "--set",
+               "student.num_heads=4", *bf16) == 0
+    chat = save_chat_teacher_and_data(tmp_path / "chat")
+    assert cli("distill", "--teacher", chat / "teacher", "--data", chat / "chat.jsonl", "--out", tmp_path / "gkd",
+               "--layers", "0,3", "--batch-size", 2, "--max-length", 256, "--max-steps", 2, "--set",
+               "on_policy.lmbda=1", "--set", "on_policy.max_new_tokens=4", "--divergence", "jsd", "--set",
+               "loss.alpha_cos=0", *bf16) == 0
+    data = DATA / "sentiment_ko.jsonl"
+    assert cli("finetune", "--task", "classification", "--model", files / "bert", "--train", data, "--out",
+               tmp_path / "teacher", "--max-steps", 2, "--max-length", 64, *bf16) == 0
+    assert cli("distill-task", "--task", "classification", "--teacher", tmp_path / "teacher", "--student-layers",
+               "0,2", "--train", data, "--out", tmp_path / "task", "--max-steps", 2, "--max-length", 64, *bf16) == 0
+    assert cli("cache-teacher", "--teacher", files / "llama", "--data", files / "text.txt", "--out",
+               tmp_path / "cache", "--top-k", 8, "--max-length", 32) == 0
+    assert cli("distill", "--teacher-logits", tmp_path / "cache", "--teacher", files / "llama", "--layers", "0,3",
+               "--out", tmp_path / "offline", "--max-steps", 2, "--batch-size", 2, *bf16) == 0
+    said = capsys.readouterr().out.count("mixed precision: bf16 with fp32 master weights (as configured)")
+    assert said >= 5  # each run (distill-task: each stage) trained in it
+    for student in ("tinybert/student", "gkd/student", "teacher/best", "task/best", "offline/student"):
+        assert _fp32_weights(tmp_path / student) == {torch.float32}, student
+        logs = list((tmp_path / student).parent.rglob("metrics.jsonl"))
+        losses = [json.loads(line).get("loss") for log in logs for line in log.read_text().splitlines()]
+        assert logs and all(math.isfinite(x) for x in losses if x is not None), student

@@ -39,13 +39,16 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("family", ["causal", "masked"])
-def test_interrupted_run_resumed_ends_with_the_same_weights(family, text_dir, tmp_path):
-    recipe, batches, cfg, tok = make_run(family, text_dir)
+@pytest.mark.parametrize("family, precision", [("causal", "no"), ("masked", "no"), ("causal", "bf16")])
+def test_interrupted_run_resumed_ends_with_the_same_weights(family, precision, text_dir, tmp_path):
+    """In bf16 too: the checkpoint holds the fp32 master weights, which the resumed run rounds to the same bf16."""
+    _reset_accelerate()
+    recipe, batches, cfg, tok = make_run(family, text_dir, mixed_precision=precision)
     train(recipe, batches, cfg, tmp_path / "straight", tokenizer=tok, progress=False)
     straight = {k: v.clone() for k, v in recipe.student.state_dict().items()}
+    assert {v.dtype for v in straight.values() if v.is_floating_point()} == {torch.float32}
 
-    recipe, batches, cfg, tok = make_run(family, text_dir)
+    recipe, batches, cfg, tok = make_run(family, text_dir, mixed_precision=precision)
     per_step = cfg.grad_accum  # micro-batches per optimiser step
 
     def interrupted(index):
@@ -57,8 +60,9 @@ def test_interrupted_run_resumed_ends_with_the_same_weights(family, text_dir, tm
         train(recipe, interrupted, cfg, tmp_path / "resumed", tokenizer=tok, progress=False)
     assert latest_checkpoint(tmp_path / "resumed").name == "step-0000003"
 
-    recipe, batches, cfg, tok = make_run(family, text_dir)  # a fresh process: new models, same config
+    recipe, batches, cfg, tok = make_run(family, text_dir, mixed_precision=precision)  # a fresh process, same config
     train(recipe, batches, cfg, tmp_path / "resumed", tokenizer=tok, resume=True, progress=False)
+    _reset_accelerate()
     resumed = recipe.student.state_dict()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight), "resumed weights differ"
     logs = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -152,10 +156,10 @@ def _reset_accelerate():
 
 @pytest.mark.parametrize("family", ["causal", "masked"])
 def test_bf16_mixed_precision_puts_the_teacher_in_bf16_and_matches_fp32_losses(family, text_dir, tmp_path):
-    """The bf16 recipe (autocast, bf16 teacher, fp32 master weights) on the CPU's bf16 autocast: every loss term of
-    the first three steps is within 1% of the fp32 run's."""
+    """Both bf16 schemes (a bf16 student with fp32 master weights; fp32 weights under autocast), with a bf16
+    teacher: every loss term of the first three steps is within 1% of the fp32 run's, and the student ends in fp32."""
     logged = {}
-    for precision in ("no", "bf16"):
+    for precision in ("no", "bf16", "bf16-autocast"):
         _reset_accelerate()
         try:
             recipe, batches, cfg, tok = make_run(family, text_dir, max_steps=3, mixed_precision=precision)
@@ -164,12 +168,14 @@ def test_bf16_mixed_precision_puts_the_teacher_in_bf16_and_matches_fp32_losses(f
             _reset_accelerate()  # the tests that follow get a fresh state, without bf16
         logged[precision] = [json.loads(line) for line in (tmp_path / precision / "metrics.jsonl").read_text().splitlines()]
         assert {p.dtype for p in recipe.student.parameters()} == {torch.float32}
-        expected = torch.bfloat16 if precision == "bf16" else torch.float32
+        expected = torch.float32 if precision == "no" else torch.bfloat16
         assert {p.dtype for p in recipe.teacher.parameters()} == {expected}
-    assert [r["step"] for r in logged["bf16"]] == [1, 2, 3]
-    for fp32, bf16 in zip(logged["no"], logged["bf16"]):
-        for term in ("loss", "loss/kd", "loss/lm", "loss/cos"):
-            assert bf16[term] == pytest.approx(fp32[term], rel=0.01), (fp32["step"], term, fp32[term], bf16[term])
+    for scheme in ("bf16", "bf16-autocast"):
+        assert [r["step"] for r in logged[scheme]] == [1, 2, 3]
+        for fp32, bf16 in zip(logged["no"], logged[scheme]):
+            for term in ("loss", "loss/kd", "loss/lm", "loss/cos"):
+                assert bf16[term] == pytest.approx(fp32[term], rel=0.01), (scheme, fp32["step"], term, fp32[term],
+                                                                          bf16[term])
 
 
 @pytest.mark.parametrize("schedule, factors", [

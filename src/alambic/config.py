@@ -175,6 +175,12 @@ class DataConfig:
         check_ranges(self, "data.")
 
 
+MIXED_PRECISIONS = ("auto", "bf16", "bf16-autocast", "fp16", "no")
+MIXED_PRECISION_HELP = ("training.mixed_precision: auto (default: bf16 where this machine multiplies bf16 natively and "
+                        "faster, else fp32), bf16 (a bf16 student, fp32 master weights), bf16-autocast, fp16, "
+                        "no (fp32)")
+
+
 @dataclass
 class TrainingConfig:
     max_steps: int = 1000
@@ -196,7 +202,8 @@ class TrainingConfig:
     seed: int = 42
     mixed_precision: str = "auto"
     """auto (bf16 on a GPU with bf16 and on a CPU with native bf16 matrix instructions where a quick check finds it
-    faster; fp32 elsewhere), bf16, fp16 or no (fp32)."""
+    faster; fp32 elsewhere), bf16 (a bf16 student with fp32 master weights), bf16-autocast (fp32 weights, bf16
+    autocast), fp16 or no (fp32)."""
     compile: bool = False
     """torch.compile the student."""
     distributed: str = "ddp"
@@ -238,8 +245,9 @@ class TrainingConfig:
         if self.distributed == "fsdp" and self.mixed_precision == "fp16":
             raise AlambicError("training.distributed=fsdp trains in fp32 or bf16 (fp16 needs a gradient scaler FSDP "
                                "does not get here): set training.mixed_precision to bf16, auto or no")
-        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
-            raise AlambicError(f"training.mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise AlambicError("training.mixed_precision must be auto, bf16, bf16-autocast, fp16 or no, got "
+                               f"{self.mixed_precision!r}")
         if self.best_metric_mode not in ("max", "min"):
             raise AlambicError(f"training.best_metric_mode must be max or min, got {self.best_metric_mode!r}")
         if self.early_stopping_patience and not (self.best_metric and self.eval_every):

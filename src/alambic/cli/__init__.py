@@ -12,7 +12,7 @@ import sys
 import textwrap
 
 from alambic import __version__
-from alambic.config import TOKEN_TYPES
+from alambic.config import MIXED_PRECISION_HELP, MIXED_PRECISIONS, TOKEN_TYPES
 from alambic.environment import env_switch
 from alambic.errors import AlambicError
 from alambic.ranges import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, Range, check_value
@@ -235,6 +235,7 @@ def add_distill(sub) -> None:
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step")
     p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, help=MIXED_PRECISION_HELP)
     p.add_argument("--divergence", help="soft-target divergence (loss.divergence): forward_kl (default), reverse_kl, "
                    "jsd, skew_kl, skew_reverse_kl, tvd")
     p.add_argument("--divergence-param", type=float, help="its parameter in [0, 1] (loss.divergence_param): jsd's "
@@ -251,7 +252,7 @@ FLAG_TO_OPTION = {
     "teacher": "teacher", "teacher_logits": "teacher_logits", "data": "data.train", "eval_data": "data.eval", "out": "out", "student": "student.init",
     "layers": "student.layers", "target_speedup": "student.target_speedup", "recipe": "recipe", "layer_map": "loss.layer_map", "max_steps": "training.max_steps",
     "batch_size": "training.batch_size", "grad_accum": "training.grad_accum", "lr": "training.lr",
-    "max_length": "data.max_length", "divergence": "loss.divergence", "divergence_param": "loss.divergence_param",
+    "mixed_precision": "training.mixed_precision", "max_length": "data.max_length", "divergence": "loss.divergence", "divergence_param": "loss.divergence_param",
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from alambic.cli.budget import add_budget_options, budget_from_args
+from alambic.config import MIXED_PRECISION_HELP, MIXED_PRECISIONS
 from alambic.errors import AlambicError
 
 TASK_CHOICES = ("classification", "ner", "qa")
@@ -35,6 +36,7 @@ def _training_options(p) -> None:
     g.add_argument("--batch-size", type=int, help="examples per micro-batch (default 16, 8 for --task chat)")
     g.add_argument("--grad-accum", type=int, default=1)
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    g.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, help=MIXED_PRECISION_HELP)
     g.add_argument("--warmup-ratio", type=float, default=0.1)
     g.add_argument("--eval-every", type=int, default=50, help="steps between validations (best model kept in OUT/best)")
     g.add_argument("--patience", type=int, default=0,
@@ -58,7 +60,8 @@ def _training_config(args):
 
     return task_training_config(args.task, max_steps=args.max_steps, batch_size=args.batch_size,
                                 grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup_ratio,
-                                eval_every=args.eval_every, early_stopping_patience=args.patience, seed=args.seed)
+                                eval_every=args.eval_every, early_stopping_patience=args.patience, seed=args.seed,
+                                mixed_precision=args.mixed_precision)
 
 
 def _data(args):

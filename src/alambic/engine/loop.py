@@ -31,6 +31,7 @@ from alambic.engine import sharding
 from alambic.engine.disk import DiskGuard, estimated_checkpoint_bytes
 from alambic.engine.checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, resume_checkpoint,
                                        rng_state, save_checkpoint, save_model_folder)
+from alambic.engine.master_weights import MasterWeights
 from alambic.engine.precision import PrecisionChoice, choose_precision
 from alambic.errors import AlambicError
 
@@ -87,10 +88,11 @@ def _lr_lambda(cfg: TrainingConfig) -> Callable[[int], float]:
     return factor
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
-    """AdamW, fused (one kernel updates every tensor, on CPU and GPU alike: the per-tensor loop of the default
-    implementation cost ~15% of a CPU step); biases and norm weights (1-D tensors) are not decayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(parameters, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    """AdamW over ``parameters`` (a model's, or its fp32 masters), fused (one kernel updates every tensor, on CPU and
+    GPU alike: the per-tensor loop of the default implementation cost ~15% of a CPU step); biases and norm weights
+    (1-D tensors) are not decayed."""
+    params = [p for p in parameters if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -117,12 +119,13 @@ def agreed_precision(requested: str) -> PrecisionChoice:
 
 
 def make_accelerator(cfg: TrainingConfig, precision: PrecisionChoice | None = None):
-    """An accelerate ``Accelerator`` in the precision ``cfg.mixed_precision`` resolves to (printed)."""
+    """An accelerate ``Accelerator`` for the precision ``cfg.mixed_precision`` resolves to (printed)."""
     from accelerate import Accelerator
 
     precision = precision or agreed_precision(cfg.mixed_precision)
     # cpu=True is what makes accelerate honour torchrun's WORLD_SIZE on a machine without GPUs (DDP over gloo).
-    accelerator = Accelerator(mixed_precision=precision.precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=precision.accelerate(cfg.distributed == "fsdp"),
+                              cpu=not torch.cuda.is_available())
     check_engine(accelerator.distributed_type)
     accelerator.print(f"mixed precision: {precision.describe()}")
     return accelerator
@@ -239,6 +242,7 @@ def train(
     run_dir: Path,
     *,
     accelerator=None,
+    precision: PrecisionChoice | None = None,
     tokenizer=None,
     resume: bool = False,
     evaluate: Callable[[torch.nn.Module], dict] | None = None,
@@ -246,26 +250,34 @@ def train(
     label: str = "distill",
 ) -> TrainResult:
     """Train ``recipe.objective`` for ``cfg.max_steps`` optimiser steps; returns the final step and last metrics.
+    ``precision``: the resolved ``cfg.mixed_precision`` (given with the ``accelerator`` made for it);
     ``label``: the progress bar's name (the verb running it)."""
-    accelerator = accelerator or make_accelerator(cfg)
+    if accelerator is None:
+        precision = precision or agreed_precision(cfg.mixed_precision)
+        accelerator = make_accelerator(cfg, precision)
+    elif precision is None:
+        precision = PrecisionChoice(accelerator.mixed_precision.replace("bf16", "bf16-autocast"), "as given")
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
     processes, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.grad_accum
     fsdp = cfg.distributed == "fsdp"
     if getattr(recipe, "teacher", None) is not None:
         recipe.teacher.to(accelerator.device)
-        if accelerator.mixed_precision == "bf16":
+        if precision.bf16:
             recipe.teacher.to(torch.bfloat16)
+    recipe.objective.to(accelerator.device)
+    master = MasterWeights(recipe.objective) if precision.master_weights(fsdp) else None
+    # where the student is read or written as a model (evaluation, checkpoints), its weights are the fp32 masters
+    full_precision = master.full_precision if master else contextlib.nullcontext
     if fsdp:
         sharding.check_sharding(recipe, processes)
-        recipe.objective.to(accelerator.device)
-        sharding.shard(recipe, bf16=accelerator.mixed_precision == "bf16", shard_teacher=cfg.fsdp_teacher == "shard")
-        optimizer = build_optimizer(recipe.objective, cfg)  # over the shards
+        sharding.shard(recipe, bf16=precision.bf16, shard_teacher=cfg.fsdp_teacher == "shard")
+        optimizer = build_optimizer(recipe.objective.parameters(), cfg)  # over the shards
         objective = recipe.objective
         if evaluate is not None:
             evaluate = _gathered_for(evaluate, objective)
     else:
-        optimizer = build_optimizer(recipe.objective, cfg)
+        optimizer = build_optimizer(master.trainable_masters() if master else recipe.objective.parameters(), cfg)
         objective, optimizer = accelerator.prepare(recipe.objective, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     student = recipe.student
@@ -273,8 +285,10 @@ def train(
     step, loop_state = 0, {}
     if resume:
         load = functools.partial(_load_sharded if fsdp else load_checkpoint, processes=processes)
-        checkpoint, step, loop_state = resume_checkpoint(run_dir, accelerator.unwrap_model(objective), student,
-                                                         optimizer, scheduler, rank, say=accelerator.print, load=load)
+        with full_precision():
+            checkpoint, step, loop_state = resume_checkpoint(run_dir, accelerator.unwrap_model(objective), student,
+                                                             optimizer, scheduler, rank, say=accelerator.print,
+                                                             load=load)
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     log = MetricsLog(run_dir, accelerator.is_main_process, step if resume else None)
     whole = (lambda model: sharding.whole_student(objective, model, accelerator.is_main_process)) if fsdp else None
@@ -287,7 +301,8 @@ def train(
 
     metrics: dict = {}
     if evaluate is not None and step == 0:
-        metrics = evaluator(0, student)
+        with full_precision():
+            metrics = evaluator(0, student)
         accelerator.print("held-out before training: " + ", ".join(
             f"{k[5:]} {v:.4g}" for k, v in metrics.items() if k.startswith("eval/") and "best_" not in k))
 
@@ -333,19 +348,26 @@ def train(
                 term_sums[name] = term_sums.get(name, 0.0) + value.detach().float()
             term_sums["loss"] = term_sums.get("loss", 0.0) + loss.detach().float()
 
+        if master:
+            master.gradients_in()
         # The norm is computed even without clipping: a non-finite gradient must stop the run before it is saved.
-        grad_norm = accelerator.clip_grad_norm_(objective.parameters(), cfg.grad_clip or float("inf"))
+        grad_norm = accelerator.clip_grad_norm_(master.trainable_masters() if master else objective.parameters(),
+                                                cfg.grad_clip or float("inf"))
         grad_norm = sharding.local_norm(grad_norm) if fsdp else grad_norm
         nonfinite |= ~torch.isfinite(grad_norm)
         optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        if master:
+            master.weights_out()  # the masters' fp32 gradients stay allocated: the next step overwrites them
+        else:
+            optimizer.zero_grad(set_to_none=True)
         step += 1
         window_steps += 1
         bar.update(1)
 
         if evaluator.due(step) and step < cfg.max_steps:
-            evaluation = evaluator(step, student)
+            with full_precision():
+                evaluation = evaluator(step, student)
             objective.train()
             bar.set_postfix_str(", ".join(f"{k[5:]} {v:.4g}" for k, v in evaluation.items()))
         stopping = evaluator.should_stop
@@ -389,8 +411,9 @@ def train(
                                                      tokenizer, cfg.keep_checkpoints, loop_state, rng_states,
                                                      accelerator.is_main_process, processes)
                 elif accelerator.is_main_process:
-                    save_checkpoint(run_dir, step, accelerator.unwrap_model(objective), student, optimizer,
-                                    scheduler, tokenizer, cfg.keep_checkpoints, loop_state, rng_states)
+                    with full_precision():
+                        save_checkpoint(run_dir, step, accelerator.unwrap_model(objective), student, optimizer,
+                                        scheduler, tokenizer, cfg.keep_checkpoints, loop_state, rng_states)
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     line = guard.saved(checkpoint_path(run_dir, step))
@@ -399,6 +422,8 @@ def train(
             if stopping:
                 break
     bar.close()
+    if master:
+        master.release()  # training is over: the student is its fp32 masters from here on
     if evaluate is not None and evaluator.last_step != step:
         metrics.update(evaluator(step, student))
     log.close()

@@ -6,8 +6,11 @@ bf16 matrices natively and that is faster here, fp32 elsewhere.
   check (a few 1024^3 matmuls, well under a second) shows bf16 at least ``MIN_SPEEDUP`` times faster than fp32. On a
   CPU without them bf16 is emulated and slower than fp32, so it stays fp32.
 
-Under bf16 the student keeps fp32 master weights (autocast runs its matmuls in bf16) and the frozen teacher is cast
-to bf16 (inference only); the vocabulary losses keep their softmax math in fp32.
+``bf16`` (what ``auto`` picks) computes the student in bf16 and keeps fp32 master weights in the optimiser
+(:mod:`alambic.engine.master_weights`); under FSDP2 the sharding's own mixed-precision policy does the same.
+``bf16-autocast`` keeps fp32 parameters and lets autocast cast each matmul's inputs and weights to bf16 on every call,
+the scheme torch and accelerate default to (slower on a CPU: the casts cost up to a fifth of a step). In both the
+frozen teacher is cast to bf16 (inference only), and the losses keep their softmax math in fp32.
 
 ``ALAMBIC_CPU_BF16=0`` (or ``1``; any on/off word, :mod:`alambic.environment`) makes the CPU count as lacking (or having) native bf16 instructions: it simulates
 another machine in tests and lets a user rule bf16 out without editing configs.
@@ -30,12 +33,27 @@ MIN_SPEEDUP = 1.3
 @dataclass(frozen=True)
 class PrecisionChoice:
     precision: str
-    """What accelerate is given: ``bf16``, ``fp16`` or ``no`` (fp32)."""
+    """``bf16`` (bf16 compute, fp32 master weights), ``bf16-autocast``, ``fp16`` or ``no`` (fp32)."""
     reason: str
     """Why, in a few words, for the log and the model card."""
 
+    @property
+    def bf16(self) -> bool:
+        return self.precision in ("bf16", "bf16-autocast")
+
+    def master_weights(self, fsdp: bool) -> bool:
+        """Whether the loop keeps fp32 masters of a bf16 student (FSDP2's policy does it for sharded runs)."""
+        return self.precision == "bf16" and not fsdp
+
+    def accelerate(self, fsdp: bool) -> str:
+        """What accelerate is given: it autocasts under ``bf16`` and ``fp16``; a bf16 student with masters needs
+        none."""
+        if self.master_weights(fsdp):
+            return "no"
+        return "bf16" if self.bf16 else self.precision
+
     def describe(self) -> str:
-        name = "fp32" if self.precision == "no" else self.precision
+        name = {"no": "fp32", "bf16": "bf16 with fp32 master weights"}.get(self.precision, self.precision)
         return f"{name} ({self.reason})"
 
 
@@ -102,9 +120,9 @@ class Hardware:
 
 def choose_precision(requested: str, hardware: Hardware | None = None,
                      speedup: Callable[[], float] | None = None) -> PrecisionChoice:
-    """Resolve ``training.mixed_precision`` (auto, bf16, fp16, no) for ``hardware`` (this machine by default);
-    ``speedup`` is the quick bf16-vs-fp32 check (:func:`bf16_matmul_speedup` by default), run only on a CPU with
-    native bf16 instructions."""
+    """Resolve ``training.mixed_precision`` (auto, bf16, bf16-autocast, fp16, no) for ``hardware`` (this machine by
+    default); ``speedup`` is the quick bf16-vs-fp32 check (:func:`bf16_matmul_speedup` by default), run only on a CPU
+    with native bf16 instructions."""
     if requested != "auto":
         return PrecisionChoice(requested, "as configured")
     hardware = hardware or Hardware.detect()

@@ -291,7 +291,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
                 lm_body(model).compile()
     result = train(
         recipe, batches, cfg.training, run_dir,
-        accelerator=accelerator, tokenizer=tokenizer, resume=resume, evaluate=evaluate, progress=progress,
+        accelerator=accelerator, precision=precision, tokenizer=tokenizer, resume=resume, evaluate=evaluate,
+        progress=progress,
     )
     student_dir = run_dir / "student"
     if accelerator.is_main_process:
