@@ -174,7 +174,7 @@ def test_a_run_that_would_fill_the_disk_refuses_to_start_and_writes_nothing(file
     argv = distill_cmd(files, tmp_path / "run")[3:] + ["--set", "training.min_free_disk_mb=1000000000"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"alambic: error: not starting: ") and "free on the device of" in err
+    assert err.startswith("alambic: error: not starting: ") and "free on the device of" in err
     assert "lower training.keep_checkpoints or training.min_free_disk_mb" in err and "\n" not in err
     assert not (tmp_path / "run" / "checkpoints").exists()
 
