@@ -23,12 +23,22 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from shape_search import ALAMBIC, run  # noqa: E402  (benchmarks/ is the script's folder, on sys.path)
+ALAMBIC = [sys.executable, "-m", "alambic"]
+
+
+def run(argv: list[str], log: Path) -> None:
+    print("$ alambic " + " ".join(argv[3:]), flush=True)
+    with open(log, "a", encoding="utf-8") as handle:
+        handle.write("$ alambic " + " ".join(argv[3:]) + "\n")
+        handle.flush()
+        subprocess.run(argv, check=True, stdout=handle, stderr=subprocess.STDOUT)
 
 
 def main() -> int:
