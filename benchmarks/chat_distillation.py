@@ -38,13 +38,15 @@ VARIANTS = {
     "sft-gold": "(a) no teacher: SFT on the gold answers",
     "sft-teacher": "(b) SFT on the teacher's answers (sequence-level KD)",
     "forward-kl": "(c) forward KL",
+    "forward-kl-all": "(c) forward KL, soft targets on every token (prompt included)",
     "reverse-kl": "(d) reverse KL",
     "jsd": "(d) JSD (beta 0.5)",
     "skew-kl": "(d) skew KL (alpha 0.1)",
     "gkd": "(e) GKD: on-policy lmbda 0.5, JSD",
 }
-DIVERGENCE = {"forward-kl": "forward_kl", "reverse-kl": "reverse_kl", "jsd": "jsd", "skew-kl": "skew_kl",
-              "gkd": "jsd"}
+DIVERGENCE = {"forward-kl": "forward_kl", "forward-kl-all": "forward_kl", "reverse-kl": "reverse_kl", "jsd": "jsd",
+              "skew-kl": "skew_kl", "gkd": "jsd"}
+SETTINGS = {"forward-kl-all": ["loss.kd_rows=tokens"], "gkd": ["on_policy.lmbda=0.5", "on_policy.max_new_tokens=24"]}
 
 
 def machine() -> str:
@@ -117,6 +119,8 @@ def main() -> None:
                         help="evaluate on the test (report) or the validation data (choose defaults)")
     parser.add_argument("--table", action="store_true", help="print the table of OUT/results.json and exit")
     parser.add_argument("--data-only", action="store_true", help="write OUT/data/*.jsonl and exit")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train the variants and exit (several such runs may share OUT, one per core)")
     args = parser.parse_args()
     out = Path(args.out)
     results_file = out / "results.json"
@@ -125,7 +129,10 @@ def main() -> None:
         print_table(results)
         return
 
-    def save():
+    def save():  # merged with what other runs on the same OUT wrote meanwhile
+        on_disk = json.loads(results_file.read_text()) if results_file.is_file() else {}
+        for key, value in on_disk.items():
+            results[key] = {**value, **results.get(key, {})} if isinstance(value, dict) else results.get(key, value)
         results_file.write_text(json.dumps(results, indent=2) + "\n")
 
     results["machine"] = machine()
@@ -175,12 +182,14 @@ def main() -> None:
                                   data / "train.jsonl", "--out", folder, "--divergence", DIVERGENCE[variant],
                                   "--set", f"training.seed={seed}", "--set", "loss.alpha_cos=0",
                                   "--set", "training.warmup_ratio=0.1", *common)
-                if variant == "gkd":
-                    command += ["--set", "on_policy.lmbda=0.5", "--set", "on_policy.max_new_tokens=24"]
+                for setting in SETTINGS.get(variant, []):
+                    command += ["--set", setting]
             start = time.time()
             cpu = run(command)
             results.setdefault("train", {})[name] = {"cpu_s": cpu, "wall_s": time.time() - start}
             save()
+    if args.train_only:
+        return
 
     evaluated = results.setdefault(f"eval-{args.split}", {})
     models = {"teacher": teacher / "best", "student-init": student_init}

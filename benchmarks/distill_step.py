@@ -4,6 +4,9 @@
     python benchmarks/distill_step.py --setups bert-base --profile       # + where alambic's step spends its time
     python benchmarks/distill_step.py --setups decoder-128,encoder-128 --variants naive,alambic
     python benchmarks/distill_step.py --compile            # alambic's steps with torch.compile'd bodies
+    # issue 22 item 2: compilation and attention dropout, each against the default step in the same run
+    python benchmarks/distill_step.py --setups bert-base --repeats 3 \
+        --variants reference,alambic-bf16,alambic-bf16-compile,alambic-bf16-no-attention-dropout
 
 For each setup, each step variant runs on the same batches of real text (``bbc-news:train``) in its own process (so
 its peak resident or device memory is its own):
@@ -18,7 +21,11 @@ its peak resident or device memory is its own):
   the recipe's teacher targets and objective): teacher under inference_mode, vocabulary projection fused with the KL
   and cross-entropy a chunk of rows at a time, host-side row counts; in fp32, in bf16 (``mixed_precision: bf16``: a
   bf16 student with fp32 master weights in the optimiser, bf16 teacher) and in bf16 autocast (fp32 weights cast on
-  every matmul, bf16 teacher) where the machine has bf16 (a GPU, or a CPU with native bf16 matrix instructions).
+  every matmul, bf16 teacher) where the machine has bf16 (a GPU, or a CPU with native bf16 matrix instructions);
+- any alambic variant + ``-compile``: its student and teacher bodies torch.compile'd (as ``training.compile``); the
+  first step's time, compilation included, is printed with the number of steps after which compiling pays off;
+- any alambic variant + ``-no-attention-dropout``: the student's attention-probability dropout set to 0 (hidden
+  dropout kept), which lets CPU attention take SDPA's fused flash kernel (dropout keeps it on the math path).
 Printed per step: tokens/s (non-pad tokens), FLOPs counted by ``torch.utils.flop_counter`` for that step, achieved
 FLOP/s and its share of this machine's dense matmul rates in fp32 and bf16 measured in the same run, peak memory,
 the loss of the first step (same weights, same batch; dropout draws differ), and each variant's ratio to the
@@ -48,7 +55,9 @@ SETUPS = {  # name: (teacher, student layers, batch size, sequence length)
     "decoder-1024": ("smollm2-135m", "every-other", 1, 1024),  # long sequence: logits memory stays bounded
     "encoder-128": ("minilm-l6", "linspace:3", 8, 128),
 }
-VARIANTS = ("reference", "naive", "alambic", "alambic-bf16", "alambic-bf16-autocast")
+PRECISIONS = ("alambic", "alambic-bf16", "alambic-bf16-autocast")
+OPTIONS = ("-compile", "-no-attention-dropout")
+VARIANTS = ("reference", "naive", *PRECISIONS, *(p + o for p in PRECISIONS for o in OPTIONS))
 PROFILE_KINDS = {  # kind of work: substrings of the aten op names it covers (first match wins)
     "matmul": ("addmm", "::mm", "bmm", "matmul", "linear"),
     "vocabulary softmax + loss math": ("log_softmax", "::exp", "::dot", "gather", "scatter", "nll_loss", "kl_div",
@@ -220,7 +229,13 @@ def measure(args) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     variant = args.variant
+    compiled = args.compile or variant.endswith("-compile")
     teacher, student, tokenizer, kind = load(teacher_name, layers, variant, device)
+    if variant.endswith("-no-attention-dropout"):
+        for module in student.modules():  # BERT's attention keeps its probability dropout as .dropout
+            if type(module).__name__.endswith("SelfAttention") and isinstance(module.dropout, torch.nn.Dropout):
+                module.dropout.p = 0.0
+    variant = next((variant.removesuffix(o) for o in OPTIONS if variant.endswith(o)), variant)
     loss_cfg = DistilBERTLossConfig(mlm_smoothing=0.7 if kind == "masked" else None)
     batches = training_batches(["bbc-news:train"], tokenizer, kind, DataConfig(max_length=seq_len),
                                loss_cfg if kind == "masked" else None, batch_size, seed=0)
@@ -241,7 +256,7 @@ def measure(args) -> dict:
         master = MasterWeights(recipe.objective) if variant == "alambic-bf16" else None
         parameters = master.trainable_masters() if master else recipe.objective.parameters()
         optimizer = build_optimizer(parameters, TrainingConfig(lr=lr, eps=1e-6))
-        if args.compile:  # as training.compile does
+        if compiled:  # as training.compile does
             for model in (student, teacher):
                 lm_body(model).compile()
 
@@ -254,7 +269,9 @@ def measure(args) -> dict:
     def on_device(i):
         return {k: v.to(device) for k, v in batches(i).items()}
 
-    first_loss = float(step(on_device(0)))  # also the warm-up
+    start = time.perf_counter()
+    first_loss = float(step(on_device(0)))  # also the warm-up (and the compilation)
+    first_step_s = time.perf_counter() - start
     with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _inplace_addmm_flops}) as counter:
         step(on_device(1))
     flops = counter.get_total_flops()
@@ -269,7 +286,8 @@ def measure(args) -> dict:
         float(step(batch))
         seconds += time.perf_counter() - start
         tokens += int(batch["attention_mask"].sum())  # non-pad tokens
-    result = {"variant": variant, "tokens_per_s": tokens / seconds, "step_s": seconds / args.steps,
+    result = {"variant": args.variant, "tokens_per_s": tokens / seconds, "step_s": seconds / args.steps,
+              "first_step_s": first_step_s,
               "flops_per_step": flops, "achieved_flops": flops * args.steps / seconds, "first_loss": first_loss,
               "collation_ms": 1000 * collation / args.steps}
     result["peak_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if cuda
@@ -349,6 +367,16 @@ def main() -> None:
                     print(f"{setup:<13}{name} / {base_name}: {speed[name] / speed[base_name]:.2f}x tokens/s"
                           f"{' (medians)' if args.repeats > 1 else ''}, {rs[0]['peak_mb'] / base['peak_mb']:.2f}x "
                           f"peak memory, {rs[0]['flops_per_step'] / base['flops_per_step']:.2f}x FLOPs")
+        for name, rs in runs.items():
+            eager = name.removesuffix("-compile")
+            if name.endswith("-compile") and eager in runs:  # compilation pays once its cost is made up
+                cost = statistics.median(r["first_step_s"] for r in rs) - statistics.median(
+                    r["first_step_s"] for r in runs[eager])
+                gain = statistics.median(r["step_s"] for r in runs[eager]) - statistics.median(
+                    r["step_s"] for r in rs)
+                pays = f"pays off after {cost / gain:,.0f} steps" if gain > 0 else "never pays off (no faster)"
+                print(f"{setup:<13}{name}: first step {cost:.1f} s longer than {eager}'s, each step {gain:+.3f} s "
+                      f"faster: {pays}")
         for name, rs in runs.items():
             collation = statistics.median(r["collation_ms"] for r in rs)
             print(f"{setup:<13}{name}: collation {collation:.2f} ms per micro-batch "

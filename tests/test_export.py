@@ -12,7 +12,6 @@ import transformers
 
 from alambic.cli import main
 from alambic.evaluation.report import ReportSettings, build_report
-from alambic.export import torch_int8
 from alambic.export.gguf_file import write_gguf
 from alambic.export.runtime import MANIFEST, load_exported, read_manifest
 from alambic.workflows.export import SAMPLE_TEXTS, encode, export, parity
