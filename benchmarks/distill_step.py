@@ -180,20 +180,15 @@ def naive_step(teacher, student, batch, kind, optimizer, T=2.0):
 
 def alambic_step(recipe, batch, optimizer, autocast, master):
     """What ``alambic.engine.loop.train`` does for one micro-batch per step."""
+    from alambic.engine.loop import apply_gradients
+
     counts = {k: torch.tensor(float(v), device=batch["input_ids"].device) for k, v in recipe.row_counts(batch).items()}
     with autocast():
         targets = recipe.teacher_targets(batch)
     with autocast():
         loss, _ = recipe.objective(batch, targets, counts)
     loss.backward()
-    if master:
-        master.gradients_in()
-    torch.nn.utils.clip_grad_norm_(master.trainable_masters() if master else recipe.objective.parameters(), 5.0)
-    optimizer.step()
-    if master:
-        master.weights_out()
-    else:
-        optimizer.zero_grad(set_to_none=True)
+    apply_gradients(optimizer, master, recipe.objective.parameters(), 5.0)
     return loss
 
 

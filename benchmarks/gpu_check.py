@@ -85,19 +85,14 @@ def trainer(recipe, bf16: bool):
 
 def step(recipe, batch, optimizer, master) -> float:
     """One step as alambic.engine.loop.train runs it (one micro-batch)."""
+    from alambic.engine.loop import apply_gradients
+
     device = batch["input_ids"].device
     counts = {k: torch.tensor(float(v), device=device) for k, v in recipe.row_counts(batch).items()}
     targets = recipe.teacher_targets(batch)
     loss, _ = recipe.objective(batch, targets, counts)
     loss.backward()
-    if master:
-        master.gradients_in()
-    torch.nn.utils.clip_grad_norm_(master.trainable_masters() if master else recipe.objective.parameters(), 5.0)
-    optimizer.step()
-    if master:
-        master.weights_out()
-    else:
-        optimizer.zero_grad(set_to_none=True)
+    apply_gradients(optimizer, master, recipe.objective.parameters(), 5.0)
     return float(loss)
 
 

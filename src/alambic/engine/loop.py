@@ -99,6 +99,24 @@ def build_optimizer(parameters, cfg: TrainingConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
 
 
+def apply_gradients(optimizer, master: MasterWeights | None, parameters, grad_clip: float,
+                    clip=torch.nn.utils.clip_grad_norm_) -> torch.Tensor:
+    """The update of one optimiser step, once the backward passes are done: the gradients into the fp32 masters
+    (bf16 with master weights), clipping to ``grad_clip`` (0: none), the optimiser step, then the masters rounded back
+    into the model (or the gradients released). Returns the gradient norm before clipping, computed even without
+    clipping: a non-finite gradient must stop the run before it is saved. ``clip``: accelerate's clip_grad_norm_
+    in the training loop."""
+    if master:
+        master.gradients_in()
+    grad_norm = clip(master.trainable_masters() if master else parameters, grad_clip or float("inf"))
+    optimizer.step()
+    if master:
+        master.weights_out()  # the masters' fp32 gradients stay allocated: the next step overwrites them
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def agreed_precision(requested: str) -> PrecisionChoice:
     """``choose_precision`` decided once, on the main process, and given to every process: ``auto`` on a CPU times
     bf16 against fp32, and two processes timing on a busy machine could choose differently."""
@@ -348,19 +366,11 @@ def train(
                 term_sums[name] = term_sums.get(name, 0.0) + value.detach().float()
             term_sums["loss"] = term_sums.get("loss", 0.0) + loss.detach().float()
 
-        if master:
-            master.gradients_in()
-        # The norm is computed even without clipping: a non-finite gradient must stop the run before it is saved.
-        grad_norm = accelerator.clip_grad_norm_(master.trainable_masters() if master else objective.parameters(),
-                                                cfg.grad_clip or float("inf"))
+        grad_norm = apply_gradients(optimizer, master, objective.parameters(), cfg.grad_clip,
+                                    clip=accelerator.clip_grad_norm_)
         grad_norm = sharding.local_norm(grad_norm) if fsdp else grad_norm
         nonfinite |= ~torch.isfinite(grad_norm)
-        optimizer.step()
         scheduler.step()
-        if master:
-            master.weights_out()  # the masters' fp32 gradients stay allocated: the next step overwrites them
-        else:
-            optimizer.zero_grad(set_to_none=True)
         step += 1
         window_steps += 1
         bar.update(1)
