@@ -39,12 +39,13 @@ VARIANTS = {
     "sft-teacher": "(b) SFT on the teacher's answers (sequence-level KD)",
     "forward-kl": "(c) forward KL",
     "forward-kl-all": "(c) forward KL, soft targets on every token (prompt included)",
+    "kd-teacher": "(b + c) forward KL on the teacher's answers",
     "reverse-kl": "(d) reverse KL",
     "jsd": "(d) JSD (beta 0.5)",
     "skew-kl": "(d) skew KL (alpha 0.1)",
     "gkd": "(e) GKD: on-policy lmbda 0.5, JSD",
 }
-DIVERGENCE = {"forward-kl": "forward_kl", "forward-kl-all": "forward_kl", "reverse-kl": "reverse_kl", "jsd": "jsd",
+DIVERGENCE = {"forward-kl": "forward_kl", "forward-kl-all": "forward_kl", "kd-teacher": "forward_kl", "reverse-kl": "reverse_kl", "jsd": "jsd",
               "skew-kl": "skew_kl", "gkd": "jsd"}
 SETTINGS = {"forward-kl-all": ["loss.kd_rows=tokens"], "gkd": ["on_policy.lmbda=0.5", "on_policy.max_new_tokens=24"]}
 
@@ -112,6 +113,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--student-lr", type=float,
+                        help="the students' learning rate (default: --lr); runs at another lr are named VARIANT@lrX")
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--words", type=int, default=60, help="words of each article in the prompt")
     parser.add_argument("--eval-examples", type=int, default=120)
@@ -157,18 +160,21 @@ def main() -> None:
                     "--out", student_init))
     needed_prompts = args.steps * args.batch_size
     teacher_data = out / "teacher-answers"
-    if "sft-teacher" in args.variants and "teacher-answers" not in results.get("train", {}):
+    if {"sft-teacher", "kd-teacher"} & set(args.variants) and "teacher-answers" not in results.get("train", {}):
         cpu = run(alambic("generate", "--teacher", teacher, "--prompts", data / "train-prompts.jsonl", "--out",
                           teacher_data, "--max-prompts", needed_prompts, "--max-new-tokens", 32,
                           "--temperature", 0, "--batch-size", 16, "--no-progress"))
         results.setdefault("train", {})["teacher-answers"] = {"cpu_s": cpu}
         save()
 
-    common = ["--max-steps", args.steps, "--batch-size", args.batch_size, "--lr", args.lr, "--max-length",
+    student_lr = args.student_lr or args.lr
+    common = ["--max-steps", args.steps, "--batch-size", args.batch_size, "--lr", student_lr, "--max-length",
               args.max_length, "--no-progress"]
+    names = []  # the students this call trains and evaluates
     for variant in args.variants:
         for seed in args.seeds:
-            name = f"{variant}-s{seed}"
+            name = f"{variant}{'' if student_lr == args.lr else f'@lr{student_lr:g}'}-s{seed}"
+            names.append(name)
             if name in results.get("train", {}):
                 continue
             folder = out / name
@@ -178,8 +184,9 @@ def main() -> None:
                                   "--validation", data / "validation-small.jsonl", "--out", folder, "--seed", seed,
                                   "--eval-every", args.steps, *common)
             else:
+                train = teacher_data / "data.jsonl" if variant == "kd-teacher" else data / "train.jsonl"
                 command = alambic("distill", "--teacher", teacher, "--student", student_init, "--data",
-                                  data / "train.jsonl", "--out", folder, "--divergence", DIVERGENCE[variant],
+                                  train, "--out", folder, "--divergence", DIVERGENCE[variant],
                                   "--set", f"training.seed={seed}", "--set", "loss.alpha_cos=0",
                                   "--set", "training.warmup_ratio=0.1", *common)
                 for setting in SETTINGS.get(variant, []):
@@ -193,10 +200,9 @@ def main() -> None:
 
     evaluated = results.setdefault(f"eval-{args.split}", {})
     models = {"teacher": teacher / "best", "student-init": student_init}
-    for name in results.get("train", {}):
-        if name not in ("teacher", "teacher-answers"):
-            folder = out / name
-            models[name] = folder / "best" if (folder / "best").exists() else folder / "student"
+    for name in names:
+        folder = out / name
+        models[name] = folder / "best" if (folder / "best").exists() else folder / "student"
     pending = {n: m for n, m in models.items() if n not in evaluated}
     if pending:
         report = out / f"eval-{args.split}.json"
@@ -248,7 +254,9 @@ def print_table(results: dict) -> None:
             cpu = [results.get("train", {}).get(n, {}).get("cpu_s") for n in names]
             cpu = [c for c in cpu if c]
             cells.append(f"{statistics.mean(cpu):.0f}" if cpu else "")
-            print(f"| {VARIANTS.get(group, group)} (n={len(names)}) | " + " | ".join(cells) + " |")
+            variant, _, lr = group.partition("@lr")
+            label = VARIANTS.get(variant, variant) + (f", lr {lr}" if lr else "")
+            print(f"| {label} (n={len(names)}) | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

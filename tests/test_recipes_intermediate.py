@@ -193,10 +193,30 @@ def test_invalid_layer_map_from_the_command_line(text_dir, tmp_path, capsys):
     teacher_dir = tmp_path / "teacher"
     tiny_bert().save_pretrained(teacher_dir)
     wordpiece_tokenizer().save_pretrained(teacher_dir)
+    capsys.readouterr()  # transformers' saving progress bar, before the CLI turns such bars off
     code = main(["distill", "--recipe", "tinybert", "--teacher", str(teacher_dir), "--data", str(text_dir),
                  "--out", str(tmp_path / "run"), "--layer-map", "0:0,1:3,2:2", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "not monotonic" in err and len(err.strip().splitlines()) == 1
+
+
+def test_copied_layer_map_follows_the_layers_init_student_recorded(text_dir, tmp_path, capsys):
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    tiny_bert().save_pretrained(teacher_dir)
+    wordpiece_tokenizer().save_pretrained(teacher_dir)
+    assert main(["init-student", "--teacher", str(teacher_dir), "--layers", "1,2,3", "--out", str(student_dir)]) == 0
+    assert json.loads((student_dir / "alambic-layers.json").read_text()) == {"teacher_layers": 4, "layers": [1, 2, 3]}
+    common = ["distill", "--recipe", "tinybert", "--teacher", str(teacher_dir), "--student", str(student_dir),
+              "--data", str(text_dir), "--max-steps", "1", "--no-progress"]
+    capsys.readouterr()
+    assert main(common + ["--out", str(tmp_path / "uniform")]) == 0
+    assert "uniform pairs student:teacher layers 0:0,1:1,2:3,3:4, but the student's layers were copied from " \
+           "0:0,1:2,2:3,3:4" in capsys.readouterr().out
+    assert main(common + ["--out", str(tmp_path / "copied"), "--layer-map", "copied"]) == 0
+    assert "layer map copied: 0:0,1:2,2:3,3:4" in capsys.readouterr().out
+    # the distilled student keeps the record, so a later task stage can pair its layers the same way
+    assert (tmp_path / "copied" / "student" / "alambic-layers.json").read_text() == \
+        (student_dir / "alambic-layers.json").read_text()
 
 
 @pytest.mark.real_model

@@ -96,6 +96,19 @@ def test_init_student_from_a_task_teacher_copies_the_head(teachers, tmp_path):
     assert type(built.model).__name__ == "BertForTokenClassification"
 
 
+def test_distill_task_pairs_a_built_students_layers_with_their_sources(teachers, tmp_path, capsys):
+    student, out = tmp_path / "student", tmp_path / "run"
+    assert main(["init-student", "--teacher", str(teachers / "ner" / "best"), "--out", str(student),
+                 "--layers", "0,2"]) == 0
+    capsys.readouterr()
+    assert main(["distill-task", "--task", "ner", "--teacher", str(teachers / "ner"), "--student", str(student),
+                 "--train", str(DATA / "ner.conll"), "--out", str(out), "--stages", "trm,pred", "--layer-map",
+                 "copied", *FAST]) == 0
+    captured = capsys.readouterr()
+    assert "layer map copied: 0:0,1:1,2:3" in captured.out + captured.err  # uniform: 0:0,1:2,2:4
+    assert json.loads((out / "best" / "alambic-layers.json").read_text()) == {"teacher_layers": 4, "layers": [0, 2]}
+
+
 def test_distill_task_with_a_student_folder_and_resume(teachers, encoder, tmp_path):
     out = tmp_path / "run"
     argv = ["distill-task", "--task", "ner", "--teacher", str(teachers / "ner"), "--student", str(encoder),

@@ -124,7 +124,7 @@ def _run_shape_search(args, budget) -> int:
     print(search.summary())
     print(built.summary())
     save_student(built.model, tokenizer, args.out, card=built.model_card(args.teacher),
-                 files={SEARCH_FILE: search.to_json()})
+                 files={SEARCH_FILE: search.to_json(), **built.layers_file()})
     print(f"student written to {args.out}")
     return 0
 
@@ -185,7 +185,7 @@ def run_init_student(args) -> int:
     if built.selection is not None:
         built.selection.calibration = ", ".join(args.calibration_data)
     print(built.summary())
-    save_student(built.model, tokenizer, args.out, card=built.model_card(args.teacher))
+    save_student(built.model, tokenizer, args.out, card=built.model_card(args.teacher), files=built.layers_file())
     print(f"student written to {args.out}")
     return 0
 
@@ -230,7 +230,8 @@ def add_distill(sub) -> None:
                    "X times faster than the teacher; also --set student.target_latency_ms / target_params, "
                    "student.budget_* for the conditions")
     p.add_argument("--recipe", help="distillation method: distilbert (default), tinybert, minilm")
-    p.add_argument("--layer-map", help="tinybert/minilm: student:teacher layer pairs (0 = embeddings), uniform or last")
+    p.add_argument("--layer-map", help="tinybert/minilm: student:teacher layer pairs (0 = embeddings), uniform, last "
+                   "or copied (each student layer from the teacher layer it was copied from)")
     p.add_argument("--max-steps", type=int, help="optimiser steps")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step")

@@ -28,7 +28,8 @@ from alambic.students.layer_map import parse_layer_map
 @dataclass
 class MiniLMLossConfig:
     layer_map: str = "last"
-    """Student layer -> teacher layer pairs: last (last to last), or pairs such as 6:18 (no embeddings: 0)."""
+    """Student layer -> teacher layer pairs: last (last to last), copied (each layer from the teacher layer it was
+    copied from), or pairs such as 6:18 (no embeddings: 0)."""
     relation_heads: int | None = None
     """Relation heads R; both hidden sizes must divide by it. Empty: the student's attention head count."""
     alpha_query: float = 1.0

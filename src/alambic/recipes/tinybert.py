@@ -31,7 +31,8 @@ from alambic.students.projections import HiddenProjections
 @dataclass
 class TinyBERTLossConfig:
     layer_map: str = "uniform"
-    """Student layer -> teacher layer: uniform (m -> m*N/M, 0 = embeddings), last, or pairs such as 0:0,1:4,2:8."""
+    """Student layer -> teacher layer: uniform (m -> m*N/M, 0 = embeddings), last, copied (each layer from the
+    teacher layer it was copied from, for students alambic built), or pairs such as 0:0,1:4,2:8."""
     alpha_embedding: float = 1.0
     """Weight of the embedding-output MSE (pair 0:0 of the layer map)."""
     alpha_hidden: float = 1.0

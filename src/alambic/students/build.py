@@ -19,6 +19,7 @@ from alambic.cache import atomic_directory
 from alambic.config import TOKEN_TYPES, WIDTH_INITS, StudentConfig
 from alambic.errors import AlambicError, did_you_mean
 from alambic.ranges import check_value
+from alambic.students.layer_map import layers_record
 
 LAYER_SPECS = ("every-other", "even", "odd", "all", "linspace:K", "0,2,4,...", "auto[:greedy|influence]")
 TASK_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
@@ -119,6 +120,10 @@ class StudentInit:
     teacher_name: str = ""
     pruning: object = None  # a WidthPruning when a narrower student was sliced by importance
     search: object = None  # a ShapeSearch when the shape was chosen to meet a speed or size budget
+
+    def layers_file(self) -> dict[str, str]:
+        """The record of the teacher layers this student was copied from, for ``save_student(files=...)``."""
+        return layers_record(self.layers, self.teacher_layers)
 
     def model_card(self, teacher_name: str | None = None) -> str | None:
         """README.md text recording how the shape was searched, how the layers were chosen and what width pruning

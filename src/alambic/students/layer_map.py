@@ -1,15 +1,22 @@
 """Which teacher layer each student layer learns from: TinyBERT's g(m).
 
 Layer 0 is the embedding output, layer m >= 1 the output of transformer layer m (1-based), on both sides.
+
+A student alambic builds records the teacher layers it was copied from in ``alambic-layers.json`` (beside its
+``config.json``; Hugging Face ignores it), so that ``copied`` can pair each student layer with its source: a student
+of layers 0, 1, 8, ... of a 30-layer teacher learns layer 3 from teacher layer 9, where ``uniform`` would say 6.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 from alambic.errors import AlambicError
 
-STRATEGIES = ("uniform", "last")
+STRATEGIES = ("uniform", "last", "copied")
+LAYERS_FILE = "alambic-layers.json"
 
 
 def parse_layer_map(spec: str, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
@@ -18,6 +25,8 @@ def parse_layer_map(spec: str, student_layers: int, teacher_layers: int) -> list
     - ``uniform``: ``g(m) = m * N / M`` for m = 0..M (TinyBERT), rounded half up when M does not divide N
       (4 of 6: ``0:0,1:2,2:3,3:5,4:6``);
     - ``last``: the last student layer learns from the last teacher layer (MiniLM);
+    - ``copied``: each layer from the teacher layer it was copied from; resolve it first with
+      :func:`resolve_layer_map`, which knows the student's source layers;
     - explicit ``0:0,1:4,2:8,3:12``: student:teacher pairs, both increasing.
     """
     M, N = student_layers, teacher_layers
@@ -29,13 +38,17 @@ def parse_layer_map(spec: str, student_layers: int, teacher_layers: int) -> list
         return uniform_map(M, N)
     if spec == "last":
         return [(M, N)]
+    if spec == "copied":
+        raise AlambicError(f"layer map copied needs the teacher layers the student was copied from ({LAYERS_FILE} "
+                           "in a student folder alambic wrote); give uniform or student:teacher pairs instead")
     try:
         pairs = [tuple(int(x) for x in item.split(":")) for item in spec.split(",") if item.strip()]
         if not pairs or any(len(p) != 2 for p in pairs):
             raise ValueError
     except ValueError:
         raise AlambicError(
-            f"layer map {spec!r} is not uniform, last, or student:teacher pairs such as {_example(M, N)}"
+            f"layer map {spec!r} is not uniform, last, copied, or student:teacher pairs such as "
+            f"{_example(M, N)}"
         ) from None
     for m, g in pairs:
         if not 0 <= m <= M:
@@ -58,3 +71,48 @@ def uniform_map(M: int, N: int) -> list[tuple[int, int]]:
 
 def _example(M: int, N: int) -> str:
     return ",".join(f"{m}:{g}" for m, g in uniform_map(M, N))
+
+
+def copied_map(source_layers: list[int], with_embeddings: bool = True) -> list[tuple[int, int]]:
+    """Embeddings to embeddings (unless not ``with_embeddings``), then student layer m (1-based) to the teacher
+    layer it was copied from."""
+    return [(0, 0)] * with_embeddings + [(m, layer + 1) for m, layer in enumerate(source_layers, 1)]
+
+
+def layers_record(source_layers: list[int], teacher_layers: int) -> dict[str, str]:
+    """The file a student folder carries so that ``copied`` works on it later, as ``{name: text}``."""
+    return {LAYERS_FILE: json.dumps({"teacher_layers": teacher_layers, "layers": list(source_layers)}) + "\n"}
+
+
+def recorded_layers(folder) -> tuple[list[int], int] | None:
+    """``(source layers, teacher depth)`` recorded in a student folder, or None (a folder alambic did not build)."""
+    path = Path(folder) / LAYERS_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    return list(record["layers"]), int(record["teacher_layers"])
+
+
+def resolve_layer_map(spec: str, source: tuple[list[int], int] | None, student_layers: int, teacher_layers: int,
+                      with_embeddings: bool = True) -> tuple[str, str | None]:
+    """``spec`` with ``copied`` replaced by its explicit pairs, and a note when ``uniform`` pairs a student layer
+    with another teacher layer than its source. ``source``: :func:`recorded_layers`' answer, or None;
+    ``with_embeddings``: whether the recipe compares embedding outputs (pair 0:0; MiniLM does not)."""
+    spec = str(spec).strip()
+    if spec not in ("copied", "uniform") or source is None:
+        return spec, None
+    layers, depth = source
+    if depth != teacher_layers or len(layers) != student_layers:
+        if spec == "copied":
+            raise AlambicError(f"layer map copied: the student's {LAYERS_FILE} records {len(layers)} layers copied "
+                               f"from a {depth}-layer teacher, but the student has {student_layers} and the teacher "
+                               f"{teacher_layers}; give uniform or student:teacher pairs")
+        return spec, None
+    copied = ",".join(f"{m}:{g}" for m, g in copied_map(layers, with_embeddings))
+    if spec == "copied":
+        return copied, f"layer map copied: {copied} (student:teacher layers, 0 = embeddings)"
+    if teacher_layers >= student_layers and uniform_map(student_layers, teacher_layers) != copied_map(layers):
+        return spec, (f"layer map uniform pairs student:teacher layers {_example(student_layers, teacher_layers)}, "
+                      f"but the student's layers were copied from {copied}: layer map copied pairs each with its "
+                      "source")
+    return spec, None

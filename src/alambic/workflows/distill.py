@@ -6,7 +6,7 @@ Cheap checks (paths, names, layer specs) come first so a mistake is reported bef
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from alambic.recipes import recipe_parts
 from alambic.recipes.distilbert import resolve_kd_rows
 from alambic.search import SEARCH_FILE, searched_shape
 from alambic.students import count_parameters, init_student, parse_layer_spec, save_student, selection
+from alambic.students.layer_map import layers_record, recorded_layers, resolve_layer_map
 from alambic.offline.store import TeacherOutputs, check_cache, read_manifest
 from alambic.offline.training import OfflineDistilBERTRecipe, cached_batches
 from alambic.teachers import check_same_vocabulary, load_model, load_teacher, resolve_model_path
@@ -235,11 +236,14 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
         teacher_parameters, teacher_layers = count_parameters(teacher), num_layers(teacher.config)
     torch.manual_seed(cfg.training.seed)
     card = None  # the model card of a student whose layers were chosen by measurement
-    search_files = None  # a searched shape's candidates (this run's search, or student.init's), saved with it
+    student_files = None  # saved with the student: its source layers, a searched shape's candidates
     if cfg.student.init:
         student, student_tokenizer = load_model(cfg.student.init, kind=kind, for_training=True)
         searched = searched_shape(cfg.student.init)
-        search_files = {SEARCH_FILE: searched} if searched else None
+        # the teacher layers it was copied from, when alambic built it
+        source = recorded_layers(resolve_model_path(cfg.student.init))
+        student_files = {**({SEARCH_FILE: searched} if searched else {}),
+                         **(layers_record(*source) if source else {})} or None
         if teacher is not None:
             check_same_vocabulary(tokenizer, student_tokenizer, teacher.config, student.config)
     else:
@@ -247,7 +251,9 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
         if built.selection is not None:
             built.selection.calibration = ", ".join(calibration_specs(cfg))
         card = built.model_card(cfg.teacher)
-        search_files = {SEARCH_FILE: built.search.to_json()} if built.search is not None else None
+        student_files = {**({SEARCH_FILE: built.search.to_json()} if built.search is not None else {}),
+                         **built.layers_file()}
+        source = built.layers, built.teacher_layers
         say(built.summary())
         student = built.model
     if outputs is not None:
@@ -255,7 +261,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
     elif cfg.recipe == "distilbert":
         _fit_cosine_term(cfg, hidden_size(teacher.config), student, say)
     if cfg.student.save_init and accelerator.is_main_process and not resume:
-        save_student(student, tokenizer, run_dir / "student-init", card=card, files=search_files)
+        save_student(student, tokenizer, run_dir / "student-init", card=card, files=student_files)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
@@ -283,7 +289,14 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
         teacher = None  # built the student; the cache stands in for it from here on
         recipe = OfflineDistilBERTRecipe(student, cfg.loss)
     else:
-        recipe = recipe_class(teacher, student, cfg.loss)  # the engine places the teacher (and casts it for bf16)
+        loss = cfg.loss
+        if hasattr(loss, "layer_map"):  # tinybert, minilm: `copied` pairs each student layer with its source
+            layer_map, note = resolve_layer_map(loss.layer_map, source, num_layers(student.config), teacher_layers,
+                                                with_embeddings=cfg.recipe == "tinybert")
+            loss = replace(loss, layer_map=layer_map)
+            if note:
+                say(note)
+        recipe = recipe_class(teacher, student, loss)  # the engine places the teacher (and casts it for bf16)
     if cfg.training.compile:
         # Compile the transformer bodies in place: the modules (and the exported state dict) stay the same.
         for model in (student, teacher):
@@ -302,7 +315,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
                                  teacher_layers=teacher_layers, student_layers=num_layers(exported.config),
                                  metrics=last_logged(run_dir), selection_card=card, kind=kind,
                                  precision=precision.describe())
-        save_student(exported, tokenizer, student_dir, overwrite=True, card=card, files=search_files)
+        save_student(exported, tokenizer, student_dir, overwrite=True, card=card, files=student_files)
         say(f"student written to {student_dir}")
     accelerator.wait_for_everyone()
     return DistillResult(run_dir, student_dir, teacher_parameters, count_parameters(student), result.metrics)

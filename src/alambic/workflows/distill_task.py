@@ -23,10 +23,12 @@ from alambic.engine.checkpoint import save_model_folder
 from alambic.engine.loop import train
 from alambic.engine.run_folder import locked_run
 from alambic.errors import AlambicError
+from alambic.modeling import num_layers
 from alambic.recipes.task import TaskLossConfig, TaskRecipe
 from alambic.recipes.tinybert import TinyBERTLossConfig, TinyBERTRecipe
 from alambic.search import SEARCH_FILE, search_shape, searched_shape
 from alambic.students import count_parameters, init_student
+from alambic.students.layer_map import layers_record, recorded_layers, resolve_layer_map
 from alambic.tasks.cache import TeacherLogitCache, teacher_fingerprint
 from alambic.tasks.features import TaskBatches, features_fingerprint
 from alambic.tasks.models import load_task_model, model_labels
@@ -96,6 +98,7 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
             log(line)
         log(search.summary())
         student_model, card, search_json = built.model, built.model_card(str(teacher)), search.to_json()
+        source = built.layers, built.teacher_layers
         log(built.summary())
     elif student_layers is not None:
         narrower = any(v is not None for v in (hidden_size, intermediate_size, num_heads))
@@ -107,10 +110,13 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
                              calibration_data=calibration, width_init=width_init)
         student_model = built.model
         card = built.model_card(str(teacher))
+        source = built.layers, built.teacher_layers
         log(built.summary())
     else:
-        student_model, student_tokenizer, _ = load_task_model(student, task, labels or None, role="student")
+        student_model, student_tokenizer, student_path = load_task_model(student, task, labels or None,
+                                                                         role="student")
         search_json = searched_shape(student)
+        source = recorded_layers(student_path)
         check_same_vocabulary(tokenizer, student_tokenizer, teacher_model.config, student_model.config)
 
     cache = None
@@ -119,6 +125,12 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
         cache = TeacherLogitCache(task, key)
     tinybert = replace(intermediate or TinyBERTLossConfig(), alpha_prediction=0.0)
     tinybert.validate()
+    if any(stage in ("trm", "joint") for stage in plan):
+        layer_map, note = resolve_layer_map(tinybert.layer_map, source, num_layers(student_model.config),
+                                            num_layers(teacher_model.config))
+        tinybert = replace(tinybert, layer_map=layer_map)
+        if note:
+            log(note)
     evaluate = validation_callback(prepared, tokenizer, data)
 
     name = training.best_metric
@@ -167,6 +179,9 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
         atomic_write_text(out / "best" / "README.md", card)
     if search_json and (out / "best").is_dir():
         atomic_write_text(out / "best" / SEARCH_FILE, search_json)
+    if source and (out / "best").is_dir():  # so that a later stage can pair layers with their sources (copied)
+        for file_name, text in layers_record(*source).items():
+            atomic_write_text(out / "best" / file_name, text)
     summary = {"task": task, "teacher": str(teacher), "student": str(student or (f"layers {student_layers}" if student_layers else f"searched: {budget.describe()}")),
                "stages": list(plan), "labels": labels, "loss": vars(loss),
                "training_examples": {"labelled": sum(e.labelled for e in prepared.train_examples),
