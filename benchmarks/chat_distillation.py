@@ -24,6 +24,7 @@ each with the CPU seconds its command took; `--table` prints the summary table f
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import resource
@@ -132,11 +133,14 @@ def main() -> None:
         print_table(results)
         return
 
-    def save():  # merged with what other runs on the same OUT wrote meanwhile
-        on_disk = json.loads(results_file.read_text()) if results_file.is_file() else {}
-        for key, value in on_disk.items():
-            results[key] = {**value, **results.get(key, {})} if isinstance(value, dict) else results.get(key, value)
-        results_file.write_text(json.dumps(results, indent=2) + "\n")
+    def save():  # merged with what other runs on the same OUT wrote meanwhile, under a lock
+        with open(out / "results.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            on_disk = json.loads(results_file.read_text()) if results_file.is_file() else {}
+            for key, value in on_disk.items():
+                results[key] = ({**value, **results.get(key, {})} if isinstance(value, dict)
+                                else results.get(key, value))
+            results_file.write_text(json.dumps(results, indent=2) + "\n")
 
     results["machine"] = machine()
     data = out / "data"
@@ -205,7 +209,7 @@ def main() -> None:
         models[name] = folder / "best" if (folder / "best").exists() else folder / "student"
     pending = {n: m for n, m in models.items() if n not in evaluated}
     if pending:
-        report = out / f"eval-{args.split}.json"
+        report = out / f"eval-{args.split}-{os.getpid()}.json"  # runs sharing OUT evaluate side by side
         cpu = run(alambic("eval-chat", *pending.values(), "--names", ",".join(pending), "--data",
                           data / f"{args.split}.jsonl", "--teacher", teacher / "best", "--max-new-tokens", 24,
                           "--max-examples", args.eval_examples, "--json", "--out", report))
@@ -218,7 +222,7 @@ def main() -> None:
         headlines = results.setdefault("eval-test-headlines", {})
         pending = {n: m for n, m in models.items() if n not in headlines and n != "student-init"}
         if pending:
-            report = out / "eval-test-headlines.json"
+            report = out / f"eval-test-headlines-{os.getpid()}.json"
             run(alambic("eval-chat", *pending.values(), "--names", ",".join(pending), "--data",
                         data / "test-headlines.jsonl", "--max-new-tokens", 24, "--json", "--out", report))
             for row in json.loads(report.read_text()):

@@ -2,6 +2,7 @@
 (GKD) batches sampled by the student with exact resume, supervised fine-tuning of a decoder on chat data."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -64,6 +65,16 @@ def test_distill_on_chat_data_reports_and_evaluates_answers(chat_dir, tmp_path, 
     assert "kd_rows: masked" in config and "divergence: skew_reverse_kl" in config
     assert (tmp_path / "run" / "student" / "config.json").exists()
     assert _metrics(tmp_path / "run")[0]["eval/tokens"] < 200  # the answers' tokens, not the prompts'
+
+
+def test_layers_measured_on_chat_data_count_every_token_read(chat_dir, tmp_path, capsys):
+    """Influence reads the whole conversation, the loss scores the answers: the card names both counts."""
+    assert main(["init-student", "--teacher", str(chat_dir / "teacher"), "--layers", "auto:influence", "--depth", "2",
+                 "--calibration-data", str(chat_dir / "chat.jsonl"), "--calibration-tokens", "512", "--max-length", "256",
+                 "--out", str(tmp_path / "student")]) == 0
+    card = (tmp_path / "student" / "README.md").read_text()
+    read, scored = map(int, re.search(r"calibration: (\d+) tokens \((\d+) scored by the loss\)", card).groups())
+    assert 0 < scored < read and f"calibration: {read} tokens ({scored} scored by the loss)" in capsys.readouterr().out
 
 
 def _weights(out):

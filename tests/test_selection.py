@@ -1,5 +1,7 @@
 """Layer selection by measured importance (students/selection.py) on tiny real models and real text."""
 
+import json
+
 import pytest
 import transformers
 from tiny import bpe_tokenizer, sample_texts, tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen2, wordpiece_tokenizer
@@ -194,7 +196,10 @@ def test_cli_init_student_auto(llama_dir, text, tmp_path, capsys):
     assert kept == 4 and "without layer   1: loss" in out and f"layers kept: {chosen}" in out
     card = (tmp_path / "s" / "README.md").read_text()
     assert "library_name: transformers" in card and str(text) in card and f"kept layers: {chosen}" in card
-    assert not [p.name for p in (tmp_path / "s").iterdir() if "alambic" in p.name or p.suffix in (".pt", ".bin")]
+    # a plain Hugging Face folder: no toolkit weights or code, only the JSON record of the layers it was copied from
+    extra = [p.name for p in (tmp_path / "s").iterdir() if "alambic" in p.name or p.suffix in (".pt", ".bin", ".py")]
+    assert extra == ["alambic-layers.json"]
+    assert json.loads((tmp_path / "s" / "alambic-layers.json").read_text())["layers"] == [int(i) for i in chosen.split(", ")]
 
 
 def test_cli_budget_fallback_is_printed(llama_dir, text, tmp_path, capsys):

@@ -95,6 +95,12 @@ def check_budget(budget) -> float | None:
     return None if budget is None else float(budget)
 
 
+def describe_tokens(read: int, scored: int) -> str:
+    """How much calibration text was measured: the tokens read, and those the loss scores when fewer (chat data
+    scores assistant tokens only)."""
+    return f"{read} tokens" + (f" ({scored} scored by the loss)" if scored != read else "")
+
+
 def calibration_batches(specs, tokenizer, kind: str, *, max_tokens: int = DEFAULT_CALIBRATION_TOKENS,
                         max_length: int = DEFAULT_MAX_LENGTH, text_field: str = "text", split_documents: str = "file",
                         batch_size: int = 4, seed: int = 0) -> list[dict]:
@@ -179,10 +185,16 @@ class LayerSelection:
     chosen: list[Candidate] = field(default_factory=list)
     """Greedy: the removal accepted at each completed step."""
     tokens: int = 0
+    """Calibration tokens the loss scores (with chat data: assistant tokens only)."""
+    read_tokens: int = 0
+    """Non-pad calibration tokens the teacher reads (influence averages over these)."""
     seconds: float = 0.0
     fell_back: bool = False
     notes: list[str] = field(default_factory=list)
     calibration: str = ""
+
+    def describe_tokens(self) -> str:
+        return describe_tokens(self.read_tokens or self.tokens, self.tokens)
 
     @property
     def candidates_evaluated(self) -> int:
@@ -190,7 +202,7 @@ class LayerSelection:
 
     def summary(self) -> str:
         lines = [f"layer selection: {self.method}, {len(self.layers)} of {self.teacher_layers} layers, "
-                 f"{self.candidates_evaluated} candidates evaluated on {self.tokens} calibration tokens "
+                 f"{self.candidates_evaluated} candidates evaluated on {self.describe_tokens()} of calibration text "
                  f"in {self.seconds:.1f} s",
                  f"calibration loss ({self.criterion}): teacher {self.teacher_loss:.4g}, chosen layers {self.loss:.4g}",
                  f"chosen layers: {', '.join(map(str, self.layers))}"]
@@ -212,7 +224,7 @@ class LayerSelection:
             "## Layer selection", "",
             f"- teacher: `{teacher}`{cls}",
             f"- method: {method}",
-            f"- calibration: {self.tokens} tokens" + (f" of `{self.calibration}`" if self.calibration else "")
+            f"- calibration: {self.describe_tokens()}" + (f" of `{self.calibration}`" if self.calibration else "")
             + f"; loss: {self.criterion}",
             f"- kept layers: {', '.join(map(str, self.layers))}",
             f"- calibration loss: teacher {self.teacher_loss:.4g}, kept layers {self.loss:.4g}",
@@ -259,6 +271,7 @@ class _Runner:
                                  "token_positions": b["token_positions"].to(device),
                                  "lm_positions": b["lm_positions"].to(device), "lm_targets": b["lm_targets"].to(device)})
         self.tokens = sum(len(b["token_positions" if criterion == "hidden" else "lm_positions"]) for b in self.batches)
+        self.read_tokens = sum(len(b["token_positions"]) for b in self.batches)
         self.targets = None
         self.current_batch = 0
 
@@ -404,12 +417,13 @@ def select_layers(teacher, method: str = "greedy", *, depth: int | None = None, 
     try:
         teacher_loss, cache = runner.run(full, record=method == "greedy", influence=influence_sums)
         influence = [s / max(c, 1) for s, c in influence_sums]
-        say(f"calibration: {runner.tokens} tokens, loss = {_CRITERION_TEXT[label]}; teacher ({n} layers): "
+        say(f"calibration: {describe_tokens(runner.read_tokens, runner.tokens)}, "
+            f"loss = {_CRITERION_TEXT[label]}; teacher ({n} layers): "
             f"{teacher_loss:.4f}")
         say("influence (1 - cos) per layer: " + ", ".join(f"{i}:{s:.3f}" for i, s in enumerate(influence)))
         ranking = sorted(range(n), key=lambda i: (-influence[i], i))
         selection = LayerSelection([], method, _CRITERION_TEXT[label], n, teacher_loss, math.nan, influence,
-                                   tokens=runner.tokens, calibration=described)
+                                   tokens=runner.tokens, read_tokens=runner.read_tokens, calibration=described)
         if method == "influence" or depth == n:
             kept = sorted(ranking[:depth])
             selection.layers = kept
