@@ -25,8 +25,8 @@ def test_uniform_map_rounds_halves_up_when_depths_do_not_divide():
     ("1:6,2:4", "not monotonic"),
     ("1:3,1:6", "not monotonic"),
     ("0:3", "embeddings"),
-    ("one:two", "not uniform, last, copied, or student:teacher pairs"),
-    ("", "not uniform, last"),
+    ("one:two", "not auto, uniform, last, copied, or student:teacher pairs"),
+    ("", "not auto, uniform, last"),
 ])
 def test_invalid_maps_are_named(spec, message):
     with pytest.raises(AlambicError, match=message):
@@ -64,3 +64,10 @@ def test_the_record_of_source_layers_round_trips(tmp_path):
         (tmp_path / name).write_text(text)
     assert recorded_layers(tmp_path) == ([0, 1, 8], 12)
     assert recorded_layers(tmp_path / "elsewhere") is None
+
+
+def test_auto_is_copied_for_a_copied_student_and_uniform_otherwise():
+    assert resolve_layer_map("auto", ([0, 1, 8], 12), 3, 12)[0] == "0:0,1:1,2:2,3:9"
+    assert resolve_layer_map("auto", None, 3, 12) == ("uniform", None)  # not built by alambic, or fresh widths
+    assert resolve_layer_map("auto", ([0, 1, 8], 24), 3, 12) == ("uniform", None)  # recorded from another teacher
+    assert parse_layer_map("auto", 4, 12) == parse_layer_map("uniform", 4, 12)  # a recipe built without a workflow

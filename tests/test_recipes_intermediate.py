@@ -209,11 +209,14 @@ def test_copied_layer_map_follows_the_layers_init_student_recorded(text_dir, tmp
     common = ["distill", "--recipe", "tinybert", "--teacher", str(teacher_dir), "--student", str(student_dir),
               "--data", str(text_dir), "--max-steps", "1", "--no-progress"]
     capsys.readouterr()
-    assert main(common + ["--out", str(tmp_path / "uniform")]) == 0
+    assert main(common + ["--out", str(tmp_path / "uniform"), "--layer-map", "uniform"]) == 0
     assert "uniform pairs student:teacher layers 0:0,1:1,2:3,3:4, but the student's layers were copied from " \
            "0:0,1:2,2:3,3:4" in capsys.readouterr().out
     assert main(common + ["--out", str(tmp_path / "copied"), "--layer-map", "copied"]) == 0
     assert "layer map copied: 0:0,1:2,2:3,3:4" in capsys.readouterr().out
+    assert main(common + ["--out", str(tmp_path / "auto")]) == 0  # the default
+    assert "layer map auto: 0:0,1:2,2:3,3:4" in capsys.readouterr().out
+    assert "layer_map: 0:0,1:2,2:3,3:4" not in (tmp_path / "auto" / "config.yaml").read_text()  # the choice, kept
     # the distilled student keeps the record, so a later task stage can pair its layers the same way
     assert (tmp_path / "copied" / "student" / "alambic-layers.json").read_text() == \
         (student_dir / "alambic-layers.json").read_text()

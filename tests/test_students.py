@@ -195,6 +195,15 @@ def test_narrow_ffn_only_keeps_attention_and_embeddings():
     assert "mlp.up_proj" in " ".join(result.notes) and "self_attn" not in " ".join(result.notes)
 
 
+def test_only_students_with_copied_layers_record_their_source_layers():
+    teacher = tiny_llama()
+    assert init_student(teacher, layers=[0, 2]).source_layers() == ([0, 2], 4)
+    assert init_student(teacher, layers=[0, 2], intermediate_size=16, width_init="random").source_layers() == \
+        ([0, 2], 4)  # attention still copied
+    fresh = init_student(teacher, layers=[0, 2], hidden_size=16, num_heads=2, width_init="random")
+    assert fresh.source_layers() is None and fresh.layers_file() == {}
+
+
 def test_fewer_heads_keep_the_head_size_and_the_grouping():
     # teacher: 4 heads in 2 key/value groups of 2, head_dim 8: 2 heads keep one whole group
     config = init_student(tiny_llama(), num_heads=2, width_init="random").model.config

@@ -230,8 +230,8 @@ def add_distill(sub) -> None:
                    "X times faster than the teacher; also --set student.target_latency_ms / target_params, "
                    "student.budget_* for the conditions")
     p.add_argument("--recipe", help="distillation method: distilbert (default), tinybert, minilm")
-    p.add_argument("--layer-map", help="tinybert/minilm: student:teacher layer pairs (0 = embeddings), uniform, last "
-                   "or copied (each student layer from the teacher layer it was copied from)")
+    p.add_argument("--layer-map", help="tinybert/minilm: student:teacher layer pairs (0 = embeddings), auto, uniform, "
+                   "last or copied (each student layer from the teacher layer it was copied from)")
     p.add_argument("--max-steps", type=int, help="optimiser steps")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step")

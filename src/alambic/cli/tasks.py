@@ -152,9 +152,10 @@ def add_distill_task(sub) -> None:
     l.add_argument("--alpha-ce", type=float, default=1.0,
                    help="weight of the hard-label cross-entropy, on labelled examples (default 1; 0: soft targets "
                    "only)")
-    l.add_argument("--layer-map", default="uniform",
-                   help="trm / joint: uniform, copied (each student layer from the teacher layer it was copied "
-                   "from) or student:teacher pairs (0 = embeddings)")
+    l.add_argument("--layer-map", default="auto",
+                   help="trm / joint: auto (default: copied for a student copied from the teacher, else uniform), "
+                   "uniform, copied (each student layer from the teacher layer it was copied from) or "
+                   "student:teacher pairs (0 = embeddings)")
     l.add_argument("--trm-steps", type=int, help="steps of the trm stage (default --max-steps)")
     l.add_argument("--trm-lr", type=float, help="learning rate of the trm stage (default --lr)")
     l.add_argument("--no-teacher-cache", action="store_true", help="run the teacher on every batch")

@@ -5,9 +5,9 @@
       + alpha_attention * sum_{m=1..M} (1/h) sum_heads MSE(A_s[m], A_t[g(m)])
       + alpha_prediction * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))
 
-with the layer map g (uniform g(m) = m N / M by default, or explicit), learnable projections W only where the widths
-differ (dropped at export), hidden-state losses over non-pad tokens and attention losses over valid query-key pairs
-only. General distillation on raw text uses the intermediate terms alone (alpha_prediction = 0), as the paper.
+with the layer map g (by default the teacher layers a student was copied from, else uniform g(m) = m N / M; or
+explicit), learnable projections W only where the widths differ (dropped at export), hidden-state losses over
+non-pad tokens and attention losses over valid query-key pairs only. General distillation on raw text uses the intermediate terms alone (alpha_prediction = 0), as the paper.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from alambic.students.projections import HiddenProjections
 
 @dataclass
 class TinyBERTLossConfig:
-    layer_map: str = "uniform"
-    """Student layer -> teacher layer: uniform (m -> m*N/M, 0 = embeddings), last, copied (each layer from the
-    teacher layer it was copied from, for students alambic built), or pairs such as 0:0,1:4,2:8."""
+    layer_map: str = "auto"
+    """Student layer -> teacher layer: auto (copied for a student alambic copied from the teacher, else uniform),
+    uniform (m -> m*N/M, 0 = embeddings), last, copied (each layer from the teacher layer it was copied from), or
+    pairs such as 0:0,1:4,2:8."""
     alpha_embedding: float = 1.0
     """Weight of the embedding-output MSE (pair 0:0 of the layer map)."""
     alpha_hidden: float = 1.0

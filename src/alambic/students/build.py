@@ -120,10 +120,16 @@ class StudentInit:
     teacher_name: str = ""
     pruning: object = None  # a WidthPruning when a narrower student was sliced by importance
     search: object = None  # a ShapeSearch when the shape was chosen to meet a speed or size budget
+    fresh_width: bool = False  # a narrower hidden size, freshly initialised: its layers hold none of the teacher's
 
     def layers_file(self) -> dict[str, str]:
-        """The record of the teacher layers this student was copied from, for ``save_student(files=...)``."""
-        return layers_record(self.layers, self.teacher_layers)
+        """The record of the teacher layers this student was copied from, for ``save_student(files=...)``; empty
+        for a freshly initialised narrower student, whose layers were not copied."""
+        return {} if self.fresh_width else layers_record(self.layers, self.teacher_layers)
+
+    def source_layers(self) -> tuple[list[int], int] | None:
+        """``(teacher layers it was copied from, teacher depth)``, as a layer map reads them; None if not copied."""
+        return None if self.fresh_width else (self.layers, self.teacher_layers)
 
     def model_card(self, teacher_name: str | None = None) -> str | None:
         """README.md text recording how the shape was searched, how the layers were chosen and what width pruning
@@ -386,7 +392,9 @@ def init_student(teacher, *, layers="every-other", hidden_size=None, intermediat
     copied = _copy_weights(teacher, student, chosen, notes, resize=plan.slice if plan else None)
     student.eval()
     return StudentInit(student, chosen, type(teacher).__name__, n, count_parameters(teacher),
-                       count_parameters(student), copied, notes, tokenizer, selection, teacher_name, plan)
+                       count_parameters(student), copied, notes, tokenizer, selection, teacher_name, plan,
+                       fresh_width=plan is None
+                       and modeling.hidden_size(config) != modeling.hidden_size(teacher.config))
 
 
 def _narrower(teacher_config, student_config) -> list[str]:

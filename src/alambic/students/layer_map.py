@@ -5,6 +5,7 @@ Layer 0 is the embedding output, layer m >= 1 the output of transformer layer m 
 A student alambic builds records the teacher layers it was copied from in ``alambic-layers.json`` (beside its
 ``config.json``; Hugging Face ignores it), so that ``copied`` can pair each student layer with its source: a student
 of layers 0, 1, 8, ... of a 30-layer teacher learns layer 3 from teacher layer 9, where ``uniform`` would say 6.
+``auto`` (TinyBERT's default here) is ``copied`` for such a student and ``uniform`` for any other.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from alambic.errors import AlambicError
 
-STRATEGIES = ("uniform", "last", "copied")
+STRATEGIES = ("auto", "uniform", "last", "copied")
 LAYERS_FILE = "alambic-layers.json"
 
 
@@ -23,7 +24,7 @@ def parse_layer_map(spec: str, student_layers: int, teacher_layers: int) -> list
     """``[(m, g(m)), ...]`` for ``spec``:
 
     - ``uniform``: ``g(m) = m * N / M`` for m = 0..M (TinyBERT), rounded half up when M does not divide N
-      (4 of 6: ``0:0,1:2,2:3,3:5,4:6``);
+      (4 of 6: ``0:0,1:2,2:3,3:5,4:6``); ``auto`` means the same here, and ``copied`` once resolved;
     - ``last``: the last student layer learns from the last teacher layer (MiniLM);
     - ``copied``: each layer from the teacher layer it was copied from; resolve it first with
       :func:`resolve_layer_map`, which knows the student's source layers;
@@ -31,7 +32,7 @@ def parse_layer_map(spec: str, student_layers: int, teacher_layers: int) -> list
     """
     M, N = student_layers, teacher_layers
     spec = str(spec).strip()
-    if spec == "uniform":
+    if spec in ("uniform", "auto"):
         if M > N:
             raise AlambicError(f"a uniform layer map needs a student ({M} layers) no deeper than its teacher ({N}); "
                                "give an explicit map")
@@ -47,7 +48,7 @@ def parse_layer_map(spec: str, student_layers: int, teacher_layers: int) -> list
             raise ValueError
     except ValueError:
         raise AlambicError(
-            f"layer map {spec!r} is not uniform, last, copied, or student:teacher pairs such as "
+            f"layer map {spec!r} is not auto, uniform, last, copied, or student:teacher pairs such as "
             f"{_example(M, N)}"
         ) from None
     for m, g in pairs:
@@ -95,11 +96,14 @@ def recorded_layers(folder) -> tuple[list[int], int] | None:
 
 def resolve_layer_map(spec: str, source: tuple[list[int], int] | None, student_layers: int, teacher_layers: int,
                       with_embeddings: bool = True) -> tuple[str, str | None]:
-    """``spec`` with ``copied`` replaced by its explicit pairs, and a note when ``uniform`` pairs a student layer
-    with another teacher layer than its source. ``source``: :func:`recorded_layers`' answer, or None;
+    """``spec`` with ``copied`` replaced by its explicit pairs, ``auto`` by ``copied``'s pairs when the student's
+    source layers are known (else ``uniform``), and a note saying which pairs were used, or when ``uniform`` pairs a
+    student layer with another teacher layer than its source. ``source``: :func:`recorded_layers`' answer, or None;
     ``with_embeddings``: whether the recipe compares embedding outputs (pair 0:0; MiniLM does not)."""
     spec = str(spec).strip()
-    if spec not in ("copied", "uniform") or source is None:
+    if spec == "auto" and (source is None or source[1] != teacher_layers or len(source[0]) != student_layers):
+        return "uniform", None
+    if spec not in ("auto", "copied", "uniform") or source is None:
         return spec, None
     layers, depth = source
     if depth != teacher_layers or len(layers) != student_layers:
@@ -109,8 +113,9 @@ def resolve_layer_map(spec: str, source: tuple[list[int], int] | None, student_l
                                f"{teacher_layers}; give uniform or student:teacher pairs")
         return spec, None
     copied = ",".join(f"{m}:{g}" for m, g in copied_map(layers, with_embeddings))
-    if spec == "copied":
-        return copied, f"layer map copied: {copied} (student:teacher layers, 0 = embeddings)"
+    if spec in ("auto", "copied"):
+        return copied, f"layer map {spec}: {copied} (student:teacher layers, 0 = embeddings: each student layer " \
+                       "from the teacher layer it was copied from)"
     if teacher_layers >= student_layers and uniform_map(student_layers, teacher_layers) != copied_map(layers):
         return spec, (f"layer map uniform pairs student:teacher layers {_example(student_layers, teacher_layers)}, "
                       f"but the student's layers were copied from {copied}: layer map copied pairs each with its "

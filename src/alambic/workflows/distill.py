@@ -253,7 +253,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
         card = built.model_card(cfg.teacher)
         student_files = {**({SEARCH_FILE: built.search.to_json()} if built.search is not None else {}),
                          **built.layers_file()}
-        source = built.layers, built.teacher_layers
+        source = built.source_layers()
         say(built.summary())
         student = built.model
     if outputs is not None:

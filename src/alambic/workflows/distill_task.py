@@ -98,7 +98,7 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
             log(line)
         log(search.summary())
         student_model, card, search_json = built.model, built.model_card(str(teacher)), search.to_json()
-        source = built.layers, built.teacher_layers
+        source = built.source_layers()
         log(built.summary())
     elif student_layers is not None:
         narrower = any(v is not None for v in (hidden_size, intermediate_size, num_heads))
@@ -110,7 +110,7 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
                              calibration_data=calibration, width_init=width_init)
         student_model = built.model
         card = built.model_card(str(teacher))
-        source = built.layers, built.teacher_layers
+        source = built.source_layers()
         log(built.summary())
     else:
         student_model, student_tokenizer, student_path = load_task_model(student, task, labels or None,
