@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 
@@ -89,7 +90,10 @@ def main() -> None:
                     continue
                 run = out / key.replace(":", "-")
                 cfg = load_config(None, [common(layers, seed), loss, {"out": str(run)}])
-                result = distill(cfg, resume=(run / "checkpoints" / "latest").exists(), progress=False)
+                resume = (run / "checkpoints" / "latest").exists()
+                if run.exists() and not resume:  # stopped before its first checkpoint: start it again
+                    shutil.rmtree(run)
+                result = distill(cfg, resume=resume, progress=False)
                 init_key = f"{layers}/init/seed{seed}"
                 if init_key not in results:
                     results[init_key] = perplexity(str(run / "student-init"))
