@@ -46,8 +46,8 @@ VARIANTS = {
     "skew-kl": "(d) skew KL (alpha 0.1)",
     "gkd": "(e) GKD: on-policy lmbda 0.5, JSD",
 }
-DIVERGENCE = {"forward-kl": "forward_kl", "forward-kl-all": "forward_kl", "kd-teacher": "forward_kl", "reverse-kl": "reverse_kl", "jsd": "jsd",
-              "skew-kl": "skew_kl", "gkd": "jsd"}
+DIVERGENCE = {"forward-kl": "forward_kl", "forward-kl-all": "forward_kl", "kd-teacher": "forward_kl",
+              "reverse-kl": "reverse_kl", "jsd": "jsd", "skew-kl": "skew_kl", "gkd": "jsd"}
 SETTINGS = {"forward-kl-all": ["loss.kd_rows=tokens"], "gkd": ["on_policy.lmbda=0.5", "on_policy.max_new_tokens=24"]}
 
 

@@ -60,7 +60,8 @@ def test_copied_without_a_record_or_from_another_teacher_is_refused():
 
 
 def test_the_record_of_source_layers_round_trips(tmp_path):
-    for name, text in layers_record([0, 1, 8], 12).items():
+    assert layers_record(None) == {}  # layers not copied: no record
+    for name, text in layers_record(([0, 1, 8], 12)).items():
         (tmp_path / name).write_text(text)
     assert recorded_layers(tmp_path) == ([0, 1, 8], 12)
     assert recorded_layers(tmp_path / "elsewhere") is None

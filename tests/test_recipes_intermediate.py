@@ -216,10 +216,29 @@ def test_copied_layer_map_follows_the_layers_init_student_recorded(text_dir, tmp
     assert "layer map copied: 0:0,1:2,2:3,3:4" in capsys.readouterr().out
     assert main(common + ["--out", str(tmp_path / "auto")]) == 0  # the default
     assert "layer map auto: 0:0,1:2,2:3,3:4" in capsys.readouterr().out
-    assert "layer_map: 0:0,1:2,2:3,3:4" not in (tmp_path / "auto" / "config.yaml").read_text()  # the choice, kept
+    assert "layer_map: auto" in (tmp_path / "auto" / "config.yaml").read_text()  # the choice, not its pairs
     # the distilled student keeps the record, so a later task stage can pair its layers the same way
     assert (tmp_path / "copied" / "student" / "alambic-layers.json").read_text() == \
         (student_dir / "alambic-layers.json").read_text()
+
+
+def test_auto_layer_map_on_a_pruned_decoder_student_exports_a_plain_model(text_dir, tmp_path, capsys):
+    """Composition: width pruning by importance (layers still the teacher's, sliced) -> TinyBERT with projections and
+    the default map -> the exported student loads as a plain LlamaForCausalLM of the pruned shape."""
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    tiny_llama().save_pretrained(teacher_dir)
+    bpe_tokenizer().save_pretrained(teacher_dir)
+    assert main(["init-student", "--teacher", str(teacher_dir), "--layers", "0,3", "--hidden-size", "16",
+                 "--num-heads", "2", "--calibration-data", str(text_dir), "--calibration-tokens", "256",
+                 "--out", str(student_dir)]) == 0
+    capsys.readouterr()
+    assert main(["distill", "--recipe", "tinybert", "--teacher", str(teacher_dir), "--student", str(student_dir),
+                 "--data", str(text_dir), "--max-steps", "2", "--no-progress", "--out", str(tmp_path / "run"),
+                 "--set", "loss.alpha_attention=0"]) == 0  # attention compares heads one to one: 2 vs 4
+    assert "layer map auto: 0:0,1:1,2:4" in capsys.readouterr().out
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
+    assert type(exported).__name__ == "LlamaForCausalLM" and exported.config.hidden_size == 16
+    assert not [k for k in load_file(str(tmp_path / "run" / "student" / "model.safetensors")) if "projection" in k]
 
 
 @pytest.mark.real_model

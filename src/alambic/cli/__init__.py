@@ -106,6 +106,7 @@ def _run_shape_search(args, budget) -> int:
     from alambic.search import SEARCH_FILE, search_shape
     from alambic.students import save_student
     from alambic.students import selection as sel
+    from alambic.students.layer_map import layers_record
     from alambic.teachers import load_teacher, resolve_model_path
 
     if not args.calibration_data:
@@ -124,7 +125,7 @@ def _run_shape_search(args, budget) -> int:
     print(search.summary())
     print(built.summary())
     save_student(built.model, tokenizer, args.out, card=built.model_card(args.teacher),
-                 files={SEARCH_FILE: search.to_json(), **built.layers_file()})
+                 files={SEARCH_FILE: search.to_json(), **layers_record(built.source_layers())})
     print(f"student written to {args.out}")
     return 0
 
@@ -135,6 +136,7 @@ def run_init_student(args) -> int:
     from alambic.modeling import model_kind, num_layers
     from alambic.students import init_student, parse_layer_spec, save_student
     from alambic.students import selection as sel
+    from alambic.students.layer_map import layers_record
     from alambic.teachers import load_teacher, resolve_model_path
 
     budget = budget_from_args(args, _shape_flags(args))
@@ -185,7 +187,8 @@ def run_init_student(args) -> int:
     if built.selection is not None:
         built.selection.calibration = ", ".join(args.calibration_data)
     print(built.summary())
-    save_student(built.model, tokenizer, args.out, card=built.model_card(args.teacher), files=built.layers_file())
+    save_student(built.model, tokenizer, args.out, card=built.model_card(args.teacher),
+                 files=layers_record(built.source_layers()))
     print(f"student written to {args.out}")
     return 0
 

@@ -7,7 +7,8 @@
 
 with the layer map g (by default the teacher layers a student was copied from, else uniform g(m) = m N / M; or
 explicit), learnable projections W only where the widths differ (dropped at export), hidden-state losses over
-non-pad tokens and attention losses over valid query-key pairs only. General distillation on raw text uses the intermediate terms alone (alpha_prediction = 0), as the paper.
+non-pad tokens and attention losses over valid query-key pairs only. General distillation on raw text uses the
+intermediate terms alone (alpha_prediction = 0), as the paper.
 """
 
 from __future__ import annotations

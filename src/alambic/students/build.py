@@ -19,7 +19,6 @@ from alambic.cache import atomic_directory
 from alambic.config import TOKEN_TYPES, WIDTH_INITS, StudentConfig
 from alambic.errors import AlambicError, did_you_mean
 from alambic.ranges import check_value
-from alambic.students.layer_map import layers_record
 
 LAYER_SPECS = ("every-other", "even", "odd", "all", "linspace:K", "0,2,4,...", "auto[:greedy|influence]")
 TASK_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
@@ -121,11 +120,6 @@ class StudentInit:
     pruning: object = None  # a WidthPruning when a narrower student was sliced by importance
     search: object = None  # a ShapeSearch when the shape was chosen to meet a speed or size budget
     fresh_width: bool = False  # a narrower hidden size, freshly initialised: its layers hold none of the teacher's
-
-    def layers_file(self) -> dict[str, str]:
-        """The record of the teacher layers this student was copied from, for ``save_student(files=...)``; empty
-        for a freshly initialised narrower student, whose layers were not copied."""
-        return {} if self.fresh_width else layers_record(self.layers, self.teacher_layers)
 
     def source_layers(self) -> tuple[list[int], int] | None:
         """``(teacher layers it was copied from, teacher depth)``, as a layer map reads them; None if not copied."""

@@ -80,9 +80,13 @@ def copied_map(source_layers: list[int], with_embeddings: bool = True) -> list[t
     return [(0, 0)] * with_embeddings + [(m, layer + 1) for m, layer in enumerate(source_layers, 1)]
 
 
-def layers_record(source_layers: list[int], teacher_layers: int) -> dict[str, str]:
-    """The file a student folder carries so that ``copied`` works on it later, as ``{name: text}``."""
-    return {LAYERS_FILE: json.dumps({"teacher_layers": teacher_layers, "layers": list(source_layers)}) + "\n"}
+def layers_record(source: tuple[list[int], int] | None) -> dict[str, str]:
+    """The file a student folder carries so that ``copied`` works on it later, as ``{name: text}``, for ``source`` =
+    ``(teacher layers it was copied from, teacher depth)``; empty when its layers were not copied (None)."""
+    if source is None:
+        return {}
+    layers, teacher_layers = source
+    return {LAYERS_FILE: json.dumps({"teacher_layers": teacher_layers, "layers": list(layers)}) + "\n"}
 
 
 def recorded_layers(folder) -> tuple[list[int], int] | None:
@@ -101,17 +105,15 @@ def resolve_layer_map(spec: str, source: tuple[list[int], int] | None, student_l
     student layer with another teacher layer than its source. ``source``: :func:`recorded_layers`' answer, or None;
     ``with_embeddings``: whether the recipe compares embedding outputs (pair 0:0; MiniLM does not)."""
     spec = str(spec).strip()
-    if spec == "auto" and (source is None or source[1] != teacher_layers or len(source[0]) != student_layers):
-        return "uniform", None
-    if spec not in ("auto", "copied", "uniform") or source is None:
+    if spec not in ("auto", "copied", "uniform"):
         return spec, None
-    layers, depth = source
-    if depth != teacher_layers or len(layers) != student_layers:
-        if spec == "copied":
-            raise AlambicError(f"layer map copied: the student's {LAYERS_FILE} records {len(layers)} layers copied "
-                               f"from a {depth}-layer teacher, but the student has {student_layers} and the teacher "
-                               f"{teacher_layers}; give uniform or student:teacher pairs")
-        return spec, None
+    if source is None or source[1] != teacher_layers or len(source[0]) != student_layers:
+        if spec == "copied" and source is not None:
+            raise AlambicError(f"layer map copied: the student's {LAYERS_FILE} records {len(source[0])} layers copied "
+                               f"from a {source[1]}-layer teacher, but the student has {student_layers} and the "
+                               f"teacher {teacher_layers}; give uniform or student:teacher pairs")
+        return ("uniform" if spec == "auto" else spec), None  # copied without a record: parse_layer_map says so
+    layers = source[0]
     copied = ",".join(f"{m}:{g}" for m, g in copied_map(layers, with_embeddings))
     if spec in ("auto", "copied"):
         return copied, f"layer map {spec}: {copied} (student:teacher layers, 0 = embeddings: each student layer " \

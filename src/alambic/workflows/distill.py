@@ -236,14 +236,12 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
         teacher_parameters, teacher_layers = count_parameters(teacher), num_layers(teacher.config)
     torch.manual_seed(cfg.training.seed)
     card = None  # the model card of a student whose layers were chosen by measurement
-    student_files = None  # saved with the student: its source layers, a searched shape's candidates
     if cfg.student.init:
         student, student_tokenizer = load_model(cfg.student.init, kind=kind, for_training=True)
         searched = searched_shape(cfg.student.init)
         # the teacher layers it was copied from, when alambic built it
         source = recorded_layers(resolve_model_path(cfg.student.init))
-        student_files = {**({SEARCH_FILE: searched} if searched else {}),
-                         **(layers_record(*source) if source else {})} or None
+        search_json = searched
         if teacher is not None:
             check_same_vocabulary(tokenizer, student_tokenizer, teacher.config, student.config)
     else:
@@ -251,11 +249,12 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
         if built.selection is not None:
             built.selection.calibration = ", ".join(calibration_specs(cfg))
         card = built.model_card(cfg.teacher)
-        student_files = {**({SEARCH_FILE: built.search.to_json()} if built.search is not None else {}),
-                         **built.layers_file()}
+        search_json = built.search.to_json() if built.search is not None else None
         source = built.source_layers()
         say(built.summary())
         student = built.model
+    # saved with the student: the teacher layers it was copied from, a searched shape's candidates
+    student_files = {**layers_record(source), **({SEARCH_FILE: search_json} if search_json else {})}
     if outputs is not None:
         _fit_cosine_term(cfg, outputs.manifest["hidden_size"], student, say)
     elif cfg.recipe == "distilbert":

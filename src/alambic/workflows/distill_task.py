@@ -179,8 +179,8 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
         atomic_write_text(out / "best" / "README.md", card)
     if search_json and (out / "best").is_dir():
         atomic_write_text(out / "best" / SEARCH_FILE, search_json)
-    if source and (out / "best").is_dir():  # so that a later stage can pair layers with their sources (copied)
-        for file_name, text in layers_record(*source).items():
+    if (out / "best").is_dir():  # so that a later stage can pair layers with their sources (copied)
+        for file_name, text in layers_record(source).items():
             atomic_write_text(out / "best" / file_name, text)
     summary = {"task": task, "teacher": str(teacher), "student": str(student or (f"layers {student_layers}" if student_layers else f"searched: {budget.describe()}")),
                "stages": list(plan), "labels": labels, "loss": vars(loss),
