@@ -243,3 +243,24 @@ def test_bad_inputs_are_one_line_and_exit_2(case, files, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("alambic: error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
     assert message in err
+
+
+def test_the_teacher_reads_its_own_answers_once_for_every_model_compared(items):
+    tok, teacher = chat_tokenizer(), chat_llama(0)
+    students = [chat_llama(seed, num_hidden_layers=2) for seed in (1, 2)]
+    taught = TeacherAnswers(teacher, generate_answers(teacher, tok, items, max_new_tokens=4, batch_size=3))
+    calls = []
+    hook = teacher.model.register_forward_hook(lambda *_: calls.append(1))
+    rows, counts = [], []
+    for student in students:
+        before = len(calls)
+        rows.append(evaluate_model(student, tok, items, teacher=taught, max_new_tokens=4, batch_size=3))
+        counts.append(len(calls) - before)
+        alone = evaluate_model(student, tok, items, teacher=TeacherAnswers(teacher, taught.answers),
+                               max_new_tokens=4, batch_size=3)
+        assert alone == rows[-1]  # the kept rows give the figures a fresh teacher gives
+    hook.remove()
+    batches = -(-len(items) // 3)
+    # the first model: its answers' NLL and the teacher's own answers; the second: its answers' NLL only
+    assert counts == [2 * batches, batches]
+    assert rows[0]["forward_kl"] != rows[1]["forward_kl"]

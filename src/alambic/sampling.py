@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass
 
 import torch
 
@@ -88,8 +89,27 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float,
     return (order.gather(-1, index) if order is not None else index).squeeze(-1)
 
 
-@torch.inference_mode()
-def _sample(model, prompts, max_new_tokens, temperature, top_p, eos, pad_token_id, generator) -> list[list[int]]:
+@dataclass
+class Prefix:
+    """What a causal LM has read so far, row by row: its keys and values (``cache``), the attention mask over them
+    and the position each row's next token takes. :func:`prefill` makes one, :func:`extend` reads more tokens."""
+
+    cache: object
+    mask: torch.Tensor
+    next_position: torch.Tensor
+    cache_arg: str
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (and repeat) the given rows, in that order: several continuations of one prompt share its prefill."""
+        self.cache.reorder_cache(rows.to(self.mask.device))
+        self.mask = self.mask[rows]
+        self.next_position = self.next_position[rows]
+
+
+def prefill(model, prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, Prefix]:
+    """``(logits, prefix)``: one forward over the left-padded ``prompts`` keeping their keys and values; ``logits``
+    (rows, vocab) are each prompt's next-token logits. Positions come from the attention mask, so a padded row sees
+    the positions it would see alone."""
     from alambic.modeling import model_device
 
     device = model_device(model)
@@ -101,9 +121,25 @@ def _sample(model, prompts, max_new_tokens, temperature, top_p, eos, pad_token_i
     extra = {"logits_to_keep": 1} if has_logits_to_keep else {}
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                    **{cache_arg: cache}, **extra).logits[:, -1]
-    next_position = positions[:, -1:] + 1
-    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    return logits, Prefix(cache, mask, positions[:, -1:] + 1, cache_arg)
+
+
+def extend(model, prefix: Prefix, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The logits (rows, time, vocab) of ``ids`` (rows, time) read after ``prefix``, which then holds them too.
+    ``mask`` marks real tokens; padding goes on the right (or is a finished row's repeated token), never read."""
+    mask = torch.cat([prefix.mask, mask.to(prefix.mask)], dim=1)
+    positions = prefix.next_position + torch.arange(ids.shape[1], device=prefix.next_position.device)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                   **{prefix.cache_arg: prefix.cache}).logits
+    prefix.mask, prefix.next_position = mask, prefix.next_position + ids.shape[1]
+    return logits
+
+
+@torch.inference_mode()
+def _sample(model, prompts, max_new_tokens, temperature, top_p, eos, pad_token_id, generator) -> list[list[int]]:
+    logits, prefix = prefill(model, prompts, pad_token_id)
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=logits.device)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=logits.device)
     steps = []
     for step in range(max_new_tokens):
         token = pick_tokens(logits, temperature, top_p, generator)
@@ -114,10 +150,7 @@ def _sample(model, prompts, max_new_tokens, temperature, top_p, eos, pad_token_i
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         # a row that just finished feeds its EOS once more, masked: its outputs are no longer read
-        mask = torch.cat([mask, (~finished).long()[:, None]], dim=1)
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, use_cache=True,
-                       **{cache_arg: cache}).logits[:, -1]
-        next_position = next_position + 1
+        logits = extend(model, prefix, token[:, None], (~finished).long()[:, None])[:, -1]
     tokens = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in prompts]
     out = []
     eos_set = set(eos)

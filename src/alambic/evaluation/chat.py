@@ -43,7 +43,7 @@ import functools
 import re
 import string
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -235,17 +235,32 @@ def continuation_logprobs(model, sequences: list[list[int]], starts: list[int], 
 
 
 @torch.no_grad()
-def forward_kl_sum(teacher, model, sequences: list[list[int]], starts: list[int], *, batch_size: int = 8,
-                   pad_id: int = 0) -> tuple[float, int]:
+def scored_rows(model, sequences: list[list[int]], starts: list[int], *, batch_size: int = 8,
+                pad_id: int = 0) -> list[tuple[torch.Tensor, object]]:
+    """Per batch of :func:`_batches`, ``model``'s ``(rows, head)`` at every position predicting a token from
+    ``starts[i]`` on: what :func:`forward_kl_sum` needs of the teacher, read once for every model compared with it
+    (hidden states, so a few kilobytes per token; full logits rows for a soft-capped model)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return [_rows(model, ids, mask, positions)
+                for _, ids, mask, positions, _, _ in _batches(sequences, starts, batch_size, pad_id)]
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def forward_kl_sum(teacher_rows: list[tuple[torch.Tensor, object]], model, sequences: list[list[int]],
+                   starts: list[int], *, batch_size: int = 8, pad_id: int = 0) -> tuple[float, int]:
     """``(sum, count)`` of ``KL(p_teacher || p_model)`` (T = 1, fp32) over every position predicting a token from
-    ``starts[i]`` on, both models reading the same tokens."""
-    modes = teacher.training, model.training
-    teacher.eval()
+    ``starts[i]`` on, both models reading the same tokens; ``teacher_rows``: the teacher's :func:`scored_rows` of
+    the same sequences and batch size."""
+    was_training = model.training
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64), 0
     try:
-        for _, ids, mask, positions, _, _ in _batches(sequences, starts, batch_size, pad_id):
-            t_rows, t_head = _rows(teacher, ids, mask, positions)
+        for (t_rows, t_head), (_, ids, mask, positions, _, _) in zip(
+                teacher_rows, _batches(sequences, starts, batch_size, pad_id), strict=True):
             m_rows, m_head = _rows(model, ids, mask, positions)
             for (i, t_logp), (_, m_logp) in zip(_log_softmax_chunks(t_rows, t_head),
                                                 _log_softmax_chunks(m_rows, m_head)):
@@ -253,8 +268,7 @@ def forward_kl_sum(teacher, model, sequences: list[list[int]], starts: list[int]
                 total += (t_logp.exp() * (t_logp - m_logp)).sum().double().cpu()
             count += len(positions)
     finally:
-        teacher.train(modes[0])
-        model.train(modes[1])
+        model.train(was_training)
     return float(total), count
 
 
@@ -273,21 +287,40 @@ def option_continuations(tokenizer, item: ChatItem) -> list[list[int]]:
     return continuations
 
 
+@torch.no_grad()
 def option_scores(model, tokenizer, items: list[ChatItem], *, batch_size: int = 8) -> list[list[float]]:
-    """Per item with options, each option's summed log-likelihood (end-of-turn token included) after the prompt."""
+    """Per item with options, each option's summed log-likelihood (end-of-turn token included) after the prompt.
+
+    Each prompt is read once (``batch_size`` prompts per forward, keeping their keys and values), then all its
+    options at once from that cache: the options' tokens are a few, the prompt's hundreds."""
+    from alambic.sampling import extend, prefill
+
     scored = [item for item in items if item.options]
-    sequences, starts, counts = [], [], []
-    for item in scored:
-        continuations = option_continuations(tokenizer, item)
-        sequences += [list(item.prompt_ids) + c for c in continuations]
-        starts += [len(item.prompt_ids)] * len(continuations)
-        counts.append(len(continuations))
-    sums = [float(lp.double().sum()) for lp in continuation_logprobs(model, sequences, starts, batch_size=batch_size,
-                                                                      pad_id=pad_id_of(tokenizer))]
-    out, at = [], 0
-    for n in counts:
-        out.append(sums[at:at + n])
-        at += n
+    pad = pad_id_of(tokenizer)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for first in range(0, len(scored), batch_size):
+            chunk = scored[first:first + batch_size]
+            continuations = [option_continuations(tokenizer, item) for item in chunk]
+            logits, prefix = prefill(model, [list(item.prompt_ids) for item in chunk], pad)
+            owners = torch.tensor([row for row, c in enumerate(continuations) for _ in c], dtype=torch.long)
+            prefix.select(owners)
+            flat = [c for cs in continuations for c in cs]
+            ids, mask = pad_rows(flat, pad)
+            device = logits.device
+            following = extend(model, prefix, ids.to(device), mask.to(device))
+            # token t of a continuation is predicted by the prompt's last position (t = 0), else by token t - 1
+            predicting = torch.cat([logits[owners.to(device), None], following[:, :-1]], dim=1)
+            logp = torch.log_softmax(predicting.float(), dim=-1).gather(-1, ids.to(device)[..., None]).squeeze(-1)
+            sums = (logp * mask.to(device)).double().sum(-1).tolist()
+            at = 0
+            for cs in continuations:
+                out.append(sums[at:at + len(cs)])
+                at += len(cs)
+    finally:
+        model.train(was_training)
     return out
 
 
@@ -303,6 +336,16 @@ class TeacherAnswers:
 
     model: torch.nn.Module
     answers: Answers
+    _rows: dict = field(default_factory=dict, repr=False)
+
+    def rows(self, items: list[ChatItem], batch_size: int, pad_id: int) -> list[tuple[torch.Tensor, object]]:
+        """The teacher's :func:`scored_rows` of its own answers to ``items``, computed on first use."""
+        key = (tuple(item.prompt_ids for item in items), batch_size, pad_id)
+        if key not in self._rows:
+            sequences = [list(item.prompt_ids) + ids for item, ids in zip(items, self.answers.ids)]
+            self._rows[key] = scored_rows(self.model, sequences, [len(item.prompt_ids) for item in items],
+                                          batch_size=batch_size, pad_id=pad_id)
+        return self._rows[key]
 
 
 def evaluate_model(model, tokenizer, items: list[ChatItem], *, teacher: TeacherAnswers | None = None,
@@ -333,7 +376,8 @@ def evaluate_model(model, tokenizer, items: list[ChatItem], *, teacher: TeacherA
         logprobs = continuation_logprobs(teacher.model, own, starts, batch_size=batch_size, pad_id=pad)
         tokens = sum(len(lp) for lp in logprobs)
         theirs = [list(item.prompt_ids) + ids for item, ids in zip(items, teacher.answers.ids)]
-        kl, positions = forward_kl_sum(teacher.model, model, theirs, starts, batch_size=batch_size, pad_id=pad)
+        kl, positions = forward_kl_sum(teacher.rows(items, batch_size, pad), model, theirs, starts,
+                                       batch_size=batch_size, pad_id=pad)
         row["rouge_l_teacher"] = sum(rouge_l(a, t) for a, t in zip(answers.texts, teacher.answers.texts)) / n
         row["teacher_nll"] = -sum(float(lp.double().sum()) for lp in logprobs) / max(tokens, 1)
         row["forward_kl"] = kl / max(positions, 1)

@@ -175,13 +175,14 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
             shutil.rmtree(out / "best")
         shutil.copytree(run_dir / "best", out / "best")
     save_model_folder(student_model, tokenizer, out / "student")  # the last step's student, as distill exports it
-    if card and (out / "best").is_dir():
-        atomic_write_text(out / "best" / "README.md", card)
-    if search_json and (out / "best").is_dir():
-        atomic_write_text(out / "best" / SEARCH_FILE, search_json)
-    if (out / "best").is_dir():  # so that a later stage can pair layers with their sources (copied)
-        for file_name, text in layers_record(source).items():
-            atomic_write_text(out / "best" / file_name, text)
+    # beside the last and the best student: how it was built (card, search) and the teacher layers it was copied
+    # from, so that a later stage can pair layers with their sources (copied)
+    extras = {**layers_record(source), **({SEARCH_FILE: search_json} if search_json else {}),
+              **({"README.md": card} if card else {})}
+    for folder in (out / "student", out / "best"):
+        if folder.is_dir():
+            for file_name, text in extras.items():
+                atomic_write_text(folder / file_name, text)
     summary = {"task": task, "teacher": str(teacher), "student": str(student or (f"layers {student_layers}" if student_layers else f"searched: {budget.describe()}")),
                "stages": list(plan), "labels": labels, "loss": vars(loss),
                "training_examples": {"labelled": sum(e.labelled for e in prepared.train_examples),
