@@ -307,3 +307,22 @@ def test_search_steps_rank_the_finalists_after_a_short_distillation(calibration,
         assert torch.equal(a, b)
     with pytest.raises(AlambicError, match="--search-steps must be 0 or more"):
         search_shape(teacher, budget, calibration, timing_cache=tmp_path, search_steps=-1, progress=False)
+
+
+def test_the_search_record_travels_through_distillation_from_a_run_folder(teacher_folder, tmp_path, capsys,
+                                                                          no_timing):
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(teacher_folder / "teacher").eval()
+    stub_timings(teacher, Budget(speedup=2.0), tmp_path / "cache")
+    student = tmp_path / "student"
+    assert main(["init-student", "--teacher", str(teacher_folder / "teacher"), "--out", str(student),
+                 "--target-speedup", "2", "--calibration-data", str(teacher_folder / "text.txt"),
+                 "--calibration-tokens", "512", "--max-length", "64", "--timing-cache", str(tmp_path / "cache"),
+                 "--no-progress"]) == 0
+    record = (student / SEARCH_FILE).read_text()
+    first, second = tmp_path / "first", tmp_path / "second"
+    for init, out in ((student, first), (first, second)):  # the second names the first's run folder
+        assert main(["distill", "--teacher", str(teacher_folder / "teacher"), "--student", str(init), "--data",
+                     str(teacher_folder / "text.txt"), "--max-steps", "1", "--batch-size", "2", "--max-length",
+                     "32", "--no-progress", "--out", str(out)]) == 0
+        assert (out / "student" / SEARCH_FILE).read_text() == record
+    assert f"{first} is a run folder: using its model {first / 'student'}" in capsys.readouterr().err

@@ -237,11 +237,10 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
     torch.manual_seed(cfg.training.seed)
     card = None  # the model card of a student whose layers were chosen by measurement
     if cfg.student.init:
-        student, student_tokenizer = load_model(cfg.student.init, kind=kind, for_training=True)
-        searched = searched_shape(cfg.student.init)
-        # the teacher layers it was copied from, when alambic built it
-        source = recorded_layers(resolve_model_path(cfg.student.init))
-        search_json = searched
+        init_dir = resolve_model_path(cfg.student.init)  # a run folder: its model folder, named once
+        student, student_tokenizer = load_model(init_dir, kind=kind, for_training=True)
+        # what alambic recorded building it: the shape search and the teacher layers it was copied from
+        search_json, source = searched_shape(init_dir), recorded_layers(init_dir)
         if teacher is not None:
             check_same_vocabulary(tokenizer, student_tokenizer, teacher.config, student.config)
     else:
