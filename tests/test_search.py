@@ -4,6 +4,7 @@ list every candidate, the calibration divergence is the direct computation, and 
 nothing written."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,8 +206,8 @@ def teacher_folder(tmp_path_factory):
     return root
 
 
-def test_init_student_with_a_budget_writes_the_table_card_and_search_file(teacher_folder, tmp_path, capsys,
-                                                                          no_timing):
+def searched_student(teacher_folder, tmp_path) -> Path:
+    """``init-student --target-speedup 2`` of the tiny teacher (timings stubbed): the student folder."""
     teacher = transformers.AutoModelForCausalLM.from_pretrained(teacher_folder / "teacher").eval()
     stub_timings(teacher, Budget(speedup=2.0), tmp_path / "cache")
     out = tmp_path / "student"
@@ -214,6 +215,12 @@ def test_init_student_with_a_budget_writes_the_table_card_and_search_file(teache
                  "--target-speedup", "2", "--calibration-data", str(teacher_folder / "text.txt"),
                  "--calibration-tokens", "512", "--max-length", "64", "--timing-cache", str(tmp_path / "cache"),
                  "--no-progress"]) == 0
+    return out
+
+
+def test_init_student_with_a_budget_writes_the_table_card_and_search_file(teacher_folder, tmp_path, capsys,
+                                                                          no_timing):
+    out = searched_student(teacher_folder, tmp_path)
     stdout = capsys.readouterr().out
     assert "| shape | params (M) |" in stdout and "| chosen |" in stdout and "shape search: " in stdout
     saved = json.loads((out / SEARCH_FILE).read_text())
@@ -311,13 +318,7 @@ def test_search_steps_rank_the_finalists_after_a_short_distillation(calibration,
 
 def test_the_search_record_travels_through_distillation_from_a_run_folder(teacher_folder, tmp_path, capsys,
                                                                           no_timing):
-    teacher = transformers.AutoModelForCausalLM.from_pretrained(teacher_folder / "teacher").eval()
-    stub_timings(teacher, Budget(speedup=2.0), tmp_path / "cache")
-    student = tmp_path / "student"
-    assert main(["init-student", "--teacher", str(teacher_folder / "teacher"), "--out", str(student),
-                 "--target-speedup", "2", "--calibration-data", str(teacher_folder / "text.txt"),
-                 "--calibration-tokens", "512", "--max-length", "64", "--timing-cache", str(tmp_path / "cache"),
-                 "--no-progress"]) == 0
+    student = searched_student(teacher_folder, tmp_path)
     record = (student / SEARCH_FILE).read_text()
     first, second = tmp_path / "first", tmp_path / "second"
     for init, out in ((student, first), (first, second)):  # the second names the first's run folder
