@@ -116,6 +116,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--student-lr", type=float,
                         help="the students' learning rate (default: --lr); runs at another lr are named VARIANT@lrX")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="a distill setting for the distillation variants (repeatable); their runs are named "
+                             "VARIANT@KEY=VALUE")
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--words", type=int, default=60, help="words of each article in the prompt")
     parser.add_argument("--eval-examples", type=int, default=120)
@@ -177,7 +180,9 @@ def main() -> None:
     names = []  # the students this call trains and evaluates
     for variant in args.variants:
         for seed in args.seeds:
-            name = f"{variant}{'' if student_lr == args.lr else f'@lr{student_lr:g}'}-s{seed}"
+            distilled = not variant.startswith("sft")
+            tags = ([] if student_lr == args.lr else [f"lr{student_lr:g}"]) + (args.settings if distilled else [])
+            name = f"{variant}{''.join('@' + t for t in tags)}-s{seed}"
             names.append(name)
             if name in results.get("train", {}):
                 continue
@@ -193,7 +198,7 @@ def main() -> None:
                                   train, "--out", folder, "--divergence", DIVERGENCE[variant],
                                   "--set", f"training.seed={seed}", "--set", "loss.alpha_cos=0",
                                   "--set", "training.warmup_ratio=0.1", *common)
-                for setting in SETTINGS.get(variant, []):
+                for setting in SETTINGS.get(variant, []) + args.settings:
                     command += ["--set", setting]
             start = time.time()
             cpu = run(command)
@@ -258,8 +263,9 @@ def print_table(results: dict) -> None:
             cpu = [results.get("train", {}).get(n, {}).get("cpu_s") for n in names]
             cpu = [c for c in cpu if c]
             cells.append(f"{statistics.mean(cpu):.0f}" if cpu else "")
-            variant, _, lr = group.partition("@lr")
-            label = VARIANTS.get(variant, variant) + (f", lr {lr}" if lr else "")
+            variant, *tags = group.split("@")  # VARIANT@lrX@KEY=VALUE...
+            label = VARIANTS.get(variant, variant) + "".join(
+                f", lr {tag[2:]}" if tag.startswith("lr") else f", {tag}" for tag in tags)
             print(f"| {label} (n={len(names)}) | " + " | ".join(cells) + " |")
 
 
