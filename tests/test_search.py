@@ -218,8 +218,8 @@ def searched_student(teacher_folder, tmp_path) -> Path:
     return out
 
 
-def test_init_student_with_a_budget_writes_the_table_card_and_search_file(teacher_folder, tmp_path, capsys,
-                                                                          no_timing):
+def test_init_student_with_a_budget_writes_the_table_card_and_search_file_that_travel(teacher_folder, tmp_path,
+                                                                                     capsys, no_timing):
     out = searched_student(teacher_folder, tmp_path)
     stdout = capsys.readouterr().out
     assert "| shape | params (M) |" in stdout and "| chosen |" in stdout and "shape search: " in stdout
@@ -229,6 +229,14 @@ def test_init_student_with_a_budget_writes_the_table_card_and_search_file(teache
     student = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert Shape(student.config.num_hidden_layers, student.config.hidden_size, student.config.intermediate_size,
                  student.config.num_attention_heads, student.config.num_key_value_heads).key == saved["chosen"]
+    # the record travels with the student through distillation, also from a run folder given as the student
+    first, second = tmp_path / "first", tmp_path / "second"
+    for init, run in ((out, first), (first, second)):
+        assert main(["distill", "--teacher", str(teacher_folder / "teacher"), "--student", str(init), "--data",
+                     str(teacher_folder / "text.txt"), "--max-steps", "1", "--batch-size", "2", "--max-length",
+                     "32", "--no-progress", "--out", str(run)]) == 0
+        assert json.loads((run / "student" / SEARCH_FILE).read_text()) == saved
+    assert f"{first} is a run folder: using its model {first / 'student'}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -266,13 +274,7 @@ def test_a_budget_no_shape_meets_is_one_line_and_writes_nothing(teacher_folder, 
 
 
 def test_the_report_checks_the_budget_and_plots_the_search(teacher_folder, tmp_path, capsys, no_timing):
-    teacher = transformers.AutoModelForCausalLM.from_pretrained(teacher_folder / "teacher").eval()
-    stub_timings(teacher, Budget(speedup=2.0), tmp_path / "cache")
-    student = tmp_path / "student"
-    assert main(["init-student", "--teacher", str(teacher_folder / "teacher"), "--out", str(student),
-                 "--target-speedup", "2", "--calibration-data", str(teacher_folder / "text.txt"),
-                 "--calibration-tokens", "512", "--max-length", "64", "--timing-cache", str(tmp_path / "cache"),
-                 "--no-progress"]) == 0
+    student = searched_student(teacher_folder, tmp_path)
     capsys.readouterr()
     out = tmp_path / "report"
     assert main(["report", str(teacher_folder / "teacher"), str(student), "--seq-lens", "128", "--batch-size", "1",
@@ -315,15 +317,3 @@ def test_search_steps_rank_the_finalists_after_a_short_distillation(calibration,
     with pytest.raises(AlambicError, match="--search-steps must be 0 or more"):
         search_shape(teacher, budget, calibration, timing_cache=tmp_path, search_steps=-1, progress=False)
 
-
-def test_the_search_record_travels_through_distillation_from_a_run_folder(teacher_folder, tmp_path, capsys,
-                                                                          no_timing):
-    student = searched_student(teacher_folder, tmp_path)
-    record = (student / SEARCH_FILE).read_text()
-    first, second = tmp_path / "first", tmp_path / "second"
-    for init, out in ((student, first), (first, second)):  # the second names the first's run folder
-        assert main(["distill", "--teacher", str(teacher_folder / "teacher"), "--student", str(init), "--data",
-                     str(teacher_folder / "text.txt"), "--max-steps", "1", "--batch-size", "2", "--max-length",
-                     "32", "--no-progress", "--out", str(out)]) == 0
-        assert (out / "student" / SEARCH_FILE).read_text() == record
-    assert f"{first} is a run folder: using its model {first / 'student'}" in capsys.readouterr().err
