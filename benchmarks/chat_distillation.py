@@ -52,11 +52,9 @@ SETTINGS = {"forward-kl-all": ["loss.kd_rows=tokens"], "gkd": ["on_policy.lmbda=
 
 
 def machine() -> str:
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = "unknown CPU"
-    return f"{cpu}, {os.cpu_count()} cores"
+    from alambic.evaluation.speed import cpu_name
+
+    return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
 def build_data(out: Path, words: int, eval_examples: int) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,16 +21,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def prompts_of(tokenizer, batch: int, tokens: int) -> list[list[int]]:
@@ -95,7 +84,9 @@ def main() -> int:
             sync()
             times[name].append(time.perf_counter() - start)
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    from alambic.evaluation.speed import cpu_name
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"model: {args.model} ({type(model).__name__}, {args.dtype}) on {device.type}: {where}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} CPU threads")
     print(f"batch {args.batch}, prompt lengths {[len(p) for p in prompts]}, {args.new_tokens} new tokens each, "
