@@ -89,6 +89,16 @@ def build_data(out: Path, words: int, eval_examples: int) -> None:
     write("train-prompts", ({"messages": r["messages"][:1]} for r in train))
 
 
+def headline_file(data: Path, split: str, examples: int) -> Path:
+    """The headline questions among the first ``examples`` records of the split (the test's were written with the
+    data; validation's, the first time they are needed)."""
+    path = data / f"{split}-headlines.jsonl"
+    if not path.exists():
+        rows = [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines()[:examples]]
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows if "options" not in r))
+    return path
+
+
 def run(command: list[str]) -> float:
     """Run an alambic command; returns its CPU seconds (user + system of the child)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -221,22 +231,23 @@ def main() -> None:
             evaluated[row["model"]] = row
         results[f"eval-{args.split}-cpu_s"] = cpu
         save()
-    if args.split == "test":  # headline ROUGE-L alone (the mixed rouge_l also counts the one-word topic answers)
-        headlines = results.setdefault("eval-test-headlines", {})
-        pending = {n: m for n, m in models.items() if n not in headlines and n != "student-init"}
-        if pending:
-            report = out / f"eval-test-headlines-{os.getpid()}.json"
-            run(alambic("eval-chat", *pending.values(), "--names", ",".join(pending), "--data",
-                        data / "test-headlines.jsonl", "--max-new-tokens", 24, "--json", "--out", report))
-            for row in json.loads(report.read_text()):
-                headlines[row["model"]] = row
-            save()
+    # headline ROUGE-L alone (the mixed rouge_l also counts the one-word topic answers)
+    headlines = results.setdefault(f"eval-{args.split}-headlines", {})
+    pending = {n: m for n, m in models.items() if n not in headlines and n != "student-init"}
+    if pending:
+        report = out / f"eval-{args.split}-headlines-{os.getpid()}.json"
+        run(alambic("eval-chat", *pending.values(), "--names", ",".join(pending), "--data",
+                    headline_file(data, args.split, args.eval_examples), "--max-new-tokens", 24, "--json", "--out",
+                    report))
+        for row in json.loads(report.read_text()):
+            headlines[row["model"]] = row
+        save()
     print_table(results)
 
 
 def print_table(results: dict) -> None:
     """Mean +- standard deviation over seeds of each variant's metrics."""
-    for split in ("eval-test", "eval-test-headlines", "eval-validation"):
+    for split in ("eval-test", "eval-test-headlines", "eval-validation", "eval-validation-headlines"):
         rows = results.get(split)
         if not rows:
             continue

@@ -63,6 +63,7 @@ def test_distill_on_chat_data_reports_and_evaluates_answers(chat_dir, tmp_path, 
     assert "chat data: 12 conversations, loss on assistant tokens only" in out
     config = (tmp_path / "run" / "config.yaml").read_text()
     assert "kd_rows: masked" in config and "divergence: skew_reverse_kl" in config
+    assert "lr: 0.0003" in config and "training.lr=0.0003: the default for a decoder on chat data" in out
     assert (tmp_path / "run" / "student" / "config.json").exists()
     assert _metrics(tmp_path / "run")[0]["eval/tokens"] < 200  # the answers' tokens, not the prompts'
 

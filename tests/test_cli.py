@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import transformers
+import yaml
 
 from alambic.cli import main
 from tiny import bpe_tokenizer, sample_texts, tiny_bert, tiny_llama, wordpiece_tokenizer
@@ -56,6 +57,10 @@ def test_distill_then_eval(teacher, files, tmp_path, capsys):
     assert not any(p.name.startswith(("optimizer", "trainer", "objective")) for p in (out / "student").iterdir())
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"loss/kd", "loss/lm", "loss/cos", "lr", "tokens_per_s"} <= set(log[1])
+    # training.lr unset: decoders train at the decoder default, encoders at DistilBERT's
+    lr = yaml.safe_load((out / "config.yaml").read_text())["training"]["lr"]
+    assert lr == (1e-3 if teacher == "llama" else 5e-4)
+    assert ("training.lr=0.001: the default for a decoder on raw text" in stdout) == (teacher == "llama")
 
     code, stdout, _ = run(["eval-lm", files / teacher, out / "student-init", out / "student",
                            "--data", files / "heldout.jsonl", "--max-length", 32, "--json"], capsys)
@@ -116,6 +121,14 @@ def test_rerun_into_an_existing_run_needs_resume(files, tmp_path, capsys):
     code, _, err = run(argv, capsys)
     assert code == 2 and "--resume" in err
     assert run(argv + ["--resume"], capsys)[0] == 0
+
+
+
+def test_a_learning_rate_the_user_sets_is_kept_for_a_decoder(files, tmp_path, capsys):
+    code, stdout, _ = run(["distill", "--teacher", files / "llama", "--data", files / "text", "--out", tmp_path / "run",
+                           "--max-steps", 1, "--lr", "2e-4", "--set", "data.max_length=32", "--no-progress"], capsys)
+    assert code == 0 and "the default for a decoder" not in stdout
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["training"]["lr"] == 2e-4
 
 
 def test_real_process_exit_code_and_no_traceback(files):
