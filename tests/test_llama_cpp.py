@@ -36,9 +36,10 @@ TEACHERS = {
 }
 WIDTH = {"llama": 48, "qwen2": 32, "gpt2": 32}
 NUM_HEADS = {"llama": 2, "qwen2": 2, "gpt2": 2}
-BOUND = {"f32": 1e-3, "f16": 0.05}
-"""Max |logit difference| to PyTorch in llama.cpp: float32 round-off, and f16 weights (the issue measured 0.03 on a
-pruned SmolLM2)."""
+BOUND = {"f32": 1e-3, "f16": 0.05, "q8_0": 0.02}
+"""Max |logit difference| to PyTorch in llama.cpp: float32 round-off, f16 weights (the issue measured 0.03 on a
+pruned SmolLM2), and 8-bit blocks (measured 0.004-0.006 here; llama.cpp also quantises the activations to 8 bits). q8_0 also
+takes llama.cpp's quantised matmul kernels, whose AMX variant crashed on AMX CPUs (export/runtime.py)."""
 
 
 def cli(*argv) -> int:
@@ -78,14 +79,15 @@ def test_a_pruned_distilled_student_runs_in_llama_cpp_as_in_pytorch(arch, files,
     batch = encode(tokenizer, model, list(SAMPLE_TEXTS), max_length=48)
     with torch.no_grad():
         reference = {"logits": model(**batch).logits}
-    for gguf_type in ("f32", "f16"):
+    for gguf_type in BOUND:
         out = tmp_path / f"gguf-{gguf_type}"
         assert cli("export", student, "--format", "gguf", "--gguf-type", gguf_type, "--out", out) == 0
         exported = load_exported(out)
         assert exported.runtime == "llama.cpp"
         result = parity(reference, {"logits": exported(**batch).logits}, batch["attention_mask"])
         assert result["max_abs_diff"] < BOUND[gguf_type], (gguf_type, result)
-        assert result["top1_agreement"] >= 0.99
+        # a tiny random model's logits are near ties (0.006 apart at q8_0 flips 3% of its top-1 choices)
+        assert result["top1_agreement"] >= (0.95 if gguf_type == "q8_0" else 0.99), (gguf_type, result)
         # the export's own parity check ran in llama.cpp too
         assert "llama.cpp" in {p["runtime"] for p in read_manifest(out)["parity"]}
 

@@ -10,11 +10,14 @@ unchanged (evaluation reads the full logits of an exported model rather than spl
 - ONNX graphs run in ONNX Runtime (CPU, as many threads as torch uses);
 - ``model-int8.pt`` runs in PyTorch with its int8 linear layers;
 - a ``.gguf`` file runs in llama.cpp when ``llama-cpp-python`` is installed, else it is read back by transformers
-  (dequantised to float32: the quality is the file's, the speed is PyTorch's, and the report says so).
+  (dequantised to float32: the quality is the file's, the speed is PyTorch's, and the report says so). On a CPU
+  with AMX, llama.cpp loads the weights in plain CPU buffers: its AMX weight buffers crash its matmul there
+  (ggml-org/llama.cpp#20824; every q8_0 file, SmolLM2's included, segfaulted with llama-cpp-python 0.3.36).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -99,8 +102,9 @@ class LlamaCppModel(torch.nn.Module):
         from llama_cpp import Llama
 
         super().__init__()
-        self.llm = Llama(model_path=str(file), n_ctx=context, n_batch=context, logits_all=True, verbose=False,
-                         n_threads=torch.get_num_threads())
+        with _plain_weight_buffers_on_amx():
+            self.llm = Llama(model_path=str(file), n_ctx=context, n_batch=context, logits_all=True, verbose=False,
+                             n_threads=torch.get_num_threads())
         self.config, self.precision, self.outputs = config, precision, ["logits"]
 
     def forward(self, input_ids, attention_mask=None, **_):
@@ -115,6 +119,32 @@ class LlamaCppModel(torch.nn.Module):
             self.llm.eval(input_ids[row, positions].tolist())
             logits[row, positions] = np.asarray(self.llm.scores[:len(positions)], dtype=np.float32)
         return _outputs({"logits": logits})
+
+
+@contextlib.contextmanager
+def _plain_weight_buffers_on_amx():
+    """While llama-cpp-python loads a model on a CPU with AMX: ``use_extra_bufts=False`` (no AMX or repacked weight
+    buffers). Its ``Llama`` takes no such argument, so the default model parameters it starts from are wrapped for
+    the load and restored after."""
+    import llama_cpp
+
+    if (b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info()
+            or "use_extra_bufts" not in dict(llama_cpp.llama_model_params._fields_)):
+        yield
+        return
+    bindings = llama_cpp.llama.llama_cpp  # the module whose defaults Llama.__init__ reads
+    defaults = bindings.llama_model_default_params
+
+    def plain_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = plain_buffers
+    try:
+        yield
+    finally:
+        bindings.llama_model_default_params = defaults
 
 
 def gguf_round_trip(folder: Path, manifest: dict) -> torch.nn.Module:
