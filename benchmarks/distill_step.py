@@ -4,6 +4,7 @@
     python benchmarks/distill_step.py --setups bert-base --profile       # + where alambic's step spends its time
     python benchmarks/distill_step.py --setups decoder-128,encoder-128 --variants naive,alambic
     python benchmarks/distill_step.py --compile            # alambic's steps with torch.compile'd bodies
+    python benchmarks/distill_step.py --setups bert-base --repeats 3 --keep-freed-memory all   # the allocator's share
     # issue 22 item 2: compilation and attention dropout, each against the default step in the same run
     python benchmarks/distill_step.py --setups bert-base --repeats 3 \
         --variants reference,alambic-bf16,alambic-bf16-compile,alambic-bf16-no-attention-dropout
@@ -29,7 +30,9 @@ its peak resident or device memory is its own):
 Printed per step: tokens/s (non-pad tokens), FLOPs counted by ``torch.utils.flop_counter`` for that step, achieved
 FLOP/s and its share of this machine's dense matmul rates in fp32 and bf16 measured in the same run, peak memory,
 the loss of the first step (same weights, same batch; dropout draws differ), and each variant's ratio to the
-reference. ``--profile`` adds torch.profiler's breakdown of alambic's steps by kind of work. The triple-loss weights
+reference. alambic's variants keep freed host memory for reuse, as the engine does on a CPU
+(:mod:`alambic.engine.host_memory`); ``--keep-freed-memory all`` does the same for the reference and naive steps,
+``none`` for no step. ``--profile`` adds torch.profiler's breakdown of alambic's steps by kind of work. The triple-loss weights
 are DistilBERT's (5, 2, 1, T = 2; encoders mask with smoothing 0.7).
 """
 
@@ -212,12 +215,15 @@ def measure(args) -> dict:
 
     from alambic.config import DataConfig, TrainingConfig
     from alambic.data.pipeline import training_batches
+    from alambic.engine.host_memory import keep_freed_memory
     from alambic.engine.loop import build_optimizer
     from alambic.engine.master_weights import MasterWeights
     from alambic.modeling import lm_body
     from alambic.recipes.distilbert import DistilBERTLossConfig, DistilBERTRecipe
 
     teacher_name, layers, batch_size, seq_len = SETUPS[args.setup]
+    if args.keep_freed_memory == "all" or (args.keep_freed_memory == "engine" and args.variant.startswith("alambic")):
+        keep_freed_memory()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     variant = args.variant
@@ -309,6 +315,9 @@ def main() -> None:
                         "time per kind of work")
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer bodies in alambic's "
                         "steps (compilation happens in the untimed warm-up step)")
+    parser.add_argument("--keep-freed-memory", choices=("engine", "all", "none"), default="engine",
+                        help="which steps run with freed host memory kept for reuse: alambic's, as its engine does on "
+                             "a CPU (engine), every step including the reference (all), or none")
     parser.add_argument("--setup", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -331,7 +340,8 @@ def main() -> None:
         runs: dict[str, list[dict]] = {v: [] for v in variants}
         for repeat in range(args.repeats):  # interleaved, so a slow spell of a shared machine hits every variant
             for variant in variants:
-                cmd = [sys.executable, __file__, "--setup", setup, "--variant", variant, "--steps", str(args.steps)]
+                cmd = [sys.executable, __file__, "--setup", setup, "--variant", variant, "--steps", str(args.steps),
+                       "--keep-freed-memory", args.keep_freed_memory]
                 cmd += ["--compile"] if args.compile and variant.startswith("alambic") else []
                 cmd += ["--profile"] if args.profile and repeat == 0 else []
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env)

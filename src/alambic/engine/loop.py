@@ -32,6 +32,7 @@ from alambic.engine.disk import DiskGuard, estimated_checkpoint_bytes
 from alambic.engine.checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, resume_checkpoint,
                                        rng_state, save_checkpoint, save_model_folder)
 from alambic.engine.master_weights import MasterWeights
+from alambic.engine.host_memory import keep_freed_memory
 from alambic.engine.precision import PrecisionChoice, choose_precision
 from alambic.errors import AlambicError
 
@@ -146,6 +147,9 @@ def make_accelerator(cfg: TrainingConfig, precision: PrecisionChoice | None = No
                               cpu=not torch.cuda.is_available())
     check_engine(accelerator.distributed_type)
     accelerator.print(f"mixed precision: {precision.describe()}")
+    if accelerator.device.type == "cpu" and keep_freed_memory():
+        accelerator.print("host memory: freed blocks kept for reuse, so steps do not page-fault their buffers back in "
+                          "(ALAMBIC_KEEP_FREED_MEMORY=0 returns them to the system)")
     return accelerator
 
 
