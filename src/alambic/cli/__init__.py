@@ -298,8 +298,9 @@ def add_cache_teacher(sub) -> None:
         "cache-teacher",
         help="run a teacher once over a corpus and store its top-k outputs, for distill --teacher-logits",
         description="Run the teacher once over the sequences `alambic distill` would train on and store, per token, "
-        "its top-k log-probabilities at --temperature and the log of the remaining mass (fp16 / uint16 shards with a "
-        "manifest: teacher, tokenizer and data fingerprints, max_length, k, temperature). `alambic distill "
+        "its top-k log-probabilities at --temperature and the log of the remaining mass (shards in the compact format 2 "
+        "by default, --cache-format 1 for float16, with a manifest: teacher, tokenizer and data fingerprints, "
+        "max_length, k, temperature). `alambic distill "
         "--teacher-logits OUT` then trains without the teacher. Encoders get static masks, drawn once and stored. "
         "Resumable (rerun the same command), and under torchrun each process writes its share of the shards.",
     )
