@@ -21,24 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-ALAMBIC = [sys.executable, "-m", "alambic"]
-
-
-def run(argv: list[str], log: Path) -> None:
-    print("$ alambic " + " ".join(argv[3:]), flush=True)
-    with open(log, "a", encoding="utf-8") as handle:
-        handle.write("$ alambic " + " ".join(argv[3:]) + "\n")
-        handle.flush()
-        subprocess.run(argv, check=True, stdout=handle, stderr=subprocess.STDOUT)
+from shape_search import ALAMBIC, run  # the encoder benchmark's runner (this folder is on sys.path when run)
 
 
 def main() -> int:
