@@ -178,3 +178,21 @@ def test_bf16_with_master_weights_through_every_training_verb(files, tmp_path, c
         logs = list((tmp_path / student).parent.rglob("metrics.jsonl"))
         losses = [json.loads(line).get("loss") for log in logs for line in log.read_text().splitlines()]
         assert logs and all(math.isfinite(x) for x in losses if x is not None), student
+
+
+@pytest.mark.parametrize("arch, fmt", [("bert", "onnx"), ("llama", "gguf")])
+def test_a_tinybert_student_exports_as_the_student_alone_and_runs_like_pytorch(arch, fmt, files, tmp_path):
+    # TinyBERT trains projections from the narrower student's width to the teacher's; the export is the student's
+    # own shape and computes what the student computes in PyTorch (ONNX Runtime; GGUF read back, and in llama.cpp
+    # where it is installed)
+    width = {"bert": 16, "llama": 32}[arch]
+    assert cli("distill", "--recipe", "tinybert", "--teacher", files / arch, "--data", files / "text.txt",
+               "--out", tmp_path / "run", "--max-steps", 2, "--batch-size", 2, "--layers", "1,3", "--no-progress",
+               "--set", f"student.hidden_size={width}", "--set", "student.num_heads=4",
+               "--set", "data.max_length=24") == 0
+    assert cli("export", tmp_path / "run", "--format", fmt, "--out", tmp_path / fmt) == 0
+    manifest = read_manifest(tmp_path / fmt)
+    assert "parity_outside_bound" not in manifest
+    assert all(result["max_abs_diff"] < 1e-2 * max(1.0, result["max_abs_reference"]) for result in manifest["parity"])
+    config = transformers.AutoConfig.from_pretrained(tmp_path / fmt)
+    assert config.hidden_size == width and config.num_hidden_layers == 2
