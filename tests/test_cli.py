@@ -131,6 +131,15 @@ def test_a_learning_rate_the_user_sets_is_kept_for_a_decoder(files, tmp_path, ca
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["training"]["lr"] == 2e-4
 
 
+def test_another_recipe_on_a_decoder_keeps_the_default_learning_rate(files, tmp_path, capsys):
+    # the decoder rates were chosen for the distilbert recipe's losses; TinyBERT's were not measured at them
+    code, stdout, _ = run(["distill", "--recipe", "tinybert", "--teacher", files / "llama", "--data", files / "text",
+                           "--out", tmp_path / "run", "--max-steps", 1, "--set", "data.max_length=32", "--no-progress"],
+                          capsys)
+    assert code == 0 and "the default for a decoder" not in stdout
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["training"]["lr"] == 5e-4
+
+
 def test_real_process_exit_code_and_no_traceback(files):
     result = subprocess.run([sys.executable, "-m", "alambic", "distill", "--teacher", "no-such-teacher", "--data",
                              str(files / "text"), "--out", "x"], capture_output=True, text=True, timeout=120)

@@ -190,8 +190,8 @@ class TrainingConfig:
     grad_accum: int = 1
     """Micro-batches accumulated per optimiser step (effective batch = batch_size x grad_accum x processes)."""
     lr: float = 5e-4
-    """Peak learning rate. Left unset, `distill` trains a decoder student at 1e-3 on raw text and 3e-4 on chat data
-    (each chosen on validation), an encoder at this 5e-4 (DistilBERT's)."""
+    """Peak learning rate. Left unset, `distill`'s distilbert recipe trains a decoder student at 1e-3 on raw text and
+    3e-4 on chat data (each chosen on validation); encoders and the other recipes keep this 5e-4 (DistilBERT's)."""
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     weight_decay: float = 0.0

@@ -238,8 +238,8 @@ def add_distill(sub) -> None:
     p.add_argument("--max-steps", type=int, help="optimiser steps")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step")
-    p.add_argument("--lr", type=float, help="peak learning rate (training.lr; default for a decoder student 1e-3 "
-                   "on raw text, 3e-4 on chat data; 5e-4 for an encoder)")
+    p.add_argument("--lr", type=float, help="peak learning rate (training.lr; default 5e-4, and for a decoder student of "
+                   "the distilbert recipe 1e-3 on raw text, 3e-4 on chat data)")
     p.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, help=MIXED_PRECISION_HELP)
     p.add_argument("--divergence", help="soft-target divergence (loss.divergence): forward_kl (default), reverse_kl, "
                    "jsd, skew_kl, skew_reverse_kl, tvd")

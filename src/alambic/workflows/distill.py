@@ -148,9 +148,11 @@ DistilBERT's 5e-4, the config's default."""
 
 
 def _fit_learning_rate(cfg: DistillConfig, kind: str, chat: bool, say) -> None:
-    """A decoder student trains at :data:`DECODER_LR` for its data when the user left training.lr unset."""
+    """A decoder student of the distilbert recipe (the loss the rates were chosen for) trains at :data:`DECODER_LR`
+    for its data when the user left training.lr unset."""
     data = "chat data" if chat else "raw text"
-    if kind == "causal" and not cfg.is_explicit("training.lr") and cfg.training.lr != DECODER_LR[data]:
+    if (kind == "causal" and cfg.recipe == "distilbert" and not cfg.is_explicit("training.lr")
+            and cfg.training.lr != DECODER_LR[data]):
         cfg.training.lr = DECODER_LR[data]
         say(f"training.lr={cfg.training.lr:g}: the default for a decoder on {data} (chosen on validation; set "
             "training.lr or --lr for another)")
