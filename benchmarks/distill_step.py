@@ -197,6 +197,15 @@ def _inplace_addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
+def top_ops(profiler, count: int = 8) -> list[tuple[str, str, float]]:
+    """The ``count`` aten ops with the most self time, by input shapes: (name, shapes, milliseconds per step)."""
+    cuda = torch.cuda.is_available()
+    events = [e for e in profiler.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
+    events.sort(key=lambda e: -(e.self_device_time_total if cuda else e.self_cpu_time_total))
+    return [(e.key, str(e.input_shapes), (e.self_device_time_total if cuda else e.self_cpu_time_total) / 2e3)
+            for e in events[:count]]
+
+
 def breakdown(profiler) -> dict[str, float]:
     """Seconds of self CPU (or device) time per kind of work in :data:`PROFILE_KINDS`, the rest as "other"."""
     seconds: dict[str, float] = {}
@@ -274,6 +283,7 @@ def measure(args) -> dict:
         step(on_device(1))
     flops = counter.get_total_flops()
     seconds, tokens, collation = 0.0, 0, 0.0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # pages first touched (or touched again) by the steps
     for i in range(2, 2 + args.steps):
         start = time.perf_counter()
         batch = on_device(i)  # collation (masking, padding) and the copy to the device, outside the step's timer
@@ -287,17 +297,19 @@ def measure(args) -> dict:
     result = {"variant": args.variant, "tokens_per_s": tokens / seconds, "step_s": seconds / args.steps,
               "first_step_s": first_step_s,
               "flops_per_step": flops, "achieved_flops": flops * args.steps / seconds, "first_loss": first_loss,
-              "collation_ms": 1000 * collation / args.steps}
+              "collation_ms": 1000 * collation / args.steps,
+              "page_faults_per_step": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps}
     result["peak_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if cuda
                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if args.profile and variant.startswith("alambic"):
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities) as profiler:
+        with profile(activities=activities, record_shapes=True) as profiler:
             for i in range(2 + args.steps, 4 + args.steps):
                 float(step(on_device(i)))
         result["profile_s"] = {k: v / 2 for k, v in breakdown(profiler).items()}  # per step
+        result["top_ops"] = top_ops(profiler)
     return result
 
 
@@ -381,13 +393,17 @@ def main() -> None:
                       f"faster: {pays}")
         for name, rs in runs.items():
             collation = statistics.median(r["collation_ms"] for r in rs)
+            faults = statistics.median(r["page_faults_per_step"] for r in rs)
             print(f"{setup:<13}{name}: collation {collation:.2f} ms per micro-batch "
-                  f"({100 * collation / 1000 / rs[0]['step_s']:.2f}% of a step)")
+                  f"({100 * collation / 1000 / rs[0]['step_s']:.2f}% of a step); {faults:,.0f} minor page faults "
+                  "per step")
             if "profile_s" in rs[0]:
                 total = sum(rs[0]["profile_s"].values())
                 parts = sorted(rs[0]["profile_s"].items(), key=lambda kv: -kv[1])
                 print(f"{setup:<13}{name} profile, {total:.2f} s of op time per step: "
                       + ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f}%)" for k, v in parts))
+                for op, shapes, ms in rs[0]["top_ops"]:
+                    print(f"{setup:<13}{name} profile: {op} {shapes}: {ms:.1f} ms per step")
 
 if __name__ == "__main__":
     main()
