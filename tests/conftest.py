@@ -16,3 +16,14 @@ def isolated_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ALAMBIC_CACHE", str(tmp_path_factory.getbasetemp() / "alambic-cache"))
         yield
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    """A folder of twelve short real-text files, one document each (the engine's and checkpoints' tests train on it)."""
+    from tiny import sample_texts
+
+    folder = tmp_path_factory.mktemp("text")
+    for i, text in enumerate(sample_texts(12)):
+        (folder / f"{i}.txt").write_text(text)
+    return str(folder)

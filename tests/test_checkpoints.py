@@ -10,7 +10,7 @@ import torch
 from alambic.engine import checkpoint as ckpt
 from alambic.engine.loop import train
 from alambic.errors import AlambicError
-from test_engine import make_run, text_dir  # noqa: F401 (a fixture)
+from test_engine import make_run
 
 
 class Interrupt(Exception):

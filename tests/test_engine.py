@@ -13,15 +13,7 @@ from alambic.engine.checkpoint import latest_checkpoint
 from alambic.engine.loop import NonFiniteLoss, train
 from alambic.recipes.distilbert import DistilBERTLossConfig, DistilBERTRecipe
 from alambic.students import init_student
-from tiny import bpe_tokenizer, sample_texts, tiny_bert, tiny_llama, wordpiece_tokenizer
-
-
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("text")
-    for i, text in enumerate(sample_texts(12)):
-        (folder / f"{i}.txt").write_text(text)
-    return str(folder)
+from tiny import bpe_tokenizer, tiny_bert, tiny_llama, wordpiece_tokenizer
 
 
 def make_run(family, text_dir, **training):

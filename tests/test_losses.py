@@ -242,3 +242,32 @@ def test_fused_vocabulary_loss_gradients_under_bf16_match_fp32(chunk, group_logi
     for fp32, bf16 in zip(*grads):
         assert bf16.dtype == torch.float32
         assert (bf16 - fp32).norm() <= 0.02 * fp32.norm()
+
+
+@pytest.mark.parametrize("chunk, group_logits", [(0, None), (5, 64 * 10), (5, 64 * 7)])
+def test_fused_vocabulary_loss_with_bf16_parameters_matches_fp32(chunk, group_logits, monkeypatch):
+    """bf16 parameters and features (``mixed_precision: bf16``, fp32 masters in the optimiser): the gradients come
+    back in bf16, equal to fp32's to bf16 precision, whether one product makes the weight gradient (no groups) or
+    several groups add up in fp32 (groups of 10 and of 5 rows with a partial last group)."""
+    from alambic.losses import vocabulary
+
+    if group_logits is not None:
+        monkeypatch.setitem(vocabulary._GROUP_LOGITS, "cpu", group_logits)
+    g = torch.Generator().manual_seed(2)
+    N, d, V = 23, 32, 64
+    x0, xt = torch.randn(N, d, generator=g), torch.randn(N, d, generator=g)
+    weight, bias = torch.randn(V, d, generator=g), torch.randn(V, generator=g)
+    teacher_weight = torch.randn(V, d, generator=g)
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[::4] = -100
+    grads = []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = x0.to(dtype, copy=True).requires_grad_()
+        projection, teacher = _linear(weight, bias).to(dtype), _linear(teacher_weight).to(dtype)
+        loss = vocabulary.fused_vocabulary_loss(x, projection, xt.to(dtype), teacher, targets, 2.0, 1 / N, 0.5 / N,
+                                                chunk)[0]
+        (2 * loss).backward()
+        grads.append([x.grad, projection.weight.grad, projection.bias.grad])
+    for fp32, bf16 in zip(*grads):
+        assert bf16.dtype == torch.bfloat16
+        assert (bf16.float() - fp32).norm() <= 0.02 * fp32.norm()

@@ -9,15 +9,7 @@ from alambic.config import DataConfig
 from alambic.data.pipeline import training_batches
 from alambic.recipes.distilbert import DistilBERTLossConfig, DistilBERTRecipe
 from alambic.students import init_student
-from tiny import bpe_tokenizer, sample_texts, tiny_bert, tiny_llama, wordpiece_tokenizer
-
-
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("text")
-    for i, text in enumerate(sample_texts(6)):
-        (folder / f"{i}.txt").write_text(text)
-    return folder
+from tiny import bpe_tokenizer, tiny_bert, tiny_llama, wordpiece_tokenizer
 
 
 def setup(family, text_dir, **loss):

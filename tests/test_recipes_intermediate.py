@@ -17,15 +17,7 @@ from alambic.errors import AlambicError
 from alambic.recipes.minilm import MiniLMLossConfig, MiniLMRecipe
 from alambic.recipes.tinybert import TinyBERTLossConfig, TinyBERTRecipe
 from alambic.students import init_student
-from tiny import bpe_tokenizer, sample_texts, tiny_bert, tiny_llama, wordpiece_tokenizer
-
-
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("text")
-    for i, text in enumerate(sample_texts(8)):
-        (folder / f"{i}.txt").write_text(text)
-    return folder
+from tiny import bpe_tokenizer, tiny_bert, tiny_llama, wordpiece_tokenizer
 
 
 def first_batch(text_dir, tokenizer, kind):

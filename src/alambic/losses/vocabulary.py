@@ -130,7 +130,7 @@ class _FusedVocabularyLoss(torch.autograd.Function):
         logits, spare, grad = (torch.empty(chunk, vocab, dtype=torch.float32, device=x.device) for _ in range(3))
         teacher_buffer = torch.empty_like(logits) if with_kd and not sparse else None
         grad_x = torch.empty_like(x)
-        grad_w = None  # fp32, V x d: the first product is written, later ones added
+        grad_w = None  # V x d, fp32 where several products add up; the first product is written, later ones added
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=x.device) if bias is not None else None
         if dtype == torch.float32:
             group_rows, group = chunk, None
@@ -180,7 +180,10 @@ class _FusedVocabularyLoss(torch.autograd.Function):
             end = start + n
             if end % group_rows == 0 or end == rows:  # the group is full (or the rows are done): one product
                 product = group[:offset + n].t() @ x_c[start - offset:end]
-                grad_w = product.float() if grad_w is None else grad_w.add_(product)
+                if grad_w is None and end == rows and weight.dtype == dtype:
+                    grad_w = product  # one product is the whole gradient, in the weight's dtype: no fp32 round trip
+                else:
+                    grad_w = product.float() if grad_w is None else grad_w.add_(product)
         if grad_w is None:  # no rows
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
         kd_sum = kd_sum * T**2
