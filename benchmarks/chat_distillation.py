@@ -13,7 +13,7 @@ bbc-news:heldout. Every stage runs the `alambic` command as a user would:
    (c) forward-kl, and (d) the other divergences: `alambic distill` on the gold conversations;
    (e) gkd: on-policy / mixed (on_policy.lmbda);
    (f) the student before training;
-4. `alambic eval-chat` of every model on the test (validation with --select) against the teacher.
+4. `alambic eval-chat` of every model on the test (the validation data with --split validation) against the teacher.
 
     python benchmarks/chat_distillation.py --out runs/chat-bench --teacher-steps 150 --steps 40 --seeds 0 1 2
 
@@ -57,9 +57,8 @@ def machine() -> str:
     return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
-def build_data(out: Path, words: int, eval_examples: int) -> None:
-    """train / validation / test chat files (topic and headline questions with gold answers), the headline questions
-    among the first ``eval_examples`` of the test (their ROUGE-L alone), and the train prompts."""
+def build_data(out: Path, words: int) -> None:
+    """train / validation / test chat files (topic and headline questions with gold answers) and the train prompts."""
     from alambic.data.sources import is_heldout, packaged_labelled_texts
 
     def records(spec):
@@ -85,17 +84,16 @@ def build_data(out: Path, words: int, eval_examples: int) -> None:
     write("validation-small", validation[:60])  # selection during training: evaluating costs a teacher forward
     test = list(records("bbc-news:heldout"))
     write("test", test)
-    write("test-headlines", [r for r in test[:eval_examples] if "options" not in r])
     write("train-prompts", ({"messages": r["messages"][:1]} for r in train))
 
 
 def headline_file(data: Path, split: str, examples: int) -> Path:
-    """The headline questions among the first ``examples`` records of the split (the test's were written with the
-    data; validation's, the first time they are needed)."""
-    path = data / f"{split}-headlines.jsonl"
-    if not path.exists():
-        rows = [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines()[:examples]]
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows if "options" not in r))
+    """The headline questions among the first ``examples`` records of the split, written for this evaluation (the
+    file always matches ``--eval-examples``)."""
+    path, partial = data / f"{split}-headlines.jsonl", data / f"{split}-headlines.{os.getpid()}.partial"
+    rows = [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines()[:examples]]
+    partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows if "options" not in r))
+    os.replace(partial, path)  # runs sharing OUT may evaluate side by side: none reads a half-written file
     return path
 
 
@@ -156,7 +154,7 @@ def main() -> None:
     results["machine"] = machine()
     data = out / "data"
     if not (data / "test.jsonl").exists():
-        build_data(data, args.words, args.eval_examples)
+        build_data(data, args.words)
     if args.data_only:
         print(f"chat data written to {data}: train.jsonl, validation.jsonl, validation-small.jsonl, test.jsonl, "
               "train-prompts.jsonl")

@@ -197,13 +197,14 @@ def _inplace_addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
-def top_ops(profiler, count: int = 8) -> list[tuple[str, str, float]]:
-    """The ``count`` aten ops with the most self time, by input shapes: (name, shapes, milliseconds per step)."""
+def top_ops(profiler, count: int = 8) -> list[tuple[str, str, float, float]]:
+    """The ``count`` aten ops with the most self time, by input shapes: (name, shapes, milliseconds per step, calls per
+    step)."""
     cuda = torch.cuda.is_available()
     events = [e for e in profiler.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
     events.sort(key=lambda e: -(e.self_device_time_total if cuda else e.self_cpu_time_total))
-    return [(e.key, str(e.input_shapes), (e.self_device_time_total if cuda else e.self_cpu_time_total) / 2e3)
-            for e in events[:count]]
+    return [(e.key, str(e.input_shapes), (e.self_device_time_total if cuda else e.self_cpu_time_total) / 2e3,
+             e.count / 2) for e in events[:count]]
 
 
 def breakdown(profiler) -> dict[str, float]:
@@ -402,8 +403,8 @@ def main() -> None:
                 parts = sorted(rs[0]["profile_s"].items(), key=lambda kv: -kv[1])
                 print(f"{setup:<13}{name} profile, {total:.2f} s of op time per step: "
                       + ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f}%)" for k, v in parts))
-                for op, shapes, ms in rs[0]["top_ops"]:
-                    print(f"{setup:<13}{name} profile: {op} {shapes}: {ms:.1f} ms per step")
+                for op, shapes, ms, calls in rs[0]["top_ops"]:
+                    print(f"{setup:<13}{name} profile: {op} {shapes}: {ms:.1f} ms per step in {calls:g} calls")
 
 if __name__ == "__main__":
     main()
