@@ -197,26 +197,33 @@ def _inplace_addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
+PROFILED_STEPS = 2
+
+
+def _self_us(event) -> float:
+    """An op's own time (microseconds, over the profiled steps): on the device where there is one, else on the CPU."""
+    return event.self_device_time_total if torch.cuda.is_available() else event.self_cpu_time_total
+
+
 def top_ops(profiler, count: int = 8) -> list[tuple[str, str, float, float]]:
     """The ``count`` aten ops with the most self time, by input shapes: (name, shapes, milliseconds per step, calls per
     step)."""
-    cuda = torch.cuda.is_available()
     events = [e for e in profiler.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
-    events.sort(key=lambda e: -(e.self_device_time_total if cuda else e.self_cpu_time_total))
-    return [(e.key, str(e.input_shapes), (e.self_device_time_total if cuda else e.self_cpu_time_total) / 2e3,
-             e.count / 2) for e in events[:count]]
+    events.sort(key=lambda e: -_self_us(e))
+    return [(e.key, str(e.input_shapes), _self_us(e) / 1e3 / PROFILED_STEPS, e.count / PROFILED_STEPS)
+            for e in events[:count]]
 
 
 def breakdown(profiler) -> dict[str, float]:
-    """Seconds of self CPU (or device) time per kind of work in :data:`PROFILE_KINDS`, the rest as "other"."""
+    """Seconds of self CPU (or device) time per step and kind of work in :data:`PROFILE_KINDS`, the rest as
+    "other"."""
     seconds: dict[str, float] = {}
     for event in profiler.key_averages():
         name = event.key
         if not name.startswith("aten::"):
             continue
         kind = next((k for k, parts in PROFILE_KINDS.items() if any(p in name for p in parts)), "other")
-        own = event.self_device_time_total if torch.cuda.is_available() else event.self_cpu_time_total
-        seconds[kind] = seconds.get(kind, 0.0) + own / 1e6
+        seconds[kind] = seconds.get(kind, 0.0) + _self_us(event) / 1e6 / PROFILED_STEPS
     return seconds
 
 
@@ -307,9 +314,9 @@ def measure(args) -> dict:
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities, record_shapes=True) as profiler:
-            for i in range(2 + args.steps, 4 + args.steps):
+            for i in range(2 + args.steps, 2 + args.steps + PROFILED_STEPS):
                 float(step(on_device(i)))
-        result["profile_s"] = {k: v / 2 for k, v in breakdown(profiler).items()}  # per step
+        result["profile_s"] = breakdown(profiler)
         result["top_ops"] = top_ops(profiler)
     return result
 
