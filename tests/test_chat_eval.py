@@ -173,10 +173,10 @@ def test_loaded_models_need_their_tokenizer_and_a_name_each(tmp_path):
 # --- the verb -------------------------------------------------------------------------------------------------------
 
 def test_eval_chat_end_to_end_json(files, tmp_path, capsys):
-    out = tmp_path / "rows.json"
+    out, answers = tmp_path / "rows.json", tmp_path / "answers" / "answers.jsonl"
     code = main(["eval-chat", str(files / "teacher"), str(files / "student"), "--names", "self,student",
                  "--teacher", str(files / "teacher"), "--data", str(files / "short.jsonl"), "--max-new-tokens", "8",
-                 "--batch-size", "4", "--json", "--out", str(out)])
+                 "--batch-size", "4", "--json", "--out", str(out), "--samples", str(answers)])
     assert code == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows == json.loads(out.read_text())
@@ -193,6 +193,18 @@ def test_eval_chat_end_to_end_json(files, tmp_path, capsys):
     assert self_row["forward_kl"] == pytest.approx(0.0, abs=1e-6)  # the teacher evaluated against itself
     assert self_row["rouge_l_teacher"] == 1.0
     assert student_row["forward_kl"] > 0.01 and student_row["parameters"] < self_row["parameters"]
+
+    # the answers behind the figures: one line per prompt, each model's answer and the teacher's
+    samples = [json.loads(line) for line in answers.read_text().splitlines()]
+    records = [json.loads(line) for line in (files / "short.jsonl").read_text().splitlines()]
+    assert [s["messages"] for s in samples] == [r["messages"][:-1] for r in records]
+    assert [s["gold"] for s in samples] == [r["messages"][-1]["content"] for r in records]
+    assert all(set(s["answers"]) == {"teacher", "self", "student"} for s in samples)
+    assert all(s["answers"]["self"] == s["answers"]["teacher"] for s in samples)  # greedy: the same model, same text
+    assert all(s["where"].endswith(f"short.jsonl:{i}") for i, s in enumerate(samples, 1))
+    for row in rows:
+        assert row["rouge_l"] == pytest.approx(
+            sum(rouge_l(s["answers"][row["model"]], s["gold"]) for s in samples) / len(samples))
 
     assert main(["eval-chat", str(files / "student"), "--data", str(files / "short.jsonl"), "--max-examples", "2",
                  "--max-new-tokens", "4", "--temperature", "1", "--seed", "3"]) == 0
@@ -226,6 +238,7 @@ BAD = {
     "names count": (lambda f, t: ["{teacher}", "--data", "{data}", "--names", "a,b"], "one name per model"),
     "max examples": (lambda f, t: ["{teacher}", "--data", "{data}", "--max-examples", "0"], "--max-examples"),
     "out is a folder": (lambda f, t: ["{teacher}", "--data", "{data}", "--out", str(t)], "is a folder"),
+    "samples is a folder": (lambda f, t: ["{teacher}", "--data", "{data}", "--samples", str(t)], "--samples"),
 }
 
 

@@ -35,6 +35,9 @@ def add_eval_chat(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling, with --temperature (default 0)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--out", metavar="FILE", help="also write the rows as JSON to FILE")
+    p.add_argument("--samples", metavar="FILE", help="also write every prompt's gold answer and each model's answer "
+                   "(the teacher's too) as JSON lines to FILE: {\"where\", \"messages\", \"gold\", \"answers\": "
+                   "{name: text}}")
     p.set_defaults(run=run_eval_chat)
 
 
@@ -42,18 +45,24 @@ def run_eval_chat(args) -> int:
     from alambic.data.chat import read_chat
     from alambic.evaluation.chat import evaluate_chat
 
-    out = Path(args.out) if args.out else None
-    if out is not None and out.is_dir():
-        raise AlambicError(f"--out {out} is a folder: give a file name (e.g. {out / 'eval-chat.json'})")
+    out, samples_file = (Path(path) if path else None for path in (args.out, args.samples))
+    for flag, path, example in (("--out", out, "eval-chat.json"), ("--samples", samples_file, "answers.jsonl")):
+        if path is not None and path.is_dir():
+            raise AlambicError(f"{flag} {path} is a folder: give a file name (e.g. {path / example})")
     records = read_chat(args.data, need_response=False)
+    samples = [] if samples_file is not None else None
     rows = evaluate_chat(args.models, records, teacher=args.teacher,
                          names=args.names.split(",") if args.names else None,
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          temperature=args.sampling_temperature, top_p=args.top_p, seed=args.seed,
-                         max_examples=args.max_examples)
+                         max_examples=args.max_examples, samples=samples)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=2) + "\n")
+    if samples_file is not None:
+        samples_file.parent.mkdir(parents=True, exist_ok=True)
+        samples_file.write_text("".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples),
+                                encoding="utf-8")
     print(json.dumps(rows, indent=2) if args.json else format_chat_table(rows))
     return 0
 

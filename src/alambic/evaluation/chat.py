@@ -435,14 +435,19 @@ def _check_logit_columns(name: str, config, teacher_config, teacher_name: str) -
 
 def evaluate_chat(models, records: list[ChatRecord], *, teacher=None, names: list[str] | None = None,
                   tokenizer=None, max_new_tokens: int = 64, batch_size: int = 8, temperature: float = 0.0,
-                  top_p: float = 1.0, seed: int = 0, max_examples: int | None = None, device=None) -> list[dict]:
+                  top_p: float = 1.0, seed: int = 0, max_examples: int | None = None, device=None,
+                  samples: list | None = None) -> list[dict]:
     """One row per model: ``{"model": name, "parameters": ..., <metrics of the module docstring>, "examples": n}``.
 
     ``models`` and ``teacher``: specs :func:`alambic.teachers.load_model` takes (loaded one at a time, as causal LMs,
     onto ``device``: the GPU when there is one), or loaded models, left where they are (``tokenizer`` then
     required). Prompts are rendered with ``tokenizer``, else the teacher's, else the first model's; every model must
     share its vocabulary, checked (with the positions each prompt needs) before any model runs. Greedy at
-    ``temperature`` 0, else seeded sampling (``top_p``); the teacher answers with the same settings."""
+    ``temperature`` 0, else seeded sampling (``top_p``); the teacher answers with the same settings.
+
+    ``samples``: a list that receives one record per evaluated prompt, to read the answers behind the figures:
+    ``{"where": file:line, "messages": the prompt, "gold": answer, "answers": {name: text}}``, the teacher's answer
+    under the name ``teacher``."""
     from alambic.students import count_parameters
 
     models = list(models)
@@ -474,14 +479,22 @@ def evaluate_chat(models, records: list[ChatRecord], *, teacher=None, names: lis
             _check_logit_columns(label, config, described[0][1], labels[0])
         check_positions(config, items, max_new_tokens, label)
 
+    answer_texts = {}  # name -> its answers, for ``samples``
     teacher_answers = None
     if teacher is not None:
         teacher_model = _load(teacher, device)
         teacher_answers = TeacherAnswers(teacher_model, generate_answers(teacher_model, tokenizer, items, **settings))
+        answer_texts["teacher"] = teacher_answers.answers.texts
     rows = []
     for spec, name in zip(models, names):
         model = _load(spec, device)
-        metrics = evaluate_model(model, tokenizer, items, teacher=teacher_answers, **settings)
+        answers = generate_answers(model, tokenizer, items, **settings)
+        metrics = evaluate_model(model, tokenizer, items, teacher=teacher_answers, answers=answers, **settings)
         rows.append({"model": name, "parameters": count_parameters(model), **metrics})
+        answer_texts[name] = answers.texts
         del model
+    if samples is not None:
+        samples += [{"where": item.where, "messages": record.prompt, "gold": item.reference,
+                     "answers": {name: texts[i] for name, texts in answer_texts.items()}}
+                    for i, (record, item) in enumerate(zip(records, items))]
     return rows
