@@ -68,6 +68,22 @@ def test_distill_on_chat_data_reports_and_evaluates_answers(chat_dir, tmp_path, 
     assert _metrics(tmp_path / "run")[0]["eval/tokens"] < 200  # the answers' tokens, not the prompts'
 
 
+def test_print_config_shows_what_distill_fits_to_the_teacher_and_data(chat_dir, text_dir, capsys):
+    """--print-config is the configuration distill trains with: the decoder's learning rate for chat data or raw
+    text and the soft targets' rows, each resolved from the teacher's config and the data; a set lr is kept."""
+    import yaml
+
+    def printed(data, *extra):
+        assert main(["distill", "--teacher", str(chat_dir / "teacher"), "--data", str(data), "--out", "o",
+                     "--print-config", *extra]) == 0
+        config = yaml.safe_load(capsys.readouterr().out)
+        return config["training"]["lr"], config["loss"]["kd_rows"]
+
+    assert printed(chat_dir / "chat.jsonl") == (3e-4, "masked")
+    assert printed(text_dir) == (1e-3, "tokens")
+    assert printed(chat_dir / "chat.jsonl", "--lr", "5e-4") == (5e-4, "masked")
+
+
 def test_layers_measured_on_chat_data_count_every_token_read(chat_dir, tmp_path, capsys):
     """Influence reads the whole conversation, the loss scores the answers: the card names both counts."""
     assert main(["init-student", "--teacher", str(chat_dir / "teacher"), "--layers", "auto:influence", "--depth", "2",

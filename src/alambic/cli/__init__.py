@@ -278,11 +278,12 @@ def distill_config_from_args(args):
 def run_distill(args) -> int:
     import yaml
 
+    from alambic.workflows.distill import distill, planned_config
+
     cfg = distill_config_from_args(args)
     if args.print_config:
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        print(yaml.safe_dump(planned_config(cfg).to_dict(), sort_keys=False), end="")
         return 0
-    from alambic.workflows.distill import distill
 
     result = distill(cfg, resume=args.resume, progress=not args.no_progress)
     evals = {k: v for k, v in result.metrics.items() if k.startswith("eval/")}

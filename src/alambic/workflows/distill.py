@@ -158,6 +158,26 @@ def _fit_learning_rate(cfg: DistillConfig, kind: str, chat: bool, say) -> None:
             "training.lr or --lr for another)")
 
 
+def planned_config(cfg: DistillConfig) -> DistillConfig:
+    """``cfg`` with what `distill` fits to the teacher and the data before training, found without loading a model
+    (``--print-config``): the settings an offline cache fixes, a decoder's learning rate for its data, the rows the
+    soft targets cover. (What depends on the student built, as the cosine term of a narrower one, is left as set.)"""
+    cfg.validate()
+    if cfg.teacher_logits:
+        manifest = read_manifest(cfg.teacher_logits)
+        _adopt_cache_settings(cfg, manifest)
+        kind, chat = manifest["kind"], manifest.get("chat", False)
+    else:
+        from transformers import AutoConfig
+
+        kind = model_kind(AutoConfig.from_pretrained(resolve_model_path(cfg.teacher)))
+        chat = bool(cfg.data.train) and is_chat(cfg.data.train, cfg.data)
+    _fit_learning_rate(cfg, kind, chat, say=lambda _line: None)
+    if cfg.recipe == "distilbert":
+        resolve_kd_rows(cfg.loss, chat)
+    return cfg
+
+
 def _fit_cosine_term(cfg: DistillConfig, teacher_width: int, student: torch.nn.Module, say) -> None:
     """The cosine term compares hidden states, so it needs the teacher's width: a narrower student turns it off
     when the user left loss.alpha_cos unset (a set value meets the recipe's one-line refusal)."""
