@@ -35,13 +35,15 @@ from alambic.teachers import load_model
 
 VARIANTS = {
     "triple": {"loss": {"alpha_kd": 5.0, "alpha_lm": 2.0, "alpha_cos": 1.0, "temperature": 2.0}},
+    "triple-t1": {"loss": {"alpha_kd": 5.0, "alpha_lm": 2.0, "alpha_cos": 1.0, "temperature": 1.0}},
     "ce-only": {"loss": {"alpha_kd": 0.0, "alpha_lm": 1.0, "alpha_cos": 0.0}},
     "kl-t1": {"loss": {"alpha_kd": 1.0, "alpha_lm": 0.0, "alpha_cos": 0.0, "temperature": 1.0}},
     # TinyBERT's intermediate losses plus soft targets; the layer map pairs student and teacher layers
     "tinybert-uniform": {"recipe": "tinybert", "loss": {"layer_map": "uniform", "alpha_prediction": 1.0}},
     "tinybert-copied": {"recipe": "tinybert", "loss": {"layer_map": "copied", "alpha_prediction": 1.0}},
 }
-LABELS = {"triple": "triple loss (kd 5, lm 2, cos 1, T 2)", "ce-only": "next-token cross-entropy only (no teacher)",
+LABELS = {"triple": "triple loss (kd 5, lm 2, cos 1, T 2)", "triple-t1": "triple loss at T 1 (kd 5, lm 2, cos 1)",
+          "ce-only": "next-token cross-entropy only (no teacher)",
           "kl-t1": "forward KL alone at T 1 (kd 1, lm 0, cos 0)",
           "tinybert-uniform": "TinyBERT (embedding, hidden, attention MSE + soft targets), layer map uniform",
           "tinybert-copied": "TinyBERT, layer map copied (each layer from the teacher layer it was copied from)"}
