@@ -64,24 +64,26 @@ def test_distill_on_chat_data_reports_and_evaluates_answers(chat_dir, tmp_path, 
     config = (tmp_path / "run" / "config.yaml").read_text()
     assert "kd_rows: masked" in config and "divergence: skew_reverse_kl" in config
     assert "lr: 0.0003" in config and "training.lr=0.0003: the default for a decoder on chat data" in out
+    assert "temperature: 1.0" in config and "loss.temperature=1: the default for a decoder on chat data" in out
     assert (tmp_path / "run" / "student" / "config.json").exists()
     assert _metrics(tmp_path / "run")[0]["eval/tokens"] < 200  # the answers' tokens, not the prompts'
 
 
 def test_print_config_shows_what_distill_fits_to_the_teacher_and_data(chat_dir, text_dir, capsys):
-    """--print-config is the configuration distill trains with: the decoder's learning rate for chat data or raw
-    text and the soft targets' rows, each resolved from the teacher's config and the data; a set lr is kept."""
+    """--print-config is the configuration distill trains with: the decoder's learning rate and temperature for chat
+    data or raw text and the soft targets' rows, each resolved from the teacher's config and the data; set values
+    are kept."""
     import yaml
 
     def printed(data, *extra):
         assert main(["distill", "--teacher", str(chat_dir / "teacher"), "--data", str(data), "--out", "o",
                      "--print-config", *extra]) == 0
         config = yaml.safe_load(capsys.readouterr().out)
-        return config["training"]["lr"], config["loss"]["kd_rows"]
+        return config["training"]["lr"], config["loss"]["temperature"], config["loss"]["kd_rows"]
 
-    assert printed(chat_dir / "chat.jsonl") == (3e-4, "masked")
-    assert printed(text_dir) == (1e-3, "tokens")
-    assert printed(chat_dir / "chat.jsonl", "--lr", "5e-4") == (5e-4, "masked")
+    assert printed(chat_dir / "chat.jsonl") == (3e-4, 1.0, "masked")
+    assert printed(text_dir) == (1e-3, 2.0, "tokens")
+    assert printed(chat_dir / "chat.jsonl", "--lr", "5e-4", "--set", "loss.temperature=2") == (5e-4, 2.0, "masked")
 
 
 def test_layers_measured_on_chat_data_count_every_token_read(chat_dir, tmp_path, capsys):

@@ -39,7 +39,8 @@ class DistilBERTLossConfig:
     alpha_cos: float = 1.0
     """Weight of the cosine distance between last hidden states (non-pad tokens)."""
     temperature: float = 2.0
-    """Softmax temperature of the soft targets (T > 1 softens them)."""
+    """Softmax temperature of the soft targets (T > 1 softens them). Left unset, `distill` trains a decoder on chat
+    data at 1 (chosen on validation); raw text and encoders keep DistilBERT's 2."""
     divergence: str = "forward_kl"
     """Soft-target divergence: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl or tvd (methods.md section 10)."""
     divergence_param: float | None = None

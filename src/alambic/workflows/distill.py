@@ -146,22 +146,36 @@ best of 5e-4 / 1e-3 / 2e-3 by perplexity (100 steps of 4 x 128 tokens); chat dat
 3e-4 / 1e-3 by headline ROUGE-L (80 steps of 8 conversations; 1e-4 was behind on every measure). Encoders keep
 DistilBERT's 5e-4, the config's default."""
 
+CHAT_TEMPERATURE = 1.0
+"""The soft targets' temperature of a decoder student on chat data when loss.temperature is unset. Chosen on
+validation over 3 seeds (docs/benchmarks.md), the instruct benchmark at 320 steps: headline ROUGE-L 0.222 +- 0.007 at
+T = 1 against 0.213 +- 0.008 at DistilBERT's T = 2, topic accuracy equal. On raw text the two tie (validation
+perplexity 62.2 against 62.6, within the seeds' spread), so raw text keeps T = 2, the config's default."""
 
-def _fit_learning_rate(cfg: DistillConfig, kind: str, chat: bool, say) -> None:
-    """A decoder student of the distilbert recipe (the loss the rates were chosen for) trains at :data:`DECODER_LR`
-    for its data when the user left training.lr unset."""
+
+def _fit_decoder_defaults(cfg: DistillConfig, kind: str, chat: bool, say) -> None:
+    """A decoder student of the distilbert recipe (the loss these were chosen for) trains at :data:`DECODER_LR` for
+    its data, and at :data:`CHAT_TEMPERATURE` on chat data, each when the user left it unset (an offline cache's
+    temperature is the cache's)."""
+    if kind != "causal" or cfg.recipe != "distilbert":
+        return
     data = "chat data" if chat else "raw text"
-    if (kind == "causal" and cfg.recipe == "distilbert" and not cfg.is_explicit("training.lr")
-            and cfg.training.lr != DECODER_LR[data]):
+    if not cfg.is_explicit("training.lr") and cfg.training.lr != DECODER_LR[data]:
         cfg.training.lr = DECODER_LR[data]
         say(f"training.lr={cfg.training.lr:g}: the default for a decoder on {data} (chosen on validation; set "
             "training.lr or --lr for another)")
+    if (chat and not cfg.teacher_logits and not cfg.is_explicit("loss.temperature")
+            and cfg.loss.temperature != CHAT_TEMPERATURE):
+        cfg.loss.temperature = CHAT_TEMPERATURE
+        say(f"loss.temperature={cfg.loss.temperature:g}: the default for a decoder on chat data (chosen on validation; "
+            "set loss.temperature for another)")
 
 
 def planned_config(cfg: DistillConfig) -> DistillConfig:
     """``cfg`` with what `distill` fits to the teacher and the data before training, found without loading a model
-    (``--print-config``): the settings an offline cache fixes, a decoder's learning rate for its data, the rows the
-    soft targets cover. (What depends on the student built, as the cosine term of a narrower one, is left as set.)"""
+    (``--print-config``): the settings an offline cache fixes, a decoder's learning rate and temperature for its data,
+    the rows the soft targets cover. (What depends on the student built, as the cosine term of a narrower one, is
+    left as set.)"""
     cfg.validate()
     if cfg.teacher_logits:
         manifest = read_manifest(cfg.teacher_logits)
@@ -172,7 +186,7 @@ def planned_config(cfg: DistillConfig) -> DistillConfig:
 
         kind = model_kind(AutoConfig.from_pretrained(resolve_model_path(cfg.teacher)))
         chat = bool(cfg.data.train) and is_chat(cfg.data.train, cfg.data)
-    _fit_learning_rate(cfg, kind, chat, say=lambda _line: None)
+    _fit_decoder_defaults(cfg, kind, chat, say=lambda _line: None)
     if cfg.recipe == "distilbert":
         resolve_kd_rows(cfg.loss, chat)
     return cfg
@@ -273,7 +287,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
         teacher, tokenizer = load_teacher(cfg.teacher)
         kind, student_tokenizer = model_kind(teacher), tokenizer
         teacher_parameters, teacher_layers = count_parameters(teacher), num_layers(teacher.config)
-    _fit_learning_rate(cfg, kind, chat, say)
+    _fit_decoder_defaults(cfg, kind, chat, say)
     torch.manual_seed(cfg.training.seed)
     card = None  # the model card of a student whose layers were chosen by measurement
     if cfg.student.init:
