@@ -46,6 +46,13 @@ class DistillResult:
     metrics: dict
 
 
+def _trains_on_chat(cfg: DistillConfig) -> bool:
+    """Whether the run trains on chat data: an offline cache says so in its manifest, else the training data."""
+    if cfg.teacher_logits:
+        return read_manifest(cfg.teacher_logits).get("chat", False)
+    return bool(cfg.data.train) and is_chat(cfg.data.train, cfg.data)
+
+
 def _check_inputs(cfg: DistillConfig, resume: bool) -> tuple[list[dict] | None, list[str], bool]:
     """Everything checkable before the teacher loads; returns the calibration batches of layers=auto (else None),
     lines saying which unset options took a cache's values, and whether the training data is chat data."""
@@ -61,9 +68,7 @@ def _check_inputs(cfg: DistillConfig, resume: bool) -> tuple[list[dict] | None, 
         describe_sources(cfg.data.train)
     if cfg.data.eval:
         describe_sources(cfg.data.eval)
-    chat = bool(cfg.data.train) and is_chat(cfg.data.train, cfg.data)
-    if cfg.teacher_logits:
-        chat = read_manifest(cfg.teacher_logits).get("chat", False)
+    chat = _trains_on_chat(cfg)
     if cfg.on_policy.lmbda > 0 and not chat:
         raise AlambicError("on_policy.lmbda > 0 has the student answer the prompts of chat data, but the training data "
                            "is raw text: give chat records ({\"messages\": [...]} or {\"prompt\": ...} .jsonl) or set "
@@ -180,12 +185,12 @@ def planned_config(cfg: DistillConfig) -> DistillConfig:
     if cfg.teacher_logits:
         manifest = read_manifest(cfg.teacher_logits)
         _adopt_cache_settings(cfg, manifest)
-        kind, chat = manifest["kind"], manifest.get("chat", False)
+        kind = manifest["kind"]
     else:
         from transformers import AutoConfig
 
         kind = model_kind(AutoConfig.from_pretrained(resolve_model_path(cfg.teacher)))
-        chat = bool(cfg.data.train) and is_chat(cfg.data.train, cfg.data)
+    chat = _trains_on_chat(cfg)
     _fit_decoder_defaults(cfg, kind, chat, say=lambda _line: None)
     if cfg.recipe == "distilbert":
         resolve_kd_rows(cfg.loss, chat)
