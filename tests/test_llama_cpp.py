@@ -18,7 +18,8 @@ import transformers
 from alambic.cli import main
 from alambic.export.runtime import load_exported, read_manifest
 from alambic.workflows.export import SAMPLE_TEXTS, encode, parity
-from tiny import bpe_tokenizer, sample_texts, tiny_gpt2, tiny_llama, tiny_qwen2
+from tiny import (bpe_tokenizer, chat_records, sample_texts, save_chat_teacher_and_data, tiny_gpt2, tiny_llama,
+                  tiny_qwen2)
 
 pytestmark = pytest.mark.llama_cpp
 llama_cpp = pytest.importorskip(
@@ -154,3 +155,30 @@ def test_a_searched_student_runs_in_llama_cpp(files, tmp_path):
         reference = {"logits": model(**batch).logits}
     result = parity(reference, {"logits": exported(**batch).logits}, batch["attention_mask"])
     assert result["max_abs_diff"] < BOUND["f32"] and result["top1_agreement"] >= 0.99
+
+
+def test_a_pruned_chat_student_answers_in_llama_cpp_as_in_pytorch(tmp_path):
+    """Chat data -> distil a narrower student (the loss on the answers) -> GGUF -> llama.cpp's own chat completion,
+    with the chat template the file carries: the same prompt tokens and the same greedy answer as PyTorch."""
+    save_chat_teacher_and_data(tmp_path, hidden_size=64, intermediate_size=128)  # the student: 48 wide, 2 heads of 16
+    run = tmp_path / "run"
+    assert cli("distill", "--teacher", tmp_path / "teacher", "--data", tmp_path / "chat.jsonl", "--out", run,
+               "--layers", "0,3", "--set", "student.hidden_size=48", "--set", "student.num_heads=2",
+               "--max-steps", 2, "--batch-size", 2, "--max-length", 256, "--no-progress") == 0
+    student = run / "student"
+    out = tmp_path / "gguf"
+    assert cli("export", student, "--format", "gguf", "--gguf-type", "f32", "--out", out) == 0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(student)
+    model = transformers.AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
+    assert model.config.hidden_size == 48
+    messages = [{"role": "user", "content": chat_records(1)[0]["messages"][0]["content"]}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        answer = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected = tokenizer.decode(answer[0, ids.shape[1]:], skip_special_tokens=True)
+    llm = llama_cpp.Llama(model_path=str(out / read_manifest(out)["files"][0]), n_ctx=512, verbose=False)
+    assert llm.metadata["tokenizer.chat_template"] == tokenizer.chat_template
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids[0].tolist()
+    reply = llm.create_chat_completion(messages=messages, max_tokens=8, temperature=0.0, top_k=1, seed=0)
+    assert expected and reply["choices"][0]["message"]["content"] == expected

@@ -156,13 +156,14 @@ def chat_records(n: int = 12) -> list[dict]:
     return records
 
 
-def save_chat_teacher_and_data(root: Path, teacher: str = "teacher") -> Path:
-    """A saved tiny Llama with the chat tokenizer in ``root / teacher`` and conversations in ``root/chat.jsonl``."""
+def save_chat_teacher_and_data(root: Path, teacher: str = "teacher", **overrides) -> Path:
+    """A saved tiny Llama (``overrides`` to its config) with the chat tokenizer in ``root / teacher`` and
+    conversations in ``root/chat.jsonl``."""
     import json
 
     tok = chat_tokenizer()
-    tiny_llama(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id).save_pretrained(
-        root / teacher)
+    tiny_llama(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+               **overrides).save_pretrained(root / teacher)
     tok.save_pretrained(root / teacher)
     (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat_records()))
     return root
