@@ -86,6 +86,37 @@ def test_print_config_shows_what_distill_fits_to_the_teacher_and_data(chat_dir, 
     assert printed(chat_dir / "chat.jsonl", "--lr", "5e-4", "--set", "loss.temperature=2") == (5e-4, 2.0, "masked")
 
 
+def test_teacher_written_answers_distil_at_their_own_temperature(chat_dir, tmp_path, capsys):
+    """`alambic generate`'s output (its manifest beside the data) keeps T = 2, the same records elsewhere take the
+    chat default T = 1; a set temperature wins; the run's log says which default applied."""
+    import shutil
+
+    import yaml
+
+    written = tmp_path / "written"
+    assert main(["generate", "--teacher", str(chat_dir / "teacher"), "--prompts", str(chat_dir / "chat.jsonl"),
+                 "--out", str(written), "--max-new-tokens", "8", "--temperature", "1", "--max-prompts", "8",
+                 "--no-progress"]) == 0
+    (tmp_path / "copied").mkdir()
+    shutil.copy(written / "data.jsonl", tmp_path / "copied" / "data.jsonl")
+    capsys.readouterr()
+
+    def temperature(data, *extra):
+        assert main(["distill", "--teacher", str(chat_dir / "teacher"), "--data", str(data), "--out", "o",
+                     "--print-config", *extra]) == 0
+        return yaml.safe_load(capsys.readouterr().out)["loss"]["temperature"]
+
+    assert temperature(written / "data.jsonl") == 2.0
+    assert temperature(written) == 2.0  # the folder as data: its data.jsonl
+    assert temperature(tmp_path / "copied" / "data.jsonl") == 1.0
+    assert temperature(written / "data.jsonl", "--set", "loss.temperature=1") == 1.0
+    assert main(["distill", "--teacher", str(chat_dir / "teacher"), "--data", str(written / "data.jsonl"), "--out",
+                 str(tmp_path / "run"), "--layers", "0,3", "--batch-size", "4", "--max-length", "256", "--max-steps",
+                 "1", "--no-progress"]) == 0
+    assert ("loss.temperature=2: the default for a decoder on teacher-written chat data (`alambic generate`'s output)"
+            in capsys.readouterr().out)
+
+
 def test_layers_measured_on_chat_data_count_every_token_read(chat_dir, tmp_path, capsys):
     """Influence reads the whole conversation, the loss scores the answers: the card names both counts."""
     assert main(["init-student", "--teacher", str(chat_dir / "teacher"), "--layers", "auto:influence", "--depth", "2",

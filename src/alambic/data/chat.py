@@ -127,6 +127,25 @@ def _records(path: Path) -> list[tuple[dict, str]]:
                        "field")
 
 
+TEACHER_WRITTEN_KIND = "alambic-generate"
+"""The ``kind`` of the ``manifest.json`` that `alambic generate` writes beside the conversations it wrote."""
+
+
+def is_teacher_written(specs) -> bool:
+    """Whether every file of ``specs`` holds answers a teacher wrote: `alambic generate`'s output, whose folder's
+    manifest.json says so (sequence-level KD data, whose answers are the teacher's own choices)."""
+    files = _chat_files(specs)
+    return bool(files) and all(_generated(path) for path in files)
+
+
+def _generated(path: Path) -> bool:
+    try:
+        manifest = json.loads((path.parent / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("kind") == TEACHER_WRITTEN_KIND
+
+
 def is_chat_data(specs) -> bool:
     """Whether ``specs`` are chat records (their first record has a ``messages`` or ``prompt`` field)."""
     files = _chat_files(specs)

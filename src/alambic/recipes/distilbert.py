@@ -40,7 +40,8 @@ class DistilBERTLossConfig:
     """Weight of the cosine distance between last hidden states (non-pad tokens)."""
     temperature: float = 2.0
     """Softmax temperature of the soft targets (T > 1 softens them). Left unset, `distill` trains a decoder on chat
-    data at 1 (chosen on validation); raw text and encoders keep DistilBERT's 2."""
+    data at 1 (chosen on validation), except on teacher-written answers (`alambic generate`'s output), which keep 2 as
+    raw text and encoders do (DistilBERT's)."""
     divergence: str = "forward_kl"
     """Soft-target divergence: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl or tvd (methods.md section 10)."""
     divergence_param: float | None = None

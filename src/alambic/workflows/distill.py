@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from alambic.config import DistillConfig
 from alambic.data.on_policy import OnPolicyBatches
 from alambic.data.pipeline import heldout_batches, is_chat, training_batches
-from alambic.data.chat import ChatExamples
+from alambic.data.chat import ChatExamples, is_teacher_written
 from alambic.data.collate import pad_id_of
 from alambic.data.sources import describe_sources
 from alambic.engine.checkpoint import finished_step, latest_checkpoint, require_checkpoints
@@ -151,11 +151,13 @@ best of 5e-4 / 1e-3 / 2e-3 by perplexity (100 steps of 4 x 128 tokens); chat dat
 3e-4 / 1e-3 by headline ROUGE-L (80 steps of 8 conversations; 1e-4 was behind on every measure). Encoders keep
 DistilBERT's 5e-4, the config's default."""
 
-CHAT_TEMPERATURE = 1.0
-"""The soft targets' temperature of a decoder student on chat data when loss.temperature is unset. Chosen on
-validation over 3 seeds (docs/benchmarks.md), the instruct benchmark at 320 steps: headline ROUGE-L 0.222 +- 0.007 at
-T = 1 against 0.213 +- 0.008 at DistilBERT's T = 2, topic accuracy equal. On raw text the two tie (validation
-perplexity 62.2 against 62.6, within the seeds' spread), so raw text keeps T = 2, the config's default."""
+CHAT_TEMPERATURE = {"chat data": 1.0, "teacher-written chat data": 2.0}
+"""The soft targets' temperature of a decoder student on chat data when loss.temperature is unset, by whose answers
+the data holds. Chosen on validation over 3 seeds (docs/benchmarks.md), the instruct benchmark at 320 steps: on gold
+answers, headline ROUGE-L 0.222 +- 0.007 at T = 1 against 0.213 +- 0.008 at T = 2, topic accuracy equal; on the
+teacher's own answers (`alambic generate`'s output), 0.224 +- 0.004 at T = 2 against 0.215 +- 0.004 at T = 1, topic
+accuracy equal. On raw text the two tie (validation perplexity 62.2 against 62.6, within the seeds' spread), so raw
+text keeps T = 2, the config's default."""
 
 
 def _fit_decoder_defaults(cfg: DistillConfig, kind: str, chat: bool, say) -> None:
@@ -169,11 +171,13 @@ def _fit_decoder_defaults(cfg: DistillConfig, kind: str, chat: bool, say) -> Non
         cfg.training.lr = DECODER_LR[data]
         say(f"training.lr={cfg.training.lr:g}: the default for a decoder on {data} (chosen on validation; set "
             "training.lr or --lr for another)")
-    if (chat and not cfg.teacher_logits and not cfg.is_explicit("loss.temperature")
-            and cfg.loss.temperature != CHAT_TEMPERATURE):
-        cfg.loss.temperature = CHAT_TEMPERATURE
-        say(f"loss.temperature={cfg.loss.temperature:g}: the default for a decoder on chat data (chosen on validation; "
-            "set loss.temperature for another)")
+    if chat and not cfg.teacher_logits and not cfg.is_explicit("loss.temperature"):
+        if is_teacher_written(cfg.data.train):
+            data = "teacher-written chat data"
+        cfg.loss.temperature = CHAT_TEMPERATURE[data]
+        origin = " (`alambic generate`'s output)" if data != "chat data" else ""
+        say(f"loss.temperature={cfg.loss.temperature:g}: the default for a decoder on {data}{origin} (chosen on "
+            "validation; set loss.temperature for another)")
 
 
 def planned_config(cfg: DistillConfig) -> DistillConfig:
