@@ -104,13 +104,15 @@ def test_teacher_written_answers_distil_at_their_own_temperature(chat_dir, tmp_p
     def temperature(data, *extra):
         assert main(["distill", "--teacher", str(chat_dir / "teacher"), "--data", str(data), "--out", "o",
                      "--print-config", *extra]) == 0
-        return yaml.safe_load(capsys.readouterr().out)["loss"]["temperature"]
+        config = yaml.safe_load(capsys.readouterr().out)
+        assert config["training"]["lr"] == 3e-4  # chat data, not raw text
+        return config["loss"]["temperature"]
 
     assert temperature(written / "data.jsonl") == 2.0
-    assert temperature(written) == 2.0  # the folder as data: its data.jsonl
     assert temperature(tmp_path / "copied" / "data.jsonl") == 1.0
     assert temperature(written / "data.jsonl", "--set", "loss.temperature=1") == 1.0
-    assert main(["distill", "--teacher", str(chat_dir / "teacher"), "--data", str(written / "data.jsonl"), "--out",
+    assert temperature(written) == 2.0  # generate's folder as data: its conversations, not its manifest
+    assert main(["distill", "--teacher", str(chat_dir / "teacher"), "--data", str(written), "--out",
                  str(tmp_path / "run"), "--layers", "0,3", "--batch-size", "4", "--max-length", "256", "--max-steps",
                  "1", "--no-progress"]) == 0
     assert ("loss.temperature=2: the default for a decoder on teacher-written chat data (`alambic generate`'s output)"

@@ -96,6 +96,11 @@ class ChatExamples:
 
 # --- reading --------------------------------------------------------------------------------------------------------
 
+TEACHER_WRITTEN_KIND = "alambic-generate"
+"""The ``kind`` of the manifest that `alambic generate` writes beside the conversations it wrote."""
+GENERATED_MANIFEST = "manifest.json"
+
+
 def _chat_files(specs) -> list[Path]:
     from alambic.data.sources import packaged_spec, resolve_files
 
@@ -104,7 +109,8 @@ def _chat_files(specs) -> list[Path]:
         if packaged_spec(str(spec)) is not None:
             return []  # packaged corpora are raw text
         files.extend(resolve_files(str(spec)))
-    return files
+    # `alambic generate`'s folder given as data: its conversations, not its manifest
+    return [path for path in files if not (path.name == GENERATED_MANIFEST and _generated(path))]
 
 
 def _records(path: Path) -> list[tuple[dict, str]]:
@@ -127,10 +133,6 @@ def _records(path: Path) -> list[tuple[dict, str]]:
                        "field")
 
 
-TEACHER_WRITTEN_KIND = "alambic-generate"
-"""The ``kind`` of the ``manifest.json`` that `alambic generate` writes beside the conversations it wrote."""
-
-
 def is_teacher_written(specs) -> bool:
     """Whether every file of ``specs`` holds answers a teacher wrote: `alambic generate`'s output, whose folder's
     manifest.json says so (sequence-level KD data, whose answers are the teacher's own choices)."""
@@ -140,7 +142,7 @@ def is_teacher_written(specs) -> bool:
 
 def _generated(path: Path) -> bool:
     try:
-        manifest = json.loads((path.parent / "manifest.json").read_text(encoding="utf-8"))
+        manifest = json.loads((path.parent / GENERATED_MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(manifest, dict) and manifest.get("kind") == TEACHER_WRITTEN_KIND

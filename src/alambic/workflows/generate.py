@@ -32,14 +32,14 @@ import torch
 
 from alambic import __version__
 from alambic.cache import atomic_write_text
-from alambic.data.chat import TEACHER_WRITTEN_KIND
+from alambic.data.chat import GENERATED_MANIFEST, TEACHER_WRITTEN_KIND
 from alambic.errors import AlambicError
 from alambic.modeling import eos_token_ids
 from alambic.ranges import NON_NEGATIVE, POSITIVE, Range, check_value
 
 FORMAT_VERSION = 1
 DATA = "data.jsonl"
-MANIFEST = "manifest.json"
+MANIFEST = GENERATED_MANIFEST
 KIND = TEACHER_WRITTEN_KIND
 OPTION_RANGES = {"max_new_tokens": POSITIVE, "temperature": NON_NEGATIVE, "top_p": Range(0, 1, low_open=True),
                  "num_return_sequences": POSITIVE, "seed": NON_NEGATIVE, "batch_size": POSITIVE}
