@@ -46,17 +46,17 @@ class DistillResult:
     metrics: dict
 
 
-def _trains_on_chat(cfg: DistillConfig) -> bool:
+def _trains_on_chat(cfg: DistillConfig, cache_manifest: dict | None) -> bool:
     """Whether the run trains on chat data: an offline cache says so in its manifest, else the training data."""
-    if cfg.teacher_logits:
-        return read_manifest(cfg.teacher_logits).get("chat", False)
+    if cache_manifest is not None:
+        return cache_manifest.get("chat", False)
     return bool(cfg.data.train) and is_chat(cfg.data.train, cfg.data)
 
 
 def _check_inputs(cfg: DistillConfig, resume: bool) -> tuple[list[dict] | None, list[str], bool]:
     """Everything checkable before the teacher loads; returns the calibration batches of layers=auto (else None),
     lines saying which unset options took a cache's values, and whether the training data is chat data."""
-    notes = []
+    notes, manifest = [], None
     if cfg.teacher_logits:
         manifest = read_manifest(cfg.teacher_logits)
         notes += _adopt_cache_settings(cfg, manifest)
@@ -68,7 +68,7 @@ def _check_inputs(cfg: DistillConfig, resume: bool) -> tuple[list[dict] | None, 
         describe_sources(cfg.data.train)
     if cfg.data.eval:
         describe_sources(cfg.data.eval)
-    chat = _trains_on_chat(cfg)
+    chat = _trains_on_chat(cfg, manifest)
     if cfg.on_policy.lmbda > 0 and not chat:
         raise AlambicError("on_policy.lmbda > 0 has the student answer the prompts of chat data, but the training data "
                            "is raw text: give chat records ({\"messages\": [...]} or {\"prompt\": ...} .jsonl) or set "
@@ -172,8 +172,7 @@ def _fit_decoder_defaults(cfg: DistillConfig, kind: str, chat: bool, say) -> Non
         say(f"training.lr={cfg.training.lr:g}: the default for a decoder on {data} (chosen on validation; set "
             "training.lr or --lr for another)")
     if chat and not cfg.teacher_logits and not cfg.is_explicit("loss.temperature"):
-        if is_teacher_written(cfg.data.train):
-            data = "teacher-written chat data"
+        data = "teacher-written chat data" if is_teacher_written(cfg.data.train) else "chat data"
         cfg.loss.temperature = CHAT_TEMPERATURE[data]
         origin = " (`alambic generate`'s output)" if data != "chat data" else ""
         say(f"loss.temperature={cfg.loss.temperature:g}: the default for a decoder on {data}{origin} (chosen on "
@@ -186,6 +185,7 @@ def planned_config(cfg: DistillConfig) -> DistillConfig:
     the rows the soft targets cover. (What depends on the student built, as the cosine term of a narrower one, is
     left as set.)"""
     cfg.validate()
+    manifest = None
     if cfg.teacher_logits:
         manifest = read_manifest(cfg.teacher_logits)
         _adopt_cache_settings(cfg, manifest)
@@ -194,7 +194,7 @@ def planned_config(cfg: DistillConfig) -> DistillConfig:
         from transformers import AutoConfig
 
         kind = model_kind(AutoConfig.from_pretrained(resolve_model_path(cfg.teacher)))
-    chat = _trains_on_chat(cfg)
+    chat = _trains_on_chat(cfg, manifest)
     _fit_decoder_defaults(cfg, kind, chat, say=lambda _line: None)
     if cfg.recipe == "distilbert":
         resolve_kd_rows(cfg.loss, chat)
