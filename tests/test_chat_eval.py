@@ -213,6 +213,36 @@ def test_eval_chat_end_to_end_json(files, tmp_path, capsys):
     assert table[2].split()[0] == str(files / "student") and table[2].split()[-1] == "2"
 
 
+def test_a_gguf_export_answers_as_its_source(files, tmp_path, capsys):
+    """`alambic export --format gguf` folders are evaluated in their runtime (llama.cpp when installed, else
+    transformers' GGUF reader): a float32 file gives its source's greedy answers and figures."""
+    from alambic.workflows.export import export
+
+    student = tmp_path / "student"  # a wide initialisation: its greedy answers are words, not blank lines
+    chat_llama(1, num_hidden_layers=2, initializer_range=0.3).save_pretrained(student)
+    chat_tokenizer().save_pretrained(student)
+    export(student, "gguf", tmp_path / "gguf", gguf_type="f32", log=lambda line: None)
+    samples = tmp_path / "answers.jsonl"
+    assert main(["eval-chat", str(student), str(tmp_path / "gguf"), "--names", "source,gguf", "--teacher",
+                 str(files / "teacher"), "--data", str(files / "short.jsonl"), "--max-new-tokens", "8", "--json",
+                 "--samples", str(samples)]) == 0
+    source, exported = json.loads(capsys.readouterr().out)
+    answers = [json.loads(line)["answers"] for line in samples.read_text().splitlines()]
+    assert all(a["gguf"] == a["source"] for a in answers) and any(a["gguf"].strip() for a in answers)
+    for key in ("parameters", "rouge_l", "accuracy", "option_accuracy", "option_accuracy_norm", "rouge_l_teacher",
+                "mean_tokens", "hit_max_new_tokens"):
+        assert exported[key] == source[key], key
+    for key in ("teacher_nll", "forward_kl"):  # float32 in another runtime: round-off only
+        assert exported[key] == pytest.approx(source[key], rel=1e-3, abs=1e-4), key
+
+
+def _int8_export(files, root):
+    from alambic.workflows.export import export
+
+    export(files / "student", "torch-int8", root / "int8", log=lambda line: None)
+    return root / "int8"
+
+
 def _no_template_model(root):
     chat_llama(0).save_pretrained(root / "plain")
     tok = copy.deepcopy(chat_tokenizer())
@@ -236,6 +266,8 @@ BAD = {
     "prompt longer than the positions": (lambda f, t: ["{teacher}", "--data", str(f / "chat.jsonl")],
                                          "exceed the 256 positions"),
     "names count": (lambda f, t: ["{teacher}", "--data", "{data}", "--names", "a,b"], "one name per model"),
+    "an export that cannot generate": (lambda f, t: [str(_int8_export(f, t)), "--data", "{data}"],
+                                       "is a torch-int8 export: chat evaluation generates with PyTorch models"),
     "max examples": (lambda f, t: ["{teacher}", "--data", "{data}", "--max-examples", "0"], "--max-examples"),
     "out is a folder": (lambda f, t: ["{teacher}", "--data", "{data}", "--out", str(t)], "is a folder"),
     "samples is a folder": (lambda f, t: ["{teacher}", "--data", "{data}", "--samples", str(t)], "--samples"),

@@ -1,6 +1,7 @@
 """`alambic report --chat-data`: the chat figures of `alambic eval-chat` as quality columns of the report, checked
-against `evaluate_chat` on the same tiny models, the retained ratios recomputed, export folders left out with a note,
-and every bad chat input refused in one line before any weights load."""
+against `evaluate_chat` on the same tiny models, the retained ratios recomputed, a GGUF export answering as its source
+(in llama.cpp when installed), other export folders left out with a note, and every bad chat input refused in one line
+before any weights load."""
 
 import copy
 import json
@@ -134,7 +135,7 @@ def test_cli_with_lm_data_an_export_and_max_examples(report, files, tmp_path, ca
                  "--warmup", "0", "--repeats", "1", "--threads", "1", "--no-plots", "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "alambic: warning: int8: chat metrics need a PyTorch model" in captured.err
+    assert "alambic: warning: int8: chat metrics need a model that generates" in captured.err
     saved = json.loads((out / "report.json").read_text())
     assert "--chat-data" in saved["command"] and "--chat-max-examples 4" in saved["command"]
     teacher, student, int8 = saved["models"]
@@ -144,13 +145,34 @@ def test_cli_with_lm_data_an_export_and_max_examples(report, files, tmp_path, ca
         assert mine["chat"]["examples"] == 4 == mine["chat"]["option_examples"]
         assert mine["quality"]["metric"] == "perplexity"  # --lm-data stays the main quality
     assert student["ratios"]["chat_retention_pct"]["accuracy"] == pytest.approx(100 / 3)
-    assert int8["chat"]["metrics"] is None and "need a PyTorch model" in int8["chat"]["reason"]
+    assert int8["chat"]["metrics"] is None and "need a model that generates" in int8["chat"]["reason"]
     assert int8["ratios"]["chat_retention_pct"] is None and int8["quality"]["metric"] == "perplexity"
     md = (out / "report.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| model | runtime"))
     assert header.endswith("| quality | accuracy | option acc. | ROUGE-L | teacher NLL | forward KL |")
     assert next(line for line in md.splitlines() if line.startswith("| int8 |")).endswith("| - | - | - | - | - |")
     assert "### Chat" in md and "quality retained" in md and "accuracy retained" in md
+
+
+def test_a_gguf_export_answers_in_its_runtime_as_its_source(report, files, tmp_path):
+    """The composition a user ships: a chat student exported to GGUF (float32) and reported in the runtime it runs in
+    (llama.cpp when llama-cpp-python is installed, else transformers' GGUF reader) gets its source's chat figures."""
+    from alambic.workflows.export import export
+
+    export(files / "student", "gguf", tmp_path / "gguf", gguf_type="f32", log=lambda line: None)
+    settings = ReportSettings(**SETTINGS, chat_data=[str(files / "chat.jsonl")], chat_max_new_tokens=NEW_TOKENS,
+                              names=["teacher", "gguf"])
+    saved = build_report([str(files / "teacher"), str(tmp_path / "gguf")], settings, log=None, warn=None)
+    source, exported = report["models"][1]["chat"], saved["models"][1]["chat"]
+    assert exported["runtime"].split()[0] in ("llama.cpp", "transformers") and "runtime" not in source
+    ours, theirs = exported["metrics"], source["metrics"]
+    assert set(ours) == set(theirs)
+    for key in ("accuracy", "option_accuracy", "option_accuracy_norm", "rouge_l", "rouge_l_teacher", "mean_tokens",
+                "hit_max_new_tokens"):  # the same greedy answers and the same option ranking
+        assert ours[key] == theirs[key], key
+    for key in ("teacher_nll", "forward_kl"):  # float32 in another runtime: round-off only
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-3, abs=1e-4), key
+    assert f"gguf answered in {exported['runtime']}" in render_markdown(saved)
 
 
 def _no_template(root):

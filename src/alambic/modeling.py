@@ -181,7 +181,9 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def has_lm_head(model: nn.Module) -> bool:
-    return model.base_model is not model and model.get_output_embeddings() is not None
+    """Whether ``model`` is a transformers model with an LM head (not a bare body, nor a model that another runtime
+    runs, which has no modules to split)."""
+    return getattr(model, "base_model", model) is not model and model.get_output_embeddings() is not None
 
 
 def lm_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

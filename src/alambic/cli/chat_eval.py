@@ -21,7 +21,8 @@ def add_eval_chat(sub) -> None:
         "--max-new-tokens. With --teacher: ROUGE-L against the teacher's answers, the teacher's per-token NLL of "
         "the model's answers, and the per-token forward KL(teacher || model) on the teacher's answers.")
     p.add_argument("models", nargs="+", metavar="MODEL",
-                   help="causal LMs sharing one tokenizer: model folders, run folders, .gguf files, packaged names")
+                   help="causal LMs sharing one tokenizer: model folders, run folders, .gguf files, packaged names, "
+                   "`alambic export --format gguf` folders (answered in llama.cpp when installed)")
     p.add_argument("--data", nargs="+", required=True, metavar="FILE", help=CHAT_FORMAT)
     p.add_argument("--teacher", help="a model that answers too, for the teacher-relative metrics (its tokenizer "
                    "renders the prompts)")

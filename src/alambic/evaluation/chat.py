@@ -35,6 +35,10 @@ With a teacher (which answers the same prompts with the same settings):
 
 Means over tokens pool every token of every answer. Scores are computed in fp32 from the logits of answer positions
 only, projected onto the vocabulary in chunks of rows, so long answers and large vocabularies stay in memory.
+
+A GGUF export run by llama.cpp (``alambic.export.runtime``) is evaluated the same way, with what that runtime offers:
+greedy answers from llama.cpp's own key-value cache, one prompt at a time, and every score from the full logits of
+whole sequences (prompt and answer, or prompt and option) instead of hidden rows and a shared prompt cache.
 """
 
 from __future__ import annotations
@@ -160,13 +164,25 @@ def generate_answers(model, tokenizer, items: list[ChatItem], *, max_new_tokens:
     from alambic.sampling import sample_batched
 
     stops = eos_token_ids(tokenizer, model)
-    generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
-    new = sample_batched(model, [list(item.prompt_ids) for item in items], batch_size,
-                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_token_ids=stops,
-                         pad_token_id=pad_id_of(tokenizer), generator=generator)
+    if _runs_elsewhere(model):
+        if temperature > 0:
+            raise AlambicError(f"{model.runtime} answers greedily here: evaluate the export at temperature 0, or "
+                               "sample from its PyTorch source")
+        new = [model.answer_greedily(list(item.prompt_ids), max_new_tokens, stops) for item in items]
+    else:
+        generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
+        new = sample_batched(model, [list(item.prompt_ids) for item in items], batch_size,
+                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             eos_token_ids=stops, pad_token_id=pad_id_of(tokenizer), generator=generator)
     ids = [[int(i) for i in answer] for answer in new]
     stopped = [bool(answer) and answer[-1] in stops for answer in ids]
     return Answers(ids, [tokenizer.decode(answer, skip_special_tokens=True) for answer in ids], stopped)
+
+
+def _runs_elsewhere(model) -> bool:
+    """Whether another runtime runs ``model`` (a GGUF export in llama.cpp): it answers one prompt at a time with its
+    own key-value cache, and is scored on whole sequences, since no transformers cache fits it."""
+    return hasattr(model, "answer_greedily")
 
 
 # --- scoring tokens -------------------------------------------------------------------------------------------------
@@ -297,6 +313,13 @@ def option_scores(model, tokenizer, items: list[ChatItem], *, batch_size: int = 
 
     scored = [item for item in items if item.options]
     pad = pad_id_of(tokenizer)
+    if _runs_elsewhere(model):  # each prompt + option read whole: the same log-likelihoods, without a shared cache
+        continuations = [option_continuations(tokenizer, item) for item in scored]
+        pairs = [(list(item.prompt_ids), c) for item, cs in zip(scored, continuations) for c in cs]
+        logprobs = continuation_logprobs(model, [prompt + c for prompt, c in pairs], [len(p) for p, _ in pairs],
+                                         batch_size=batch_size, pad_id=pad)
+        sums = iter(float(lp.double().sum()) for lp in logprobs)
+        return [[next(sums) for _ in cs] for cs in continuations]
     was_training = model.training
     model.eval()
     out = []
@@ -396,9 +419,12 @@ def _tokenizer_and_config(spec):
         return None, spec.config
     from transformers import AutoConfig, AutoTokenizer
 
-    from alambic.teachers import resolve_model_path
+    from alambic.export.runtime import export_folder, read_manifest, resolve_measured_path
 
-    path = resolve_model_path(spec)
+    path = resolve_measured_path(spec)
+    if export_folder(spec) is not None and (fmt := read_manifest(path)["format"]) != "gguf":
+        raise AlambicError(f"{path} is a {fmt} export: chat evaluation generates with PyTorch models and GGUF exports "
+                           "(in llama.cpp); evaluate its PyTorch source, or export it with --format gguf")
     try:
         return AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -406,13 +432,22 @@ def _tokenizer_and_config(spec):
                            "next to the model")
 
 
-def _load(spec, device):
-    """A spec loaded as a causal LM onto ``device``; an already-loaded model as it is."""
+def _load(spec, device) -> tuple[torch.nn.Module, int]:
+    """``(model, parameters)``: a spec loaded as a causal LM onto ``device``, an `alambic export` folder in its runtime
+    (GGUF: llama.cpp; its source's parameter count), an already-loaded model as it is."""
+    from alambic.students import count_parameters
+
     if isinstance(spec, torch.nn.Module):
-        return spec
+        return spec, count_parameters(spec)
+    from alambic.export.runtime import export_folder, load_exported, read_manifest
     from alambic.teachers import load_model
 
-    return load_model(spec, kind="causal")[0].to(device)
+    folder = export_folder(spec)
+    if folder is not None:
+        manifest = read_manifest(folder)
+        return load_exported(folder, manifest), manifest["parameters"]["total"]
+    model = load_model(spec, kind="causal")[0].to(device)
+    return model, count_parameters(model)
 
 
 def _check_vocabulary(name: str, tokenizer, reference_tokenizer, reference: str) -> None:
@@ -448,8 +483,6 @@ def evaluate_chat(models, records: list[ChatRecord], *, teacher=None, names: lis
     ``samples``: a list that receives one record per evaluated prompt, to read the answers behind the figures:
     ``{"where": file:line, "messages": the prompt, "gold": answer, "answers": {name: text}}``, the teacher's answer
     under the name ``teacher``."""
-    from alambic.students import count_parameters
-
     models = list(models)
     if not models:
         raise AlambicError("no model to evaluate: give one or more models")
@@ -482,15 +515,15 @@ def evaluate_chat(models, records: list[ChatRecord], *, teacher=None, names: lis
     answer_texts = {}  # name -> its answers, for ``samples``
     teacher_answers = None
     if teacher is not None:
-        teacher_model = _load(teacher, device)
+        teacher_model = _load(teacher, device)[0]
         teacher_answers = TeacherAnswers(teacher_model, generate_answers(teacher_model, tokenizer, items, **settings))
         answer_texts["teacher"] = teacher_answers.answers.texts
     rows = []
     for spec, name in zip(models, names):
-        model = _load(spec, device)
+        model, parameters = _load(spec, device)
         answers = generate_answers(model, tokenizer, items, **settings)
         metrics = evaluate_model(model, tokenizer, items, teacher=teacher_answers, answers=answers, **settings)
-        rows.append({"model": name, "parameters": count_parameters(model), **metrics})
+        rows.append({"model": name, "parameters": parameters, **metrics})
         answer_texts[name] = answers.texts
         del model
     if samples is not None:

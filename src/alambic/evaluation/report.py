@@ -251,7 +251,8 @@ def _prepare(models: list[str], settings: ReportSettings, warn, log) -> tuple[li
 
 def _prepare_chat(prepared: list[_Prepared], settings: ReportSettings, fingerprints: dict, warn) -> _ChatPlan:
     """The checks of ``alambic eval-chat`` for ``--chat-data``: chat template, final gold answers, one vocabulary,
-    the positions each prompt needs; the first model is the teacher and must be a PyTorch model."""
+    the positions each prompt needs; the first model is the teacher and must be a PyTorch model. GGUF exports answer
+    in llama.cpp (or, without it, read back by transformers); other exports are left out with a note."""
     from alambic.data.chat import read_chat
     from alambic.evaluation.chat import chat_items, check_positions
 
@@ -264,10 +265,10 @@ def _prepare_chat(prepared: list[_Prepared], settings: ReportSettings, fingerpri
     items = chat_items(records, ref.tokenizer, settings.chat_max_examples, f"{ref.name}'s tokenizer")
     skipped = {}
     for p in prepared:
-        if p.export:
-            skipped[p.name] = (f"chat metrics need a PyTorch model: {p.name} is an `alambic export` folder "
+        if p.export and p.export["format"] != "gguf":
+            skipped[p.name] = (f"chat metrics need a model that generates: {p.name} is an `alambic export` folder "
                                f"({p.export['format']}), so its chat columns are empty (report its PyTorch source "
-                               "for them)")
+                               "or a GGUF export for them)")
             warn(f"{p.name}: {skipped[p.name]}")
             continue
         if p.kind != "causal":
@@ -351,6 +352,7 @@ def _run_chat(prepared: list[_Prepared], plan: _ChatPlan, settings: ReportSettin
     """Per model name, the chat figures of :func:`alambic.evaluation.chat.evaluate_chat` with the first model as the
     teacher (the teacher's greedy answers are generated once, and are its own answers too)."""
     from alambic.evaluation.chat import TeacherAnswers, evaluate_model, generate_answers
+    from alambic.export.runtime import load_exported
     from alambic.teachers import load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -373,13 +375,19 @@ def _run_chat(prepared: list[_Prepared], plan: _ChatPlan, settings: ReportSettin
                 out[p.name] = {**common, "metrics": None, "reason": plan.skipped[p.name]}
                 log(f"chat: {p.name}: skipped ({plan.skipped[p.name].split(':')[0]})")
                 continue
-            model = teacher if p is ref else load_model(p.spec, kind="causal")[0].to(device)
+            if p is ref:
+                model = teacher
+            elif p.export:
+                model = load_exported(p.path, p.export)
+            else:
+                model = load_model(p.spec, kind="causal")[0].to(device)
+            runtime = {"runtime": f"{model.runtime} {model.precision}"} if p.export else {}
             metrics = evaluate_model(model, plan.tokenizer, items, teacher=taught,
                                      answers=answers if p is ref else None, **options)
             del model
             metrics.pop("examples", None)
             metrics.pop("option_examples", None)
-            out[p.name] = {**common, "metrics": metrics}
+            out[p.name] = {**common, **runtime, "metrics": metrics}
             log(f"chat: {p.name}: " + ", ".join(f"{label} {metrics[key]:.4g}" for key, label in CHAT_COLUMNS
                                                    if key in metrics))
     finally:
@@ -749,7 +757,9 @@ def _chat_section(models: list[dict]) -> list[str]:
            "likely answer (lm-eval's acc; norm: per byte); ROUGE-L: F1 against the gold answer (vs teacher: "
            f"against {ref['teacher']}'s answer); teacher NLL: {ref['teacher']}'s per-token NLL of the model's "
            f"answers; forward KL: KL({ref['teacher']} || model) per token of {ref['teacher']}'s answers; cut off: "
-           "share of answers stopped by the token limit.", ""]
+           "share of answers stopped by the token limit."
+           + "".join(f" {m['name']} answered in {m['chat']['runtime']}, scored on the logits of whole sequences."
+                     for m in models if (m.get("chat") or {}).get("runtime")), ""]
     rows = []
     for m in models:
         metrics = _chat_metrics(m)

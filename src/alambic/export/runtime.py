@@ -13,6 +13,8 @@ unchanged (evaluation reads the full logits of an exported model rather than spl
   (dequantised to float32: the quality is the file's, the speed is PyTorch's, and the report says so). On a CPU
   with AMX, llama.cpp loads the weights in plain CPU buffers: its AMX weight buffers crash its matmul there
   (ggml-org/llama.cpp#20824; every q8_0 file, SmolLM2's included, segfaulted with llama-cpp-python 0.3.36).
+  Its model also answers chat prompts greedily in llama.cpp (``answer_greedily``, llama.cpp's own key-value cache),
+  which is how chat evaluation generates with a model no transformers cache fits.
 """
 
 from __future__ import annotations
@@ -94,17 +96,21 @@ class OnnxModel(torch.nn.Module):
 
 class LlamaCppModel(torch.nn.Module):
     """A GGUF file in llama.cpp: each row's real tokens are evaluated as one sequence and its logits placed back at
-    their positions (padding positions get zeros)."""
+    their positions (padding positions get zeros). An f32 file keeps its keys and values in float32 too: llama.cpp's
+    default float16 cache put a float32 export of a student with large activations 0.3% of the logits' scale from
+    PyTorch (float32 cache: 3e-6 of it), so the float32 file would not be the exact reference it is exported to be;
+    other files run with llama.cpp's default cache, as deployed."""
 
     runtime, exported = "llama.cpp", True
 
     def __init__(self, file: Path, config, precision: str, context: int = 2048):
-        from llama_cpp import Llama
+        from llama_cpp import GGML_TYPE_F32, Llama
 
         super().__init__()
+        cache = dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32) if precision == "f32" else {}
         with _plain_weight_buffers_on_amx():
             self.llm = Llama(model_path=str(file), n_ctx=context, n_batch=context, logits_all=True, verbose=False,
-                             n_threads=torch.get_num_threads())
+                             n_threads=torch.get_num_threads(), **cache)
         self.config, self.precision, self.outputs = config, precision, ["logits"]
 
     def forward(self, input_ids, attention_mask=None, **_):
@@ -119,6 +125,19 @@ class LlamaCppModel(torch.nn.Module):
             self.llm.eval(input_ids[row, positions].tolist())
             logits[row, positions] = np.asarray(self.llm.scores[:len(positions)], dtype=np.float32)
         return _outputs({"logits": logits})
+
+    def answer_greedily(self, prompt: list[int], max_new_tokens: int, eos_token_ids: list[int]) -> list[int]:
+        """The greedy answer to one prompt, each new token evaluated against the keys and values llama.cpp kept of
+        everything before it; the end-of-turn id is included when produced."""
+        self.llm.reset()
+        self.llm.eval(prompt)
+        answer: list[int] = []
+        while len(answer) < max_new_tokens:
+            answer.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
+            if answer[-1] in eos_token_ids:
+                break
+            self.llm.eval(answer[-1:])
+        return answer
 
 
 @contextlib.contextmanager
