@@ -182,3 +182,19 @@ def test_a_pruned_chat_student_answers_in_llama_cpp_as_in_pytorch(tmp_path):
     assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids[0].tolist()
     reply = llm.create_chat_completion(messages=messages, max_tokens=8, temperature=0.0, top_k=1, seed=0)
     assert expected and reply["choices"][0]["message"]["content"] == expected
+
+
+def test_a_gguf_export_answers_greedily_and_refuses_sampling_in_one_line(tmp_path, capsys):
+    """eval-chat generates with llama.cpp's own key-value cache, greedily: a sampling temperature is refused for the
+    export, not silently ignored."""
+    save_chat_teacher_and_data(tmp_path)
+    out = tmp_path / "gguf"
+    assert cli("export", tmp_path / "teacher", "--format", "gguf", "--gguf-type", "f32", "--out", out) == 0
+    model = load_exported(out)
+    assert model.runtime == "llama.cpp" and hasattr(model, "answer_greedily")
+    capsys.readouterr()
+    (tmp_path / "short.jsonl").write_text('{"prompt": "Say hello.", "completion": "hello"}\n')
+    assert cli("eval-chat", out, "--data", tmp_path / "short.jsonl", "--max-new-tokens", 4, "--temperature", 1) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("alambic: error: llama.cpp answers greedily here") and len(err.splitlines()) == 1
+

@@ -758,7 +758,7 @@ def _chat_section(models: list[dict]) -> list[str]:
            f"against {ref['teacher']}'s answer); teacher NLL: {ref['teacher']}'s per-token NLL of the model's "
            f"answers; forward KL: KL({ref['teacher']} || model) per token of {ref['teacher']}'s answers; cut off: "
            "share of answers stopped by the token limit."
-           + "".join(f" {m['name']} answered in {m['chat']['runtime']}, scored on the logits of whole sequences."
+           + "".join(f" {m['name']} answered in {m['chat']['runtime']}."
                      for m in models if (m.get("chat") or {}).get("runtime")), ""]
     rows = []
     for m in models:
