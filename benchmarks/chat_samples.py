@@ -21,13 +21,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("samples", nargs="+", help="eval-chat --samples files over --data")
     parser.add_argument("--data", required=True, help="the chat file the samples answer")
+    parser.add_argument("--reference", metavar="NAME",
+                        help="also count, for every other model, the answers identical to NAME's (an export against "
+                             "its PyTorch source)")
     args = parser.parse_args()
     records = [json.loads(line) for line in open(args.data, encoding="utf-8")]
     scores: dict[str, dict[str, list[float]]] = {}
+    answers: dict[str, list[str]] = {}
     for path in args.samples:
         for record, line in zip(records, open(path, encoding="utf-8")):
             sample = json.loads(line)
             for name, answer in sample["answers"].items():
+                answers.setdefault(name, []).append(answer)
                 own = scores.setdefault(name, {"topic": [], "headline": []})
                 if "options" in record:
                     own["topic"].append(answer_matches(answer, sample["gold"]))
@@ -37,6 +42,14 @@ def main() -> None:
                    len(s["headline"])) for name, s in scores.items()}
     for name, (topic, headline, n_topic, n_headline) in rows.items():
         print(f"{name}: topic accuracy {topic:.1f}% ({n_topic}), headline ROUGE-L {headline:.4f} ({n_headline})")
+    if args.reference:
+        if args.reference not in answers:
+            parser.error(f"--reference {args.reference}: no such model in the samples ({', '.join(answers)})")
+        theirs = answers[args.reference]
+        for name, ours in answers.items():
+            if name != args.reference:
+                same = sum(a == b for a, b in zip(ours, theirs))
+                print(f"{name}: {same} of {len(theirs)} answers identical to {args.reference}'s")
     groups: dict[str, list[str]] = {}
     for name in rows:
         if "-s" in name:

@@ -432,7 +432,7 @@ def _tokenizer_and_config(spec):
                            "next to the model")
 
 
-def _load(spec, device) -> tuple[torch.nn.Module, int]:
+def load_chat_model(spec, device) -> tuple[torch.nn.Module, int]:
     """``(model, parameters)``: a spec loaded as a causal LM onto ``device``, an `alambic export` folder in its runtime
     (GGUF: llama.cpp; its source's parameter count), an already-loaded model as it is."""
     from alambic.students import count_parameters
@@ -515,12 +515,12 @@ def evaluate_chat(models, records: list[ChatRecord], *, teacher=None, names: lis
     answer_texts = {}  # name -> its answers, for ``samples``
     teacher_answers = None
     if teacher is not None:
-        teacher_model = _load(teacher, device)[0]
+        teacher_model = load_chat_model(teacher, device)[0]
         teacher_answers = TeacherAnswers(teacher_model, generate_answers(teacher_model, tokenizer, items, **settings))
         answer_texts["teacher"] = teacher_answers.answers.texts
     rows = []
     for spec, name in zip(models, names):
-        model, parameters = _load(spec, device)
+        model, parameters = load_chat_model(spec, device)
         answers = generate_answers(model, tokenizer, items, **settings)
         metrics = evaluate_model(model, tokenizer, items, teacher=teacher_answers, answers=answers, **settings)
         rows.append({"model": name, "parameters": parameters, **metrics})

@@ -351,8 +351,7 @@ def _chat_quality(chat: dict) -> dict:
 def _run_chat(prepared: list[_Prepared], plan: _ChatPlan, settings: ReportSettings, log) -> dict[str, dict]:
     """Per model name, the chat figures of :func:`alambic.evaluation.chat.evaluate_chat` with the first model as the
     teacher (the teacher's greedy answers are generated once, and are its own answers too)."""
-    from alambic.evaluation.chat import TeacherAnswers, evaluate_model, generate_answers
-    from alambic.export.runtime import load_exported
+    from alambic.evaluation.chat import TeacherAnswers, evaluate_model, generate_answers, load_chat_model
     from alambic.teachers import load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -375,12 +374,7 @@ def _run_chat(prepared: list[_Prepared], plan: _ChatPlan, settings: ReportSettin
                 out[p.name] = {**common, "metrics": None, "reason": plan.skipped[p.name]}
                 log(f"chat: {p.name}: skipped ({plan.skipped[p.name].split(':')[0]})")
                 continue
-            if p is ref:
-                model = teacher
-            elif p.export:
-                model = load_exported(p.path, p.export)
-            else:
-                model = load_model(p.spec, kind="causal")[0].to(device)
+            model = teacher if p is ref else load_chat_model(p.spec, device)[0]
             runtime = {"runtime": f"{model.runtime} {model.precision}"} if p.export else {}
             metrics = evaluate_model(model, plan.tokenizer, items, teacher=taught,
                                      answers=answers if p is ref else None, **options)
