@@ -25,7 +25,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from alambic.config import load_config
+from alambic.config import load_config, parse_override
 from alambic.data.pipeline import heldout_batches
 from alambic.data.sources import read_documents
 from alambic.workflows.distill import distill
@@ -62,6 +62,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--variants", nargs="+", default=["triple", "ce-only"], choices=list(VARIANTS))
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="a distill setting on top of each variant's (repeatable), e.g. loss.alpha_lm=5; the "
+                             "runs are named VARIANT@KEY=VALUE")
     parser.add_argument("--split", default="test", choices=("test", "validation"),
                         help="test: train on --data, score on --eval-data (report); validation: train on 90%% of "
                              "--data, score on the other 10%% (choose settings)")
@@ -102,11 +105,13 @@ def main() -> None:
         for seed in args.seeds:
             for variant in args.variants:
                 loss = VARIANTS[variant]
-                key = f"{layers}/{variant}/seed{seed}"
+                named = variant + "".join("@" + setting for setting in args.settings)
+                key = f"{layers}/{named}/seed{seed}"
                 if key in results:
                     continue
                 run = out / key.replace(":", "-")
-                cfg = load_config(None, [common(layers, seed), loss, {"out": str(run)}])
+                cfg = load_config(None, [common(layers, seed), loss, *map(parse_override, args.settings),
+                                        {"out": str(run)}])
                 resume = (run / "checkpoints" / "latest").exists()
                 if run.exists() and not resume:  # stopped before its first checkpoint: start it again
                     shutil.rmtree(run)
@@ -139,17 +144,20 @@ def table(results: dict, args) -> str:
              "| layers | student | held-out perplexity (mean ± sd over seeds) | n |", "| --- | --- | ---: | ---: |"]
     for layers in args.layers:
         means = {}
-        for variant in ("init", *VARIANTS):
+        named = {k.split("/")[1]: None for k in results if k.startswith(f"{layers}/") and "/init/" not in k}
+        for variant in ("init", *named):  # each variant with its settings, in the order they ran
             values = [v for k, v in results.items() if k.startswith(f"{layers}/{variant}/seed")]
             if not values:
                 continue
             logs = [math.log(v) for v in values]
             means[variant] = math.exp(statistics.mean(logs))
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            lines.append(f"| {layers} | {LABELS.get(variant, 'at initialisation')} | {statistics.mean(values):,.1f} "
+            base, _, settings = variant.partition("@")
+            label = LABELS.get(base, "at initialisation") + (f", {settings.replace('@', ', ')}" if settings else "")
+            lines.append(f"| {layers} | {label} | {statistics.mean(values):,.1f} "
                          f"± {spread:,.1f} | {len(values)} |")
-        for variant in VARIANTS:
-            if variant != "ce-only" and variant in means and "ce-only" in means:
+        for variant in means:
+            if variant not in ("init", "ce-only") and "ce-only" in means:
                 lines.append(f"| {layers} | ratio {variant} / no teacher (geometric means) | "
                              f"{means[variant] / means['ce-only']:.3f}x | |")
     return "\n".join(lines)
