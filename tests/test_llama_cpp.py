@@ -197,4 +197,3 @@ def test_a_gguf_export_answers_greedily_and_refuses_sampling_in_one_line(tmp_pat
     assert cli("eval-chat", out, "--data", tmp_path / "short.jsonl", "--max-new-tokens", 4, "--temperature", 1) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("alambic: error: llama.cpp answers greedily here") and len(err.splitlines()) == 1
-
