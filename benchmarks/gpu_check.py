@@ -139,29 +139,30 @@ def check_fused_loss(device) -> dict:
 def check_on_policy(device, dry_run: bool) -> dict:
     from alambic.cli import main
 
-    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    subprocess.run([sys.executable, str(Path(__file__).with_name("chat_distillation.py")), "--data-only", "--out",
-                    str(work)], check=True, capture_output=True)
-    teacher = "smollm2-135m"
-    if dry_run:  # a random 2-layer decoder with SmolLM2's tokenizer (and chat template)
-        import transformers
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as folder:  # a teacher, data and a run: ~80 MB
+        work = Path(folder)
+        subprocess.run([sys.executable, str(Path(__file__).with_name("chat_distillation.py")), "--data-only", "--out",
+                        str(work)], check=True, capture_output=True)
+        teacher = "smollm2-135m"
+        if dry_run:  # a random 2-layer decoder with SmolLM2's tokenizer (and chat template)
+            import transformers
 
-        from alambic.teachers import load_model
+            from alambic.teachers import load_model
 
-        _, tokenizer = load_model("smollm2-135m")
-        config = transformers.LlamaConfig(**{**TINY, "vocab_size": len(tokenizer), "num_hidden_layers": 2},
-                                          tie_word_embeddings=True)
-        transformers.LlamaForCausalLM(config).save_pretrained(work / "teacher")
-        tokenizer.save_pretrained(work / "teacher")
-        teacher = str(work / "teacher")
-    start = time.perf_counter()
-    code = main(["distill", "--teacher", teacher, "--data", str(work / "data" / "train.jsonl"), "--out",
-                 str(work / "run"), "--layers", "0,1" if dry_run else "every-other", "--max-steps", "1",
-                 "--batch-size", "2", "--max-length", "192", "--no-progress", "--set", "on_policy.lmbda=1",
-                 "--set", "on_policy.max_new_tokens=8", "--set", "loss.alpha_cos=0", "--set", "training.log_every=1"])
-    seconds = time.perf_counter() - start
-    logged = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()] if code == 0 \
-        else [{}]
+            _, tokenizer = load_model("smollm2-135m")
+            config = transformers.LlamaConfig(**{**TINY, "vocab_size": len(tokenizer), "num_hidden_layers": 2},
+                                              tie_word_embeddings=True)
+            transformers.LlamaForCausalLM(config).save_pretrained(work / "teacher")
+            tokenizer.save_pretrained(work / "teacher")
+            teacher = str(work / "teacher")
+        start = time.perf_counter()
+        code = main(["distill", "--teacher", teacher, "--data", str(work / "data" / "train.jsonl"), "--out",
+                     str(work / "run"), "--layers", "0,1" if dry_run else "every-other", "--max-steps", "1",
+                     "--batch-size", "2", "--max-length", "192", "--no-progress", "--set", "on_policy.lmbda=1",
+                     "--set", "on_policy.max_new_tokens=8", "--set", "loss.alpha_cos=0", "--set", "training.log_every=1"])
+        seconds = time.perf_counter() - start
+        logged = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()] \
+            if code == 0 else [{}]
     share = logged[-1].get("generate_share")
     # the real teacher's student writes answers the teacher scores (kd > 0); a random one may stop at once
     ok = code == 0 and share is not None and (dry_run or logged[-1].get("loss/kd", 0) > 0)
