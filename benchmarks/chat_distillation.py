@@ -6,7 +6,9 @@ Training and validation come from bbc-news:train (a stable 10% by content hash i
 bbc-news:heldout. Every stage runs the `alambic` command as a user would:
 
 1. teacher: `alambic finetune --task chat` of SmolLM2-135M-Instruct on the gold answers;
-2. student: `alambic init-student` from that teacher (alambic's default: measured layers, half the depth);
+   (or --teacher-run: a finished one, e.g. another OUT's, so students of other shapes meet the same teacher);
+2. student: `alambic init-student` from that teacher (alambic's default: measured layers, half the depth; another
+   depth with --student-depth);
 3. variants, each at equal steps and data, over seeds:
    (a) sft-gold: no teacher, SFT of the student on the gold answers;
    (b) sft-teacher: SFT on the teacher's answers (`alambic generate`, sequence-level KD);
@@ -115,6 +117,11 @@ def main() -> None:
     parser.add_argument("--out", default="runs/chat-bench")
     parser.add_argument("--teacher", default="smollm2-135m")
     parser.add_argument("--teacher-steps", type=int, default=150)
+    parser.add_argument("--teacher-run", type=Path,
+                        help="a finished `alambic finetune --task chat` run (e.g. OTHER_OUT/teacher) to distil from "
+                             "instead of fine-tuning a teacher in OUT/teacher")
+    parser.add_argument("--student-depth", type=int,
+                        help="layers the student keeps (init-student --depth; default: half the teacher's)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -135,6 +142,9 @@ def main() -> None:
     parser.add_argument("--train-only", action="store_true",
                         help="train the variants and exit (several such runs may share OUT, one per core)")
     args = parser.parse_args()
+    if args.teacher_run is not None and not (args.teacher_run / "best" / "config.json").is_file():
+        parser.error(f"--teacher-run {args.teacher_run} holds no finished teacher (no best/config.json): give the "
+                     "folder an `alambic finetune --task chat` run wrote")
     out = Path(args.out)
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
@@ -159,8 +169,8 @@ def main() -> None:
         print(f"chat data written to {data}: train.jsonl, validation.jsonl, validation-small.jsonl, test.jsonl, "
               "train-prompts.jsonl")
         return
-    teacher = out / "teacher"
-    if "teacher" not in results.get("train", {}):
+    teacher = args.teacher_run or out / "teacher"
+    if args.teacher_run is None and "teacher" not in results.get("train", {}):
         cpu = run(alambic("finetune", "--task", "chat", "--model", args.teacher, "--train", data / "train.jsonl",
                           "--validation", data / "validation-small.jsonl", "--out", teacher, "--max-steps",
                           args.teacher_steps, "--eval-every", max(10, args.teacher_steps // 5), "--batch-size",
@@ -169,8 +179,9 @@ def main() -> None:
         save()
     student_init = out / "student-init"
     if not (student_init / "config.json").exists():
+        depth = [] if args.student_depth is None else ["--depth", args.student_depth]
         run(alambic("init-student", "--teacher", teacher, "--calibration-data", data / "train.jsonl",
-                    "--out", student_init))
+                    "--out", student_init, *depth))
     needed_prompts = args.steps * args.batch_size
     teacher_data = out / "teacher-answers"
     if {"sft-teacher", "kd-teacher"} & set(args.variants) and "teacher-answers" not in results.get("train", {}):

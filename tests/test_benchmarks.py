@@ -33,3 +33,23 @@ def test_the_gpu_check_passes_its_dry_run_on_the_cpu():
         "| bf16 parity of a step", "| fused vocabulary loss vs full logits", "| one on-policy (GKD) step",
         "| throughput 0.00B -> 0.00B, 2 x 64 bf16"]
     assert all(line.endswith("| yes |") for line in table[2:])
+
+
+def test_the_chat_benchmark_refuses_a_teacher_run_that_holds_no_teacher(tmp_path, monkeypatch, capsys):
+    """--teacher-run reuses a finished teacher (students of another shape meet the same one); a folder without one is
+    refused in one line before any work, and a finished run's folder is taken."""
+    script = Path(__file__).parent.parent / "benchmarks" / "chat_distillation.py"
+    monkeypatch.syspath_prepend(str(script.parent))
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    argv = [str(script), "--out", str(tmp_path / "out"), "--teacher-run", str(teacher), "--data-only"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(script), run_name="__main__")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and "--teacher-run" in err[-1] and "no best/config.json" in err[-1]
+    assert not (tmp_path / "out").exists()
+    (teacher / "best").mkdir()
+    (teacher / "best" / "config.json").write_text("{}")
+    runpy.run_path(str(script), run_name="__main__")  # accepted: only the data is written (--data-only)
+    assert (tmp_path / "out" / "data" / "test.jsonl").is_file()
