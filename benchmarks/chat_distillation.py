@@ -8,7 +8,7 @@ bbc-news:heldout. Every stage runs the `alambic` command as a user would:
 1. teacher: `alambic finetune --task chat` of SmolLM2-135M-Instruct on the gold answers;
    (or --teacher-run: a finished one, e.g. another OUT's, so students of other shapes meet the same teacher);
 2. student: `alambic init-student` from that teacher (alambic's default: measured layers, half the depth; another
-   depth with --student-depth);
+   depth with --student-depth, a narrower feed-forward with --student-intermediate-size);
 3. variants, each at equal steps and data, over seeds:
    (a) sft-gold: no teacher, SFT of the student on the gold answers;
    (b) sft-teacher: SFT on the teacher's answers (`alambic generate`, sequence-level KD);
@@ -122,6 +122,9 @@ def main() -> None:
                              "instead of fine-tuning a teacher in OUT/teacher")
     parser.add_argument("--student-depth", type=int,
                         help="layers the student keeps (init-student --depth; default: half the teacher's)")
+    parser.add_argument("--student-intermediate-size", type=int,
+                        help="the student's feed-forward width, its neurons sliced from the teacher's by measured "
+                             "importance (init-student --intermediate-size; default: the teacher's)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -179,9 +182,11 @@ def main() -> None:
         save()
     student_init = out / "student-init"
     if not (student_init / "config.json").exists():
-        depth = [] if args.student_depth is None else ["--depth", args.student_depth]
+        shape = [] if args.student_depth is None else ["--depth", args.student_depth]
+        if args.student_intermediate_size is not None:
+            shape += ["--intermediate-size", args.student_intermediate_size]
         run(alambic("init-student", "--teacher", teacher, "--calibration-data", data / "train.jsonl",
-                    "--out", student_init, *depth))
+                    "--out", student_init, *shape))
     needed_prompts = args.steps * args.batch_size
     teacher_data = out / "teacher-answers"
     if {"sft-teacher", "kd-teacher"} & set(args.variants) and "teacher-answers" not in results.get("train", {}):
@@ -213,8 +218,7 @@ def main() -> None:
                 train = teacher_data / "data.jsonl" if variant == "kd-teacher" else data / "train.jsonl"
                 command = alambic("distill", "--teacher", teacher, "--student", student_init, "--data",
                                   train, "--out", folder, "--divergence", DIVERGENCE[variant],
-                                  "--set", f"training.seed={seed}", "--set", "loss.alpha_cos=0",
-                                  "--set", "training.warmup_ratio=0.1", *common)
+                                  "--set", f"training.seed={seed}", *common)
                 for setting in SETTINGS.get(variant, []) + args.settings:
                     command += ["--set", setting]
             start = time.time()

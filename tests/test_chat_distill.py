@@ -70,20 +70,22 @@ def test_distill_on_chat_data_reports_and_evaluates_answers(chat_dir, tmp_path, 
 
 
 def test_print_config_shows_what_distill_fits_to_the_teacher_and_data(chat_dir, text_dir, capsys):
-    """--print-config is the configuration distill trains with: the decoder's learning rate and temperature for chat
-    data or raw text and the soft targets' rows, each resolved from the teacher's config and the data; set values
-    are kept."""
+    """--print-config is the configuration distill trains with: the decoder's learning rate, temperature, cosine
+    weight and warm-up for chat data or raw text and the soft targets' rows, each resolved from the teacher's config
+    and the data; set values are kept."""
     import yaml
 
     def printed(data, *extra):
         assert main(["distill", "--teacher", str(chat_dir / "teacher"), "--data", str(data), "--out", "o",
                      "--print-config", *extra]) == 0
         config = yaml.safe_load(capsys.readouterr().out)
-        return config["training"]["lr"], config["loss"]["temperature"], config["loss"]["kd_rows"]
+        return (config["training"]["lr"], config["loss"]["temperature"], config["loss"]["alpha_cos"],
+                config["training"]["warmup_ratio"], config["loss"]["kd_rows"])
 
-    assert printed(chat_dir / "chat.jsonl") == (3e-4, 1.0, "masked")
-    assert printed(text_dir) == (1e-3, 2.0, "tokens")
-    assert printed(chat_dir / "chat.jsonl", "--lr", "5e-4", "--set", "loss.temperature=2") == (5e-4, 2.0, "masked")
+    assert printed(chat_dir / "chat.jsonl") == (3e-4, 1.0, 0.0, 0.1, "masked")
+    assert printed(text_dir) == (1e-3, 2.0, 1.0, 0.05, "tokens")
+    assert printed(chat_dir / "chat.jsonl", "--lr", "5e-4", "--set", "loss.temperature=2", "--set", "loss.alpha_cos=1",
+                   "--set", "training.warmup_ratio=0") == (5e-4, 2.0, 1.0, 0.0, "masked")
 
 
 def test_teacher_written_answers_distil_at_their_own_temperature(chat_dir, tmp_path, capsys):
@@ -115,8 +117,10 @@ def test_teacher_written_answers_distil_at_their_own_temperature(chat_dir, tmp_p
     assert main(["distill", "--teacher", str(chat_dir / "teacher"), "--data", str(written), "--out",
                  str(tmp_path / "run"), "--layers", "0,3", "--batch-size", "4", "--max-length", "256", "--max-steps",
                  "1", "--no-progress"]) == 0
-    assert ("loss.temperature=2: the default for a decoder on teacher-written chat data (`alambic generate`'s output)"
-            in capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert "loss.temperature=2: the default for a decoder on teacher-written chat data (`alambic generate`'s output)" in out
+    assert "loss.alpha_cos=0: the default for a decoder on chat data" in out
+    assert "training.warmup_ratio=0.1: the default for a decoder on chat data" in out
 
 
 def test_layers_measured_on_chat_data_count_every_token_read(chat_dir, tmp_path, capsys):

@@ -159,11 +159,21 @@ teacher's own answers (`alambic generate`'s output), 0.224 +- 0.004 at T = 2 aga
 accuracy equal. On raw text the two tie (validation perplexity 62.2 against 62.6, within the seeds' spread), so raw
 text keeps T = 2, the config's default."""
 
+CHAT_ALPHA_COS = 0.0
+"""The cosine term's weight for a decoder student on chat data when loss.alpha_cos is unset. The term aligns the
+hidden states of every token, prompt included, and changed nothing measured on the instruct benchmark's validation
+split (3 seeds at T = 2: headline ROUGE-L 0.214 +- 0.008 with it against 0.213 +- 0.008 without, topic accuracy 94.4
+against 94.9%; docs/benchmarks.md), for 2% more CPU time; every chat figure was measured without it."""
+
+CHAT_WARMUP_RATIO = 0.1
+"""The warm-up share of a decoder student on chat data when training.warmup_ratio is unset: the setting every chat
+figure of docs/benchmarks.md was measured with (DistilBERT's 0.05, the config's default, was not compared)."""
+
 
 def _fit_decoder_defaults(cfg: DistillConfig, kind: str, chat: bool, say) -> None:
     """A decoder student of the distilbert recipe (the loss these were chosen for) trains at :data:`DECODER_LR` for
-    its data, and at :data:`CHAT_TEMPERATURE` on chat data, each when the user left it unset (an offline cache's
-    temperature is the cache's)."""
+    its data, and on chat data at :data:`CHAT_TEMPERATURE`, without the cosine term (:data:`CHAT_ALPHA_COS`) and with
+    :data:`CHAT_WARMUP_RATIO`, each when the user left it unset (an offline cache's temperature is the cache's)."""
     if kind != "causal" or cfg.recipe != "distilbert":
         return
     data = "chat data" if chat else "raw text"
@@ -177,11 +187,19 @@ def _fit_decoder_defaults(cfg: DistillConfig, kind: str, chat: bool, say) -> Non
         origin = " (`alambic generate`'s output)" if data != "chat data" else ""
         say(f"loss.temperature={cfg.loss.temperature:g}: the default for a decoder on {data}{origin} (chosen on "
             "validation; set loss.temperature for another)")
+    if chat and not cfg.is_explicit("loss.alpha_cos") and cfg.loss.alpha_cos != CHAT_ALPHA_COS:
+        cfg.loss.alpha_cos = CHAT_ALPHA_COS
+        say(f"loss.alpha_cos={CHAT_ALPHA_COS:g}: the default for a decoder on chat data (the cosine term changed "
+            "nothing measured on validation; set loss.alpha_cos for another)")
+    if chat and not cfg.is_explicit("training.warmup_ratio") and cfg.training.warmup_ratio != CHAT_WARMUP_RATIO:
+        cfg.training.warmup_ratio = CHAT_WARMUP_RATIO
+        say(f"training.warmup_ratio={CHAT_WARMUP_RATIO:g}: the default for a decoder on chat data (set "
+            "training.warmup_ratio for another)")
 
 
 def planned_config(cfg: DistillConfig) -> DistillConfig:
     """``cfg`` with what `distill` fits to the teacher and the data before training, found without loading a model
-    (``--print-config``): the settings an offline cache fixes, a decoder's learning rate and temperature for its data,
+    (``--print-config``): the settings an offline cache fixes, a decoder's learning rate, temperature, cosine term and warm-up for its data,
     the rows the soft targets cover. (What depends on the student built, as the cosine term of a narrower one, is
     left as set.)"""
     cfg.validate()
