@@ -163,7 +163,8 @@ CHAT_ALPHA_COS = 0.0
 """The cosine term's weight for a decoder student on chat data when loss.alpha_cos is unset. The term aligns the
 hidden states of every token, prompt included, and changed nothing measured on the instruct benchmark's validation
 split (3 seeds at T = 2: headline ROUGE-L 0.214 +- 0.008 with it against 0.213 +- 0.008 without, topic accuracy 94.4
-against 94.9%; docs/benchmarks.md), for 2% more CPU time; every chat figure was measured without it."""
+against 94.9%; 2 seeds at T = 1: 0.222 +- 0.016 against 0.224 on the same seeds, topic accuracy 92.9 against 94.5%;
+docs/benchmarks.md), for 2% more CPU time; every other chat figure was measured without it."""
 
 CHAT_WARMUP_RATIO = 0.1
 """The warm-up share of a decoder student on chat data when training.warmup_ratio is unset: the setting every chat
