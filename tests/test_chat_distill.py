@@ -118,7 +118,8 @@ def test_teacher_written_answers_distil_at_their_own_temperature(chat_dir, tmp_p
                  str(tmp_path / "run"), "--layers", "0,3", "--batch-size", "4", "--max-length", "256", "--max-steps",
                  "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "loss.temperature=2: the default for a decoder on teacher-written chat data (`alambic generate`'s output)" in out
+    assert ("loss.temperature=2: the default for a decoder on teacher-written chat data (`alambic generate`'s output)"
+            in out)
     assert "loss.alpha_cos=0: the default for a decoder on chat data" in out
     assert "training.warmup_ratio=0.1: the default for a decoder on chat data" in out
 

@@ -190,8 +190,8 @@ def _fit_decoder_defaults(cfg: DistillConfig, kind: str, chat: bool, say) -> Non
             "validation; set loss.temperature for another)")
     if chat and not cfg.is_explicit("loss.alpha_cos") and cfg.loss.alpha_cos != CHAT_ALPHA_COS:
         cfg.loss.alpha_cos = CHAT_ALPHA_COS
-        say(f"loss.alpha_cos={CHAT_ALPHA_COS:g}: the default for a decoder on chat data (the cosine term changed "
-            "nothing measured on validation; set loss.alpha_cos for another)")
+        say(f"loss.alpha_cos={CHAT_ALPHA_COS:g}: the default for a decoder on chat data (the cosine term did not "
+            "help on validation; set loss.alpha_cos for another)")
     if chat and not cfg.is_explicit("training.warmup_ratio") and cfg.training.warmup_ratio != CHAT_WARMUP_RATIO:
         cfg.training.warmup_ratio = CHAT_WARMUP_RATIO
         say(f"training.warmup_ratio={CHAT_WARMUP_RATIO:g}: the default for a decoder on chat data (set "
@@ -200,9 +200,9 @@ def _fit_decoder_defaults(cfg: DistillConfig, kind: str, chat: bool, say) -> Non
 
 def planned_config(cfg: DistillConfig) -> DistillConfig:
     """``cfg`` with what `distill` fits to the teacher and the data before training, found without loading a model
-    (``--print-config``): the settings an offline cache fixes, a decoder's learning rate, temperature, cosine term and warm-up for its data,
-    the rows the soft targets cover. (What depends on the student built, as the cosine term of a narrower one, is
-    left as set.)"""
+    (``--print-config``): the settings an offline cache fixes, a decoder's learning rate, temperature, cosine term
+    and warm-up for its data, the rows the soft targets cover. (What depends on the student built, as the cosine term
+    of a narrower one, is left as set.)"""
     cfg.validate()
     manifest = None
     if cfg.teacher_logits:
