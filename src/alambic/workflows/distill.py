@@ -188,14 +188,18 @@ def _fit_decoder_defaults(cfg: DistillConfig, kind: str, chat: bool, say) -> Non
         origin = " (`alambic generate`'s output)" if data != "chat data" else ""
         say(f"loss.temperature={cfg.loss.temperature:g}: the default for a decoder on {data}{origin} (chosen on "
             "validation; set loss.temperature for another)")
-    if chat and not cfg.is_explicit("loss.alpha_cos") and cfg.loss.alpha_cos != CHAT_ALPHA_COS:
-        cfg.loss.alpha_cos = CHAT_ALPHA_COS
-        say(f"loss.alpha_cos={CHAT_ALPHA_COS:g}: the default for a decoder on chat data (the cosine term did not "
-            "help on validation; set loss.alpha_cos for another)")
-    if chat and not cfg.is_explicit("training.warmup_ratio") and cfg.training.warmup_ratio != CHAT_WARMUP_RATIO:
-        cfg.training.warmup_ratio = CHAT_WARMUP_RATIO
-        say(f"training.warmup_ratio={CHAT_WARMUP_RATIO:g}: the default for a decoder on chat data (set "
-            "training.warmup_ratio for another)")
+    if chat:
+        _take_chat_default(cfg, "loss.alpha_cos", CHAT_ALPHA_COS, "the cosine term did not help on validation; ", say)
+        _take_chat_default(cfg, "training.warmup_ratio", CHAT_WARMUP_RATIO, "", say)
+
+
+def _take_chat_default(cfg: DistillConfig, option: str, value: float, why: str, say) -> None:
+    """Set the dotted ``option`` to a decoder's chat-data default unless the user set it, saying so when it changes."""
+    section, name = option.split(".")
+    if cfg.is_explicit(option) or getattr(getattr(cfg, section), name) == value:
+        return
+    setattr(getattr(cfg, section), name, value)
+    say(f"{option}={value:g}: the default for a decoder on chat data ({why}set {option} for another)")
 
 
 def planned_config(cfg: DistillConfig) -> DistillConfig:
