@@ -13,12 +13,19 @@ training documents, scored on ``bbc-news:heldout``):
 
     python benchmarks/distill_vs_no_teacher.py --steps 100 --seeds 0 --layers auto:influence --split validation \
         --lr 1e-3 --out runs/lm-validation-lr1e-3
+
+A teacher adapted to the text first, then both students built from it. ``finetune --task lm`` holds out the same
+10% of the documents as ``--split validation`` (one salted hash), so the teacher never trains on the validation part:
+
+    alambic finetune --task lm --model smollm2-135m --train bbc-news:train --out runs/lm-adapt/teacher \
+        --max-length 128 --max-steps 200
+    python benchmarks/distill_vs_no_teacher.py --teacher runs/lm-adapt/teacher/best --steps 100 --seeds 0 \
+        --layers auto:influence --variants triple --lr 1e-3 --out runs/lm-adapt/test-triple-1e-3-s0
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import shutil
@@ -27,7 +34,7 @@ from pathlib import Path
 
 from alambic.config import load_config, parse_override
 from alambic.data.pipeline import heldout_batches
-from alambic.data.sources import read_documents
+from alambic.data.sources import hold_out_documents
 from alambic.workflows.distill import distill
 from alambic.evaluation.lm import evaluate_lm
 from alambic.modeling import model_kind
@@ -72,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     if args.split == "validation":
-        args.data, args.eval_data = validation_split(args.data, out / "data")
+        (args.data,), (args.eval_data,) = hold_out_documents([args.data], out / "data")
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
 
@@ -123,20 +130,6 @@ def main() -> None:
                 save()
                 print(f"{key}: held-out perplexity {results[key]:.2f}", flush=True)
     print(table(results, args))
-
-
-def validation_split(spec: str, folder: Path) -> tuple[str, str]:
-    """``(train, validation)`` folders of text files: the documents of ``spec`` split 90 / 10 by a salted content
-    hash (independent of the packaged corpora's train / heldout rule, which used the unsalted one)."""
-    parts = {"train": folder / "train", "validation": folder / "validation"}
-    if not all(p.is_dir() for p in parts.values()):
-        for p in parts.values():
-            p.mkdir(parents=True, exist_ok=True)
-        for i, text in enumerate(read_documents([spec])):
-            digest = hashlib.sha256(("validation:" + text).encode("utf-8", errors="replace")).digest()
-            part = "validation" if int.from_bytes(digest[:8], "big") % 100 < 10 else "train"
-            (parts[part] / f"{i:05d}.txt").write_text(text, encoding="utf-8")
-    return str(parts["train"]), str(parts["validation"])
 
 
 def table(results: dict, args) -> str:

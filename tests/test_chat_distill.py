@@ -15,7 +15,7 @@ from alambic.data.on_policy import OnPolicyBatches
 from alambic.data.pipeline import training_batches
 from alambic.losses.divergences import distribution_divergence
 from alambic.recipes.distilbert import DistilBERTLossConfig, DistilBERTRecipe, distilbert_row_counts
-from tiny import chat_records, chat_tokenizer, save_chat_teacher_and_data, tiny_llama
+from tiny import chat_records, chat_tokenizer, sample_texts, save_chat_teacher_and_data, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +195,29 @@ def test_finetune_chat_keeps_the_best_answer_perplexity(chat_dir, tmp_path, caps
     assert (tmp_path / "sft" / "best" / "config.json").exists()
     assert (tmp_path / "sft" / "data" / "validation.jsonl").exists()
     assert "best validation perplexity of the answers" in capsys.readouterr().out
+
+
+def test_finetune_lm_adapts_a_decoder_to_raw_text_and_keeps_the_best(chat_dir, tmp_path, capsys):
+    """finetune --task lm: next-token cross-entropy on packed raw-text blocks, a stable 10% of the documents held
+    out, the model of the lowest validation perplexity kept in OUT/best."""
+    folder = tmp_path / "text"
+    folder.mkdir()
+    for i, text in enumerate(sample_texts(40)):
+        (folder / f"{i:02d}.txt").write_text(text)
+    code = main(["finetune", "--task", "lm", "--model", str(chat_dir / "teacher"), "--train", str(folder), "--out",
+                 str(tmp_path / "lm"), "--max-steps", "4", "--eval-every", "2", "--batch-size", "4", "--max-length",
+                 "64", "--lr", "1e-3", "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "raw text: " in out and "blocks of 64" in out
+    assert re.search(r"best validation perplexity: [0-9.]+; model in ", out)
+    summary = json.loads((tmp_path / "lm" / "task.json").read_text())
+    assert summary["task"] == "lm" and summary["steps"] == 4
+    validated = [m["eval/perplexity"] for m in _metrics(tmp_path / "lm") if "eval/perplexity" in m]
+    assert len(validated) >= 2 and summary["best_validation_perplexity"] == pytest.approx(min(validated))
+    held, kept = (sorted(p.name for p in (tmp_path / "lm" / "data" / part).iterdir()) for part in ("validation", "train"))
+    assert held and len(held) + len(kept) == 40 and not set(held) & set(kept)
+    assert (tmp_path / "lm" / "best" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("extra, message", [

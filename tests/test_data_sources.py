@@ -1,9 +1,10 @@
 import json
+from pathlib import Path
 
 import pytest
 from tiny import BBC_DIR
 
-from alambic.data import describe_sources, is_heldout, list_packaged_corpora, read_documents
+from alambic.data import describe_sources, hold_out_documents, is_heldout, list_packaged_corpora, read_documents
 from alambic.errors import AlambicError
 
 
@@ -127,6 +128,22 @@ def test_heldout_split_is_pinned_so_every_machine_and_run_agrees():
     assert [i for i in range(200) if is_heldout(f"doc {i}")] == [10, 15, 27, 32, 48, 51, 87, 88, 114, 137, 166, 168,
                                                                   173, 181, 186, 191]
     assert len(read_documents(["bbc-news:heldout"])) == 223
+
+
+def test_hold_out_documents_splits_a_train_split_again_stably(tmp_path):
+    """bbc-news:train was cut by the unsalted hash, so the validation part needs a salted one; the split is pinned
+    (the raw-text benchmark's validation figures depend on it), complete, disjoint, and reused once written."""
+    (train,), (validation,) = hold_out_documents(["bbc-news:train"], tmp_path / "split")
+    train_docs, validation_docs = read_documents([train]), read_documents([validation])
+    assert (len(train_docs), len(validation_docs)) == (1707, 197)
+    assert sorted(train_docs + validation_docs) == sorted(read_documents(["bbc-news:train"]))
+    assert not (tmp_path / "split" / ".partial").exists()
+    first = sorted(p.name for p in Path(validation).iterdir())[:3]
+    (Path(validation) / first[0]).unlink()  # written folders are reused, not rewritten
+    assert hold_out_documents(["bbc-news:train"], tmp_path / "split") == ([train], [validation])
+    assert sorted(p.name for p in Path(validation).iterdir())[:2] == first[1:]
+    with pytest.raises(AlambicError, match="too few to hold 10% out"):
+        hold_out_documents([str(write(tmp_path / "one.txt", "a single document"))], tmp_path / "few")
 
 
 def test_kolaw_reads_korean():

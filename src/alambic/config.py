@@ -20,6 +20,8 @@ from alambic.ranges import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, UNIT_IN
 
 SELECTION_METHODS = ("greedy", "influence")
 DATA_FORMATS = ("auto", "text", "chat")
+DECODER_TASK_FORMATS = {"chat": "chat", "lm": "text"}
+"""``finetune --task`` values that fine-tune a decoder by next-token cross-entropy, with the data.format each reads."""
 WIDTH_INITS = ("importance", "random")
 
 

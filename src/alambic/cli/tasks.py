@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 from alambic.cli.budget import add_budget_options, budget_from_args
-from alambic.config import MIXED_PRECISION_HELP, MIXED_PRECISIONS
+from alambic.config import DECODER_TASK_FORMATS, MIXED_PRECISION_HELP, MIXED_PRECISIONS
 from alambic.errors import AlambicError
 
 TASK_CHOICES = ("classification", "ner", "qa")
 FORMATS = ("classification: .csv/.tsv/.jsonl/.json records (text, optional text_pair, label) or a folder of "
            "<label>/*.txt; ner: CoNLL columns (token ... BIO tag); qa: SQuAD JSON")
+DECODER_FORMATS = ("; chat: .jsonl/.json/.parquet records with messages, or prompt and completion; lm: raw text "
+                   "(files, folders, globs, or a packaged corpus such as bbc-news:train)")
 
 
 def _record_fields(g) -> None:
@@ -22,7 +24,7 @@ def _record_fields(g) -> None:
 def _data_options(p) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--max-length", type=int, help="tokens per sequence (QA: per context window); default 128, "
-                   "512 for --task chat")
+                   "512 for --task chat and lm")
     g.add_argument("--doc-stride", type=int, default=32, help="QA: tokens of overlap between context windows")
     _record_fields(g)
     g.add_argument("--eval-batch-size", type=int, default=32, help="examples per evaluation batch")
@@ -33,7 +35,7 @@ def _data_options(p) -> None:
 def _training_options(p) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--max-steps", type=int, default=500, help="optimiser steps (per stage for distill-task)")
-    g.add_argument("--batch-size", type=int, help="examples per micro-batch (default 16, 8 for --task chat)")
+    g.add_argument("--batch-size", type=int, help="examples per micro-batch (default 16, 8 for --task chat and lm)")
     g.add_argument("--grad-accum", type=int, default=1)
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     g.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, help=MIXED_PRECISION_HELP)
@@ -46,12 +48,12 @@ def _training_options(p) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _common(p, tasks=TASK_CHOICES) -> None:
+def _common(p, tasks=TASK_CHOICES, formats=FORMATS) -> None:
     p.add_argument("--task", required=True, choices=tasks)
-    p.add_argument("--train", required=True, metavar="FILE", help=FORMATS)
+    p.add_argument("--train", required=True, metavar="FILE", help=formats)
     p.add_argument("--validation", metavar="FILE",
-                   help="validation data (default: a seeded, stratified 10%% of --train is held out; chat: a stable "
-                   "10%% of the conversations by content hash)")
+                   help="validation data (default: a seeded, stratified 10%% of --train is held out; chat / lm: a "
+                   "stable 10%% of the conversations / documents by content hash)")
     p.add_argument("--out", required=True, help="run folder; the best model is written to OUT/best")
 
 
@@ -75,16 +77,19 @@ def _data(args):
 # --- finetune -----------------------------------------------------------------------------------------------------
 
 def add_finetune(sub) -> None:
-    p = sub.add_parser("finetune", help="fine-tune a model on a task (classification, NER, extractive QA, chat)",
+    p = sub.add_parser("finetune", help="fine-tune a model on a task (classification, NER, extractive QA, chat, "
+                       "raw text)",
                        description="Fine-tune an encoder on labelled task data, e.g. to make a task teacher. A model "
                        "without a task head (such as the packaged minilm-l6) gets a fresh one. The best model by "
                        "validation metric (accuracy / entity F1 / SQuAD F1) is kept in OUT/best with its labels. "
                        "--task chat fine-tunes a decoder (e.g. smollm2-135m) on chat data (.jsonl / .json / .parquet "
                        "records with messages, or prompt and completion), with the loss on the assistant tokens only; "
-                       "the model with the lowest validation perplexity of the answers is kept in OUT/best.")
-    _common(p, TASK_CHOICES + ("chat",))
+                       "--task lm fine-tunes a decoder on raw text (the files or packaged corpora distill reads), to "
+                       "adapt a teacher to the student's text before distilling. For both the model with the lowest "
+                       "validation perplexity is kept in OUT/best.")
+    _common(p, TASK_CHOICES + tuple(DECODER_TASK_FORMATS), FORMATS + DECODER_FORMATS)
     p.add_argument("--model", required=True, help="a model folder or packaged model (minilm-l6; smollm2-135m for "
-                   "--task chat)")
+                   "--task chat or lm)")
     _data_options(p)
     _training_options(p)
     p.set_defaults(run=run_finetune)
@@ -94,13 +99,14 @@ def run_finetune(args) -> int:
     from alambic.workflows.finetune import finetune
 
     cfg, data = _training_config(args), _data(args)
-    if args.task == "chat":
-        from alambic.workflows.finetune import finetune_chat
+    if args.task in DECODER_TASK_FORMATS:
+        from alambic.workflows.finetune import finetune_decoder
 
-        summary = finetune_chat(args.model, args.train, args.out, validation=args.validation, training=cfg,
-                                max_length=args.max_length or 512, resume=args.resume,
-                                progress=not args.no_progress)
-        print(f"best validation perplexity of the answers: {summary['best_validation_perplexity']:.4f}; model in "
+        summary = finetune_decoder(args.task, args.model, args.train, args.out, validation=args.validation,
+                                   training=cfg, max_length=args.max_length or 512, resume=args.resume,
+                                   progress=not args.no_progress)
+        answers = " of the answers" if args.task == "chat" else ""
+        print(f"best validation perplexity{answers}: {summary['best_validation_perplexity']:.4f}; model in "
               f"{summary['best_model']}")
         return 0
     summary = finetune(args.task, args.model, args.train, args.out, validation=args.validation, training=cfg,

@@ -10,6 +10,7 @@ import importlib.metadata
 import importlib.util
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,30 @@ def is_heldout(text: str) -> bool:
     """A stable 10% of texts by content hash: the same on every machine and run (unlike ``hash()``)."""
     digest = hashlib.sha256(text.encode("utf-8", errors="replace")).digest()
     return int.from_bytes(digest[:8], "big") % 100 < HELDOUT_PERCENT
+
+
+def hold_out_documents(specs: list[str], folder: Path) -> tuple[list[str], list[str]]:
+    """``([train], [validation])`` folders of text files under ``folder``: the documents of ``specs`` split 90 / 10 by
+    a *salted* content hash, so that a packaged corpus's train split (itself cut by the unsalted :func:`is_heldout`)
+    still yields a validation part. Stable on every machine; folders already written are reused."""
+    parts = {"train": Path(folder) / "train", "validation": Path(folder) / "validation"}
+    if not all(p.is_dir() for p in parts.values()):
+        documents = read_documents(list(specs))
+        held = [is_heldout("validation:" + text) for text in documents]
+        if all(held) or not any(held):
+            raise AlambicError(f"{len(documents)} documents are too few to hold 10% out for validation: give "
+                               "--validation FILE, or more documents")
+        partial = Path(folder) / ".partial"  # an interrupted split is written again, never half-read
+        shutil.rmtree(partial, ignore_errors=True)
+        for name in parts:
+            (partial / name).mkdir(parents=True)
+        for i, (text, is_validation) in enumerate(zip(documents, held)):
+            (partial / ("validation" if is_validation else "train") / f"{i:05d}.txt").write_text(text, encoding="utf-8")
+        for name, path in parts.items():
+            shutil.rmtree(path, ignore_errors=True)
+            (partial / name).rename(path)
+        partial.rmdir()
+    return [str(parts["train"])], [str(parts["validation"])]
 
 
 def read_documents(specs: list[str], *, text_field: str = "text", split_documents: str = "file") -> list[str]:

@@ -237,6 +237,10 @@ class PackedBlocks:
     def __len__(self) -> int:
         return self.num_blocks
 
+    def describe(self) -> str:
+        return (f"raw text: {len(self.docs)} documents, {int(self.stream_starts[-1]):,} tokens in {self.num_blocks:,} "
+                f"blocks of {self.block_length}")
+
     def __getitem__(self, index: int) -> np.ndarray:
         if not 0 <= index < self.num_blocks:
             raise IndexError(index)

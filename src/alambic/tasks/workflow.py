@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alambic.cache import atomic_write_text
-from alambic.config import TrainingConfig
+from alambic.config import DECODER_TASK_FORMATS, TrainingConfig
 from alambic.engine.checkpoint import latest_checkpoint
 from alambic.errors import AlambicError
 from alambic.ranges import POSITIVE, PROBABILITY, Range, check_ranges
@@ -119,10 +119,11 @@ def check_encodable(examples: list, path, tokenizer, task: str, sample: int = 20
 def task_training_config(task: str, **overrides) -> TrainingConfig:
     """Fine-tuning defaults (AdamW 1e-4, betas 0.9 / 0.999, warm-up 10%, weight decay 0.01, clip 1, batch 16,
     validation every 50 steps keeping the best model by the task's main metric)."""
-    chat = task == "chat"  # supervised fine-tuning of a decoder: the lowest answer perplexity is the best
-    values = dict(max_steps=500, batch_size=8 if chat else 16, lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
+    decoder = task in DECODER_TASK_FORMATS  # next-token fine-tuning of a decoder: the lowest perplexity is the best
+    values = dict(max_steps=500, batch_size=8 if decoder else 16, lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
                   weight_decay=0.01, warmup_ratio=0.1, grad_clip=1.0, eval_every=50,
-                  best_metric="perplexity" if chat else MAIN_METRIC[task], best_metric_mode="min" if chat else "max",
+                  best_metric="perplexity" if decoder else MAIN_METRIC[task],
+                  best_metric_mode="min" if decoder else "max",
                   save_every=10**9, log_every=10)
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainingConfig(**values)

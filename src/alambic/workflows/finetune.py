@@ -1,6 +1,7 @@
-"""Fine-tune a (pre-trained or distilled) encoder on a task: the way to make a task teacher, and the no-teacher
-baseline a distilled student is compared with. Hard labels only, on the same engine as distillation; the best model
-by the validation metric is kept in ``OUT/best`` (with its label map)."""
+"""Fine-tune a (pre-trained or distilled) model on a task: the way to make a task teacher, and the no-teacher baseline
+a distilled student is compared with. Hard labels only, on the same engine as distillation; the best model by the
+validation metric is kept in ``OUT/best`` (with its label map). Encoders take classification, NER or extractive QA
+(:func:`finetune`); decoders take chat data or raw text (:func:`finetune_decoder`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from alambic.engine.checkpoint import save_model_folder
 from alambic.engine.loop import train
 from alambic.engine.run_folder import locked_run
+from alambic.errors import AlambicError, did_you_mean
 from alambic.recipes.task import TaskLossConfig, TaskRecipe
 from alambic.students import count_parameters
 from alambic.tasks.features import TaskBatches
@@ -51,29 +53,40 @@ def finetune(task: str, model: str, train_data, out, *, validation=None, trainin
 
 
 @locked_run(lambda arguments: arguments["out"])
-def finetune_chat(model: str, train_data, out, *, validation=None, training=None, max_length: int = 512,
-                  resume: bool = False, progress: bool = True, log=print) -> dict:
-    """Supervised fine-tuning of a decoder on chat data: next-token cross-entropy on the assistant tokens only (the
-    completion-only loss of :mod:`alambic.data.chat`), on the distillation engine. It makes a task teacher out of an
-    instruct model, and is the no-teacher baseline of a distilled chat student. Without ``validation`` a stable 10%
-    of the conversations (by content hash) is held out; the model with the lowest validation perplexity of the
-    answers is kept in ``OUT/best``."""
-    from alambic.config import DataConfig
+def finetune_decoder(task: str, model: str, train_data, out, *, validation=None, training=None, max_length: int = 512,
+                     resume: bool = False, progress: bool = True, log=print) -> dict:
+    """Next-token cross-entropy fine-tuning of a decoder, on the distillation engine; the model with the lowest
+    validation perplexity is kept in ``OUT/best``.
+
+    - ``task="chat"``: supervised fine-tuning on conversations, the loss on the assistant tokens only (the
+      completion-only loss of :mod:`alambic.data.chat`). It makes a task teacher out of an instruct model, and is the
+      no-teacher baseline of a distilled chat student. Without ``validation`` a stable 10% of the conversations (by
+      content hash) is held out.
+    - ``task="lm"``: domain adaptation on raw text (packed blocks of ``max_length`` tokens), so that a teacher knows
+      the student's text before it teaches. Without ``validation`` a stable 10% of the documents is held out.
+    """
+    from alambic.config import DECODER_TASK_FORMATS, DataConfig
     from alambic.data.chat import read_chat, split_chat
     from alambic.data.pipeline import heldout_batches, training_batches
+    from alambic.data.sources import hold_out_documents
     from alambic.evaluation.lm import evaluate_lm
     from alambic.recipes.distilbert import DistilBERTLossConfig, DistilBERTRecipe
     from alambic.teachers import load_model
 
+    if task not in DECODER_TASK_FORMATS:
+        raise AlambicError(f"a decoder fine-tunes on chat or lm data, not {task!r}"
+                           f"{did_you_mean(task, DECODER_TASK_FORMATS)}")
     out = Path(out)
-    training = training or task_training_config("chat")
+    training = training or task_training_config(task)
     check_run_folder(out, resume)
     train_specs = [str(s) for s in ([train_data] if isinstance(train_data, (str, Path)) else train_data)]
-    if validation is None:
+    if validation is None and task == "chat":
         train_specs, validation = split_chat(read_chat(train_specs, need_response=True), out / "data")
+    elif validation is None:
+        train_specs, validation = hold_out_documents(train_specs, out / "data")
     validation = [str(s) for s in ([validation] if isinstance(validation, (str, Path)) else validation)]
     student, tokenizer = load_model(model, kind="causal", for_training=True)
-    data = DataConfig(train=train_specs, eval=validation, format="chat", max_length=max_length)
+    data = DataConfig(train=train_specs, eval=validation, format=DECODER_TASK_FORMATS[task], max_length=max_length)
     data.validate()
     torch.manual_seed(training.seed)
     batches = training_batches(train_specs, tokenizer, "causal", data, None, training.batch_size, training.seed)
@@ -83,7 +96,7 @@ def finetune_chat(model: str, train_data, out, *, validation=None, training=None
     result = train(recipe, batches, training, out, tokenizer=tokenizer, resume=resume, progress=progress,
                    evaluate=lambda m: evaluate_lm(m, held_out), label="finetune")
     save_model_folder(student, tokenizer, out / "student")
-    summary = {"task": "chat", "model": str(model), "steps": result.step, "parameters": count_parameters(student),
+    summary = {"task": task, "model": str(model), "steps": result.step, "parameters": count_parameters(student),
                "best_validation_perplexity": result.metrics.get("eval/best_perplexity"),
                "final_validation": {k[5:]: v for k, v in result.metrics.items()
                                     if k.startswith("eval/") and "best_" not in k},
