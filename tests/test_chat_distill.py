@@ -218,6 +218,11 @@ def test_finetune_lm_adapts_a_decoder_to_raw_text_and_keeps_the_best(chat_dir, t
     held, kept = (sorted(p.name for p in (tmp_path / "lm" / "data" / part).iterdir()) for part in ("validation", "train"))
     assert held and len(held) + len(kept) == 40 and not set(held) & set(kept)
     assert (tmp_path / "lm" / "best" / "model.safetensors").exists()
+    code = main(["finetune", "--task", "lm", "--model", "minilm-l6", "--train", str(folder), "--out",
+                 str(tmp_path / "encoder")])
+    err = capsys.readouterr().err
+    assert code == 2 and "minilm-l6 is an encoder: --task lm fine-tunes decoders" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "encoder" / "data").exists()
 
 
 @pytest.mark.parametrize("extra, message", [

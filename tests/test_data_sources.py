@@ -137,13 +137,21 @@ def test_hold_out_documents_splits_a_train_split_again_stably(tmp_path):
     train_docs, validation_docs = read_documents([train]), read_documents([validation])
     assert (len(train_docs), len(validation_docs)) == (1707, 197)
     assert sorted(train_docs + validation_docs) == sorted(read_documents(["bbc-news:train"]))
-    assert not (tmp_path / "split" / ".partial").exists()
+    assert sorted(p.name for p in (tmp_path / "split").iterdir()) == ["split.json", "train", "validation"]
     first = sorted(p.name for p in Path(validation).iterdir())[:3]
-    (Path(validation) / first[0]).unlink()  # written folders are reused, not rewritten
+    assert first == ["00005.txt", "00024.txt", "00047.txt"]  # the earlier benchmark split's names and documents
+    (Path(validation) / first[0]).unlink()  # a split of unchanged sources is reused, not rewritten
     assert hold_out_documents(["bbc-news:train"], tmp_path / "split") == ([train], [validation])
     assert sorted(p.name for p in Path(validation).iterdir())[:2] == first[1:]
-    with pytest.raises(AlambicError, match="too few to hold 10% out"):
+    corpus = tmp_path / "corpus"  # other sources in the same folder: split again, nothing of the old one left
+    corpus.mkdir()
+    for i, text in enumerate(read_documents(["bbc-news:heldout"])[:60]):
+        write(corpus / f"{i:02d}.txt", text)
+    hold_out_documents([str(corpus)], tmp_path / "split")
+    assert sorted(read_documents([train, validation])) == sorted(read_documents([str(corpus)]))
+    with pytest.raises(AlambicError, match="1 documents are too few to hold 10% out for validation: give validation"):
         hold_out_documents([str(write(tmp_path / "one.txt", "a single document"))], tmp_path / "few")
+    assert not (tmp_path / "few").exists()
 
 
 def test_kolaw_reads_korean():

@@ -16,7 +16,7 @@ DECODER_FORMATS = ("; chat: .jsonl/.json/.parquet records with messages, or prom
 
 
 def _record_fields(g) -> None:
-    g.add_argument("--text-field", default="text", help="classification records: field of the text")
+    g.add_argument("--text-field", default="text", help="classification and lm records: field of the text")
     g.add_argument("--pair-field", default="text_pair", help="classification records: field of the optional pair")
     g.add_argument("--label-field", default="label", help="classification records: field of the label")
 
@@ -43,7 +43,8 @@ def _training_options(p) -> None:
     g.add_argument("--eval-every", type=int, default=50, help="steps between validations (best model kept in OUT/best)")
     g.add_argument("--patience", type=int, default=0,
                    help="stop after this many validations without improvement (0: never)")
-    g.add_argument("--seed", type=int, default=42, help="seed of the held-out split, shuffling and fresh weights")
+    g.add_argument("--seed", type=int, default=42, help="seed of the held-out split (classification, ner, qa; "
+                   "chat and lm hold out by content hash), shuffling and fresh weights")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -103,8 +104,8 @@ def run_finetune(args) -> int:
         from alambic.workflows.finetune import finetune_decoder
 
         summary = finetune_decoder(args.task, args.model, args.train, args.out, validation=args.validation,
-                                   training=cfg, max_length=args.max_length or 512, resume=args.resume,
-                                   progress=not args.no_progress)
+                                   training=cfg, max_length=args.max_length or 512, text_field=args.text_field,
+                                   resume=args.resume, progress=not args.no_progress)
         answers = " of the answers" if args.task == "chat" else ""
         print(f"best validation perplexity{answers}: {summary['best_validation_perplexity']:.4f}; model in "
               f"{summary['best_model']}")

@@ -360,15 +360,13 @@ def split_chat(records: list[ChatRecord], folder: Path) -> tuple[list[str], list
     """A stable 10% of ``records`` held out (by content hash, the same on every machine), written to
     ``folder/train.jsonl`` and ``folder/validation.jsonl``; returns the two specs."""
     from alambic.cache import atomic_write_text
-    from alambic.data.sources import is_heldout
+    from alambic.data.sources import check_hold_out, is_heldout
 
     parts = {"train": [], "validation": []}
     for record in records:
         held = is_heldout(json.dumps(record.messages, sort_keys=True))
         parts["validation" if held else "train"].append(record.messages)
-    if not parts["validation"] or not parts["train"]:
-        raise AlambicError(f"{len(records)} conversations are too few to hold 10% out for validation: give "
-                           "--validation FILE, or more conversations")
+    check_hold_out(len(records), len(parts["validation"]), "conversations")
     specs = []
     for name, messages in parts.items():
         path = Path(folder) / f"{name}.jsonl"

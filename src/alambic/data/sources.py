@@ -10,7 +10,6 @@ import importlib.metadata
 import importlib.util
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,28 +69,40 @@ def is_heldout(text: str) -> bool:
     return int.from_bytes(digest[:8], "big") % 100 < HELDOUT_PERCENT
 
 
-def hold_out_documents(specs: list[str], folder: Path) -> tuple[list[str], list[str]]:
+HOLD_OUT_RULE = "sha256('validation:' + document) % 100 < 10"
+"""How :func:`hold_out_documents` picks the validation documents; part of the split's manifest."""
+
+
+def check_hold_out(total: int, held: int, what: str) -> None:
+    """One line when a 10% hold-out leaves either part empty."""
+    if held == 0 or held == total:
+        raise AlambicError(f"{total} {what} are too few to hold 10% out for validation: give validation data "
+                           f"(--validation FILE), or more {what}")
+
+
+def hold_out_documents(specs: list[str], folder: Path, *, text_field: str = "text") -> tuple[list[str], list[str]]:
     """``([train], [validation])`` folders of text files under ``folder``: the documents of ``specs`` split 90 / 10 by
     a *salted* content hash, so that a packaged corpus's train split (itself cut by the unsalted :func:`is_heldout`)
-    still yields a validation part. Stable on every machine; folders already written are reused."""
-    parts = {"train": Path(folder) / "train", "validation": Path(folder) / "validation"}
-    if not all(p.is_dir() for p in parts.values()):
-        documents = read_documents(list(specs))
+    still yields a validation part. Stable on every machine. The folder is written whole (atomically) with a manifest
+    of its sources, and reused only while they are unchanged."""
+    from alambic.cache import atomic_directory
+
+    folder = Path(folder)
+    manifest = {"sources": describe_sources(list(specs)), "text_field": text_field, "rule": HOLD_OUT_RULE}
+    written = folder / "split.json"
+    if not (written.is_file() and json.loads(written.read_text()) == manifest):
+        documents = read_documents(list(specs), text_field=text_field)
         held = [is_heldout("validation:" + text) for text in documents]
-        if all(held) or not any(held):
-            raise AlambicError(f"{len(documents)} documents are too few to hold 10% out for validation: give "
-                               "--validation FILE, or more documents")
-        partial = Path(folder) / ".partial"  # an interrupted split is written again, never half-read
-        shutil.rmtree(partial, ignore_errors=True)
-        for name in parts:
-            (partial / name).mkdir(parents=True)
-        for i, (text, is_validation) in enumerate(zip(documents, held)):
-            (partial / ("validation" if is_validation else "train") / f"{i:05d}.txt").write_text(text, encoding="utf-8")
-        for name, path in parts.items():
-            shutil.rmtree(path, ignore_errors=True)
-            (partial / name).rename(path)
-        partial.rmdir()
-    return [str(parts["train"])], [str(parts["validation"])]
+        check_hold_out(len(documents), sum(held), "documents")
+        with atomic_directory(folder) as tmp:
+            for name in ("train", "validation"):
+                (tmp / name).mkdir()
+            digits = max(5, len(str(len(documents) - 1)))  # names sort in document order
+            for i, (text, is_validation) in enumerate(zip(documents, held)):
+                part = "validation" if is_validation else "train"
+                (tmp / part / f"{i:0{digits}d}.txt").write_text(text, encoding="utf-8")
+            (tmp / "split.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return [str(folder / "train")], [str(folder / "validation")]
 
 
 def read_documents(specs: list[str], *, text_field: str = "text", split_documents: str = "file") -> list[str]:

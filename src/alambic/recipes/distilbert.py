@@ -152,7 +152,7 @@ class DistilBERTRecipe:
     def __init__(self, teacher: nn.Module | None, student: nn.Module, loss: DistilBERTLossConfig):
         if teacher is None and loss.alpha_kd + loss.alpha_cos > 0:
             raise AlambicError("without a teacher only the hard loss trains: set loss.alpha_kd=0 and loss.alpha_cos=0")
-        if teacher is None:  # supervised fine-tuning (alambic finetune --task chat): the hard loss alone
+        if teacher is None:  # supervised fine-tuning (alambic finetune --task chat / lm): the hard loss alone
             self.teacher, self.student, self.cfg = None, student, loss
             self.objective = DistilBERTObjective(student, loss)
             return

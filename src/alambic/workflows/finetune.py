@@ -54,7 +54,7 @@ def finetune(task: str, model: str, train_data, out, *, validation=None, trainin
 
 @locked_run(lambda arguments: arguments["out"])
 def finetune_decoder(task: str, model: str, train_data, out, *, validation=None, training=None, max_length: int = 512,
-                     resume: bool = False, progress: bool = True, log=print) -> dict:
+                     text_field: str = "text", resume: bool = False, progress: bool = True, log=print) -> dict:
     """Next-token cross-entropy fine-tuning of a decoder, on the distillation engine; the model with the lowest
     validation perplexity is kept in ``OUT/best``.
 
@@ -70,6 +70,7 @@ def finetune_decoder(task: str, model: str, train_data, out, *, validation=None,
     from alambic.data.pipeline import heldout_batches, training_batches
     from alambic.data.sources import hold_out_documents
     from alambic.evaluation.lm import evaluate_lm
+    from alambic.modeling import model_kind
     from alambic.recipes.distilbert import DistilBERTLossConfig, DistilBERTRecipe
     from alambic.teachers import load_model
 
@@ -79,14 +80,18 @@ def finetune_decoder(task: str, model: str, train_data, out, *, validation=None,
     out = Path(out)
     training = training or task_training_config(task)
     check_run_folder(out, resume)
+    student, tokenizer = load_model(model, for_training=True)
+    if model_kind(student.config) != "causal":
+        raise AlambicError(f"{model} is an encoder: --task {task} fine-tunes decoders (causal LMs); fine-tune an "
+                           "encoder on classification, ner or qa")
     train_specs = [str(s) for s in ([train_data] if isinstance(train_data, (str, Path)) else train_data)]
     if validation is None and task == "chat":
         train_specs, validation = split_chat(read_chat(train_specs, need_response=True), out / "data")
     elif validation is None:
-        train_specs, validation = hold_out_documents(train_specs, out / "data")
+        train_specs, validation = hold_out_documents(train_specs, out / "data", text_field=text_field)
     validation = [str(s) for s in ([validation] if isinstance(validation, (str, Path)) else validation)]
-    student, tokenizer = load_model(model, kind="causal", for_training=True)
-    data = DataConfig(train=train_specs, eval=validation, format=DECODER_TASK_FORMATS[task], max_length=max_length)
+    data = DataConfig(train=train_specs, eval=validation, format=DECODER_TASK_FORMATS[task], max_length=max_length,
+                      text_field=text_field)
     data.validate()
     torch.manual_seed(training.seed)
     batches = training_batches(train_specs, tokenizer, "causal", data, None, training.batch_size, training.seed)
