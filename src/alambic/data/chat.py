@@ -102,10 +102,10 @@ GENERATED_MANIFEST = "manifest.json"
 
 
 def _chat_files(specs) -> list[Path]:
-    from alambic.data.sources import packaged_spec, resolve_files
+    from alambic.data.sources import as_specs, packaged_spec, resolve_files
 
     files = []
-    for spec in [specs] if isinstance(specs, (str, Path)) else list(specs):
+    for spec in as_specs(specs):
         if packaged_spec(str(spec)) is not None:
             return []  # packaged corpora are raw text
         files.extend(resolve_files(str(spec)))
@@ -231,7 +231,9 @@ def _record_options(record: dict, messages: list[dict], where: str) -> tuple[str
 def read_chat(specs, *, need_response: bool) -> list[ChatRecord]:
     """Every conversation of ``specs``, checked. ``need_response``: each must hold an assistant turn (training
     data); otherwise prompts without answers are welcome (prompt files)."""
-    specs = [specs] if isinstance(specs, (str, Path)) else list(specs)
+    from alambic.data.sources import as_specs
+
+    specs = as_specs(specs)
     files = _chat_files(specs)
     if not files:
         raise AlambicError(f"no chat records in {', '.join(map(str, specs))}: chat data are .jsonl, .json or .parquet "

@@ -63,13 +63,19 @@ def list_packaged_corpora() -> list[str]:
     return sorted(PACKAGED_CORPORA)
 
 
+def as_specs(specs) -> list[str]:
+    """One spec (a path, glob or packaged corpus) or several, as a list of strings."""
+    return [str(spec) for spec in ([specs] if isinstance(specs, (str, Path)) else specs)]
+
+
 def is_heldout(text: str) -> bool:
     """A stable 10% of texts by content hash: the same on every machine and run (unlike ``hash()``)."""
     digest = hashlib.sha256(text.encode("utf-8", errors="replace")).digest()
     return int.from_bytes(digest[:8], "big") % 100 < HELDOUT_PERCENT
 
 
-HOLD_OUT_RULE = "sha256('validation:' + document) % 100 < 10"
+HOLD_OUT_SALT = "validation:"
+HOLD_OUT_RULE = f"is_heldout({HOLD_OUT_SALT!r} + document): sha256 % 100 < {HELDOUT_PERCENT}"
 """How :func:`hold_out_documents` picks the validation documents; part of the split's manifest."""
 
 
@@ -88,11 +94,12 @@ def hold_out_documents(specs: list[str], folder: Path, *, text_field: str = "tex
     from alambic.cache import atomic_directory
 
     folder = Path(folder)
-    manifest = {"sources": describe_sources(list(specs)), "text_field": text_field, "rule": HOLD_OUT_RULE}
+    specs = as_specs(specs)
+    manifest = {"sources": describe_sources(specs), "text_field": text_field, "rule": HOLD_OUT_RULE}
     written = folder / "split.json"
     if not (written.is_file() and json.loads(written.read_text()) == manifest):
-        documents = read_documents(list(specs), text_field=text_field)
-        held = [is_heldout("validation:" + text) for text in documents]
+        documents = read_documents(specs, text_field=text_field)
+        held = [is_heldout(HOLD_OUT_SALT + text) for text in documents]
         check_hold_out(len(documents), sum(held), "documents")
         with atomic_directory(folder) as tmp:
             for name in ("train", "validation"):
@@ -110,7 +117,7 @@ def read_documents(specs: list[str], *, text_field: str = "text", split_document
     if split_documents not in SPLIT_MODES:
         raise AlambicError(f"unknown split_documents {split_documents!r}{did_you_mean(split_documents, SPLIT_MODES)}: "
                            f"use one of {', '.join(SPLIT_MODES)}")
-    specs = [specs] if isinstance(specs, (str, Path)) else list(specs)
+    specs = as_specs(specs)
     if not specs:
         raise AlambicError("no data given: name at least one file, folder, glob or packaged corpus")
     documents = []
@@ -130,7 +137,7 @@ def read_documents(specs: list[str], *, text_field: str = "text", split_document
 
 def describe_sources(specs: list[str]) -> str:
     """A fingerprint that changes when any input file changes, cheap enough to compute on every run (no reading)."""
-    specs = [specs] if isinstance(specs, (str, Path)) else list(specs)
+    specs = as_specs(specs)
     parts = []
     for spec in specs:
         packaged = packaged_spec(str(spec))

@@ -68,7 +68,7 @@ def finetune_decoder(task: str, model: str, train_data, out, *, validation=None,
     from alambic.config import DECODER_TASK_FORMATS, DataConfig
     from alambic.data.chat import read_chat, split_chat
     from alambic.data.pipeline import heldout_batches, training_batches
-    from alambic.data.sources import hold_out_documents
+    from alambic.data.sources import as_specs, hold_out_documents
     from alambic.evaluation.lm import evaluate_lm
     from alambic.modeling import model_kind
     from alambic.recipes.distilbert import DistilBERTLossConfig, DistilBERTRecipe
@@ -84,12 +84,12 @@ def finetune_decoder(task: str, model: str, train_data, out, *, validation=None,
     if model_kind(student.config) != "causal":
         raise AlambicError(f"{model} is an encoder: --task {task} fine-tunes decoders (causal LMs); fine-tune an "
                            "encoder on classification, ner or qa")
-    train_specs = [str(s) for s in ([train_data] if isinstance(train_data, (str, Path)) else train_data)]
+    train_specs = as_specs(train_data)
     if validation is None and task == "chat":
         train_specs, validation = split_chat(read_chat(train_specs, need_response=True), out / "data")
     elif validation is None:
         train_specs, validation = hold_out_documents(train_specs, out / "data", text_field=text_field)
-    validation = [str(s) for s in ([validation] if isinstance(validation, (str, Path)) else validation)]
+    validation = as_specs(validation)
     data = DataConfig(train=train_specs, eval=validation, format=DECODER_TASK_FORMATS[task], max_length=max_length,
                       text_field=text_field)
     data.validate()

@@ -33,6 +33,7 @@ import torch
 from alambic import __version__
 from alambic.cache import atomic_write_text
 from alambic.data.chat import GENERATED_MANIFEST, TEACHER_WRITTEN_KIND
+from alambic.data.sources import as_specs
 from alambic.errors import AlambicError
 from alambic.modeling import eos_token_ids
 from alambic.ranges import NON_NEGATIVE, POSITIVE, Range, check_value
@@ -172,7 +173,7 @@ def generate(teacher, prompts, out, *, max_new_tokens: int = 256, temperature: f
         check_value(name, options[name], allowed)
     check_value("max_prompts", max_prompts, POSITIVE)
     out = Path(out)
-    specs = [prompts] if isinstance(prompts, (str, Path)) else list(prompts)
+    specs = as_specs(prompts)
     path = resolve_model_path(teacher)
     tokenizer = _load_tokenizer(path)
     check_chat_template(tokenizer)
@@ -215,7 +216,7 @@ def generate(teacher, prompts, out, *, max_new_tokens: int = 256, temperature: f
         out.mkdir(parents=True, exist_ok=True)
         data.write_bytes(b"")
         manifest = {"kind": KIND, **job, "teacher": str(teacher), "teacher_path": str(path),
-                    "prompts": [str(s) for s in specs], "eos_token_ids": end_ids, "pad_token_id": pad_id,
+                    "prompts": specs, "eos_token_ids": end_ids, "pad_token_id": pad_id,
                     "counts": {"prompts": len(records), "done": 0, "responses": 0, "truncated": 0, "empty": 0},
                     "batches_done": 0, "data_bytes": 0, "complete": False, "alambic": __version__}
         _write_manifest(out, manifest)
