@@ -29,15 +29,16 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return done
 
 
-def assert_two_processes_equal_one(command: list[str], tmp_path) -> None:
+def assert_two_processes_equal_one(command: list[str], tmp_path) -> subprocess.CompletedProcess:
     """``command`` under DDP on two processes (OUT = tmp_path/ddp) trains the same student as one process
-    accumulating two micro-batches (tmp_path/one)."""
-    torchrun("-m", "alambic", *command, "--out", str(tmp_path / "ddp"))
+    accumulating two micro-batches (tmp_path/one). Returns the DDP run."""
+    done = torchrun("-m", "alambic", *command, "--out", str(tmp_path / "ddp"))
     subprocess.run([sys.executable, "-m", "alambic", *command, "--grad-accum", "2", "--out", str(tmp_path / "one")],
                    check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=TIMEOUT_S)
     ddp = load_file(str(tmp_path / "ddp" / "student" / "model.safetensors"))
     one = load_file(str(tmp_path / "one" / "student" / "model.safetensors"))
     assert max((ddp[k] - one[k]).abs().max().item() for k in one) < 1e-6
+    return done
 
 
 @pytest.fixture
@@ -150,6 +151,44 @@ def test_fsdp_is_refused_in_words_where_it_cannot_run(llama_and_text, capsys):
     assert "shards over several processes: launch with `torchrun" in capsys.readouterr().err
     assert main(base + ["--recipe", "tinybert", "--out", str(tmp_path / "b")]) == 2
     assert "training.distributed=fsdp runs the distilbert recipe" in capsys.readouterr().err
+
+
+@needs_torchrun
+# finetune-lm: CI runs it in `make test-slow`
+@pytest.mark.parametrize("verb", ["distill", pytest.param("finetune-lm", marks=pytest.mark.slow)])
+def test_bf16_with_fp32_masters_under_ddp_equals_one_process_through_evaluations_and_checkpoints(verb, llama_and_text):
+    """The other tests train in fp32 (conftest); here the default of bf16 machines, bf16 with fp32 masters, evaluated
+    (and checkpointed) mid-run. Evaluations and saves read the masters, which once unhooked DDP from the bf16
+    parameters: the processes stopped averaging their gradients and drifted apart. The closing line is said once."""
+    tmp_path = llama_and_text
+    text = str(tmp_path / "text")
+    if verb == "distill":
+        command = ["distill", "--teacher", str(tmp_path / "teacher"), "--data", text, "--eval-data", text,
+                   "--set", "data.max_length=32", "--set", "training.save_every=2", "--set", "training.eval_every=2"]
+        closing = "held-out after training"
+    else:
+        command = ["finetune", "--task", "lm", "--model", str(tmp_path / "teacher"), "--train", text,
+                   "--validation", str(tmp_path / "text" / "0.txt"), "--max-length", "32", "--eval-every", "2"]
+        closing = "best validation perplexity"
+    command += ["--max-steps", "4", "--batch-size", "2", "--mixed-precision", "bf16", "--no-progress"]
+    done = assert_two_processes_equal_one(command, tmp_path)
+    assert done.stdout.count(closing) == 1
+
+
+def test_distill_task_under_a_launcher_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """distill-task's stages, teacher-logit cache and shape search write files each process would write too: under
+    torchrun (WORLD_SIZE > 1) it stops before loading anything, and leaves no run folder."""
+    from alambic.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = main(["distill-task", "--task", "classification", "--teacher", str(tmp_path / "teacher"), "--train",
+                 "bbc-news:train", "--student-layers", "0,2", "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "alambic: error: distill-task runs in one process: its stages, teacher-logit cache and shape "
+        "search write files every process would share; launch it without torchrun / accelerate launch (distill and "
+        "finetune train on several processes)")
+    assert not (tmp_path / "run").exists()
 
 
 @needs_torchrun

@@ -72,6 +72,23 @@ def test_inside_full_precision_the_model_is_its_masters_and_a_load_reaches_both(
     assert all(torch.equal(model.state_dict()[k], other[k]) for k in other)  # fp32 for good
 
 
+def test_full_precision_keeps_the_hooks_on_the_parameters_gradient_accumulators():
+    """DDP averages gradients through hooks on each parameter's gradient accumulator. Giving a parameter data of
+    another dtype (``p.data = fp32``) drops that accumulator and its hooks: after the first evaluation or checkpoint
+    the processes of a bf16 run would silently stop averaging and drift apart. full_precision must not do that."""
+    model = torch.nn.Linear(4, 4)
+    master = MasterWeights(model)
+    accumulator = model.weight.view_as(model.weight).grad_fn.next_functions[0][0]  # what DDP hooks
+    calls = []
+    accumulator.register_hook(lambda *_: calls.append(1))
+    with master.full_precision():
+        assert model.weight.dtype == torch.float32
+        model(torch.randn(2, 4)).sum()  # an evaluation's forward
+    model(torch.randn(2, 4, dtype=torch.bfloat16)).sum().backward()
+    assert calls == [1]
+    assert model.weight.view_as(model.weight).grad_fn.next_functions[0][0] is accumulator
+
+
 def test_a_parameter_without_a_gradient_this_step_is_not_updated():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     master = MasterWeights(model)

@@ -1,4 +1,5 @@
-"""On / off switches read from environment variables (``ALAMBIC_DEBUG``, ``ALAMBIC_CPU_BF16``, ...).
+"""What alambic reads from environment variables: on / off switches (``ALAMBIC_DEBUG``, ``ALAMBIC_CPU_BF16``, ...)
+and, under a launcher (torchrun, ``accelerate launch``), which process this is.
 
 Every switch is read the same way: case-insensitive ``1 / true / yes / on`` and ``0 / false / no / off``; unset or
 empty means "not set". Any other value is refused in one line rather than guessed at: ``ALAMBIC_CPU_BF16=False``
@@ -27,3 +28,14 @@ def env_switch(name: str) -> bool | None:
         return False
     raise AlambicError(f"{name}={raw!r} is not an on/off value: set it to one of {', '.join(ON + OFF)}, "
                        f"or unset it")
+
+
+def launched_rank() -> tuple[int, int]:
+    """This process's rank and the number of processes, as the launcher set them (``RANK``, ``WORLD_SIZE``); (0, 1)
+    without one. Readable before any process group exists, e.g. to let one process write a file the others read."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    """Whether this process is the one that writes the run's shared files and prints (rank 0, or the only one)."""
+    return launched_rank()[0] == 0

@@ -13,7 +13,7 @@ import textwrap
 
 from alambic import __version__
 from alambic.config import MIXED_PRECISION_HELP, MIXED_PRECISIONS, TOKEN_TYPES
-from alambic.environment import env_switch
+from alambic.environment import env_switch, is_main_process
 from alambic.errors import AlambicError
 from alambic.ranges import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, Range, check_value
 from alambic.cli.budget import add_budget_options, budget_from_args
@@ -287,7 +287,7 @@ def run_distill(args) -> int:
 
     result = distill(cfg, resume=args.resume, progress=not args.no_progress)
     evals = {k: v for k, v in result.metrics.items() if k.startswith("eval/")}
-    if evals:
+    if evals and is_main_process():
         print("held-out after training: " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in evals.items()))
     return 0
 

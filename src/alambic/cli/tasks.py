@@ -6,6 +6,7 @@ import json
 
 from alambic.cli.budget import add_budget_options, budget_from_args
 from alambic.config import DECODER_TASK_FORMATS, MIXED_PRECISION_HELP, MIXED_PRECISIONS
+from alambic.environment import is_main_process
 from alambic.errors import AlambicError
 
 TASK_CHOICES = ("classification", "ner", "qa")
@@ -107,13 +108,15 @@ def run_finetune(args) -> int:
                                    training=cfg, max_length=args.max_length or 512, text_field=args.text_field,
                                    resume=args.resume, progress=not args.no_progress)
         answers = " of the answers" if args.task == "chat" else ""
-        print(f"best validation perplexity{answers}: {summary['best_validation_perplexity']:.4f}; model in "
-              f"{summary['best_model']}")
+        if is_main_process():  # under torchrun, said once
+            print(f"best validation perplexity{answers}: {summary['best_validation_perplexity']:.4f}; model in "
+                  f"{summary['best_model']}")
         return 0
     summary = finetune(args.task, args.model, args.train, args.out, validation=args.validation, training=cfg,
                        data=data, resume=args.resume, progress=not args.no_progress)
-    print(f"best validation {cfg.best_metric}: {summary[f'best_validation_{cfg.best_metric}']:.4f}; "
-          f"model in {summary['best_model']}")
+    if is_main_process():
+        print(f"best validation {cfg.best_metric}: {summary[f'best_validation_{cfg.best_metric}']:.4f}; "
+              f"model in {summary['best_model']}")
     return 0
 
 
@@ -195,7 +198,8 @@ def run_distill_task(args) -> int:
         search_steps=args.search_steps)
     value = summary[f"best_validation_{cfg.best_metric}"]
     shown = "n/a" if value is None else f"{value:.4f}"
-    print(f"best validation {cfg.best_metric}: {shown}; student in {summary['best_model']}")
+    if is_main_process():
+        print(f"best validation {cfg.best_metric}: {shown}; student in {summary['best_model']}")
     return 0
 
 

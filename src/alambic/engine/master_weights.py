@@ -12,8 +12,14 @@ sum is rounded to bf16's 8 bits, where autocast accumulates in fp32.
 
 Buffers (rotary frequencies, position ids) keep their dtype. Everything that reads or writes the student as a model
 (evaluation, checkpoints, resuming, the final save) does so inside :meth:`MasterWeights.full_precision`, where the
-parameters *are* the fp32 masters: checkpoints hold the masters exactly, and a resumed run rounds them to the same bf16
-weights, so resuming is exact. :meth:`release` leaves the model in fp32 at the end of training.
+model's parameters *are* the fp32 masters: checkpoints hold the masters exactly, and a resumed run rounds them to the
+same bf16 weights, so resuming is exact. :meth:`release` leaves the model in fp32 at the end of training.
+
+Inside :meth:`~MasterWeights.full_precision` the masters are registered in the modules in place of the bf16
+parameters; the bf16 parameter tensors themselves are never given data of another dtype while training. Changing a
+parameter's dtype through ``.data`` drops its gradient accumulator, and with it the hooks DistributedDataParallel put
+there: the processes would silently stop averaging their gradients and drift apart after the first evaluation or
+checkpoint.
 """
 
 from __future__ import annotations
@@ -30,10 +36,13 @@ class MasterWeights:
         self.parameters = [p for p in model.parameters() if p.is_floating_point()]
         self.masters = [torch.nn.Parameter(p.detach().float().clone(), requires_grad=p.requires_grad)
                         for p in self.parameters]
-        self.low = [p.detach().to(dtype) for p in self.parameters]
-        for p, low in zip(self.parameters, self.low):
-            p.data = low
+        for p in self.parameters:  # before any wrapper (DDP) hooks the parameters' gradient accumulators
+            p.data = p.detach().to(dtype)
         self.trainable = [(p, m) for p, m in zip(self.parameters, self.masters) if p.requires_grad]
+        index = {id(p): i for i, p in enumerate(self.parameters)}
+        # every place a parameter is registered (a tied weight is registered in two modules)
+        self.registrations = [(module, name, index[id(p)]) for module in model.modules()
+                              for name, p in module._parameters.items() if p is not None and id(p) in index]
 
     def trainable_masters(self) -> list[torch.nn.Parameter]:
         """What the optimiser updates: the masters of the trainable parameters, in the model's order."""
@@ -64,18 +73,18 @@ class MasterWeights:
     @contextlib.contextmanager
     def full_precision(self):
         """The model's parameters are the fp32 masters inside (what is evaluated, saved or loaded is exact); on leaving,
-        the bf16 parameters are rounded again from the masters, which a load may have changed."""
-        for p, m in zip(self.parameters, self.masters):
-            p.data = m.data
+        the bf16 parameters are registered again and rounded from the masters, which a load may have changed."""
+        for module, name, i in self.registrations:
+            module._parameters[name] = self.masters[i]
         try:
             yield
         finally:
-            for p, low, m in zip(self.parameters, self.low, self.masters):
-                low.copy_(m.data)
-                p.data = low
+            for module, name, i in self.registrations:
+                module._parameters[name] = self.parameters[i]
+            with torch.no_grad():
+                torch._foreach_copy_(self.parameters, self.masters)
 
     def release(self) -> None:
         """Leave the model in fp32 (the masters) for good: training is over."""
         for p, m in zip(self.parameters, self.masters):
             p.data = m.data
-        self.low = []

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+from alambic.environment import is_main_process
 from alambic.errors import AlambicError
 
 LOCK = ".alambic.lock"
@@ -97,7 +98,7 @@ def hold_run_folder(out: Path, say=print):
     and the run left empty (a run refused for bad input) is removed again."""
     created = not Path(out).exists()
     out = prepare_output_dir(out)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         yield out
         return
     path = out / LOCK

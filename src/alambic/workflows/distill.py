@@ -5,7 +5,6 @@ Cheap checks (paths, names, layer specs) come first so a mistake is reported bef
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from alambic.data.sources import describe_sources
 from alambic.engine.checkpoint import finished_step, latest_checkpoint, require_checkpoints
 from alambic.engine.loop import agreed_precision, make_accelerator, train
 from alambic.engine.run_folder import locked_run
+from alambic.environment import is_main_process
 from alambic.errors import AlambicError
 from alambic.evaluation.lm import evaluate_lm
 from alambic.evaluation.model_card import distillation_card, last_logged
@@ -293,7 +293,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
     done = finished_step(Path(cfg.out), cfg.training.max_steps) if resume else None
     if done is not None and (Path(cfg.out) / "student" / "config.json").is_file():
         # said before any model loads or any layer is measured; by the main process only under torchrun
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_main_process():
             print(f"{cfg.out} is complete: trained to step {done} of training.max_steps={cfg.training.max_steps}, its "
                   f"student is in {Path(cfg.out) / 'student'}; raise --max-steps to train on", flush=True)
         return DistillResult(Path(cfg.out), Path(cfg.out) / "student", None, None, {})

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from alambic.engine.checkpoint import save_model_folder
-from alambic.engine.loop import train
+from alambic.engine.loop import agreed_precision, make_accelerator, train
 from alambic.engine.run_folder import locked_run
 from alambic.errors import AlambicError, did_you_mean
 from alambic.recipes.task import TaskLossConfig, TaskRecipe
@@ -32,24 +32,45 @@ def finetune(task: str, model: str, train_data, out, *, validation=None, trainin
     data = data or DataOptions()
     training = training or task_training_config(task)
     check_run_folder(out, resume)
+    accelerator, precision = _accelerator(training)
+    say = log if accelerator.is_main_process else _silent
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model))
     prepared = prepare_task_data(task, train_data, validation, tokenizer, data, seed=training.seed)
-    log(prepared.describe())
+    say(prepared.describe())
     torch.manual_seed(training.seed)  # the fresh task head
     student, tokenizer, _ = load_task_model(model, task, prepared.labels or None, role="model")
     recipe = TaskRecipe(None, student, task, TaskLossConfig(alpha_kd=0.0, alpha_ce=1.0))
     batches = TaskBatches(task, prepared.train_features, tokenizer, training.batch_size, training.seed)
-    result = train(recipe, batches, training, out, tokenizer=tokenizer, resume=resume, progress=progress,
-                   evaluate=validation_callback(prepared, tokenizer, data), label="finetune")
-    save_model_folder(student, tokenizer, out / "student")  # the last step's model; OUT/best: the best validated
+    result = train(recipe, batches, training, out, accelerator=accelerator, precision=precision, tokenizer=tokenizer,
+                   resume=resume, progress=progress, evaluate=validation_callback(prepared, tokenizer, data),
+                   label="finetune")
     name = training.best_metric
     summary = {"task": task, "model": str(model), "labels": prepared.labels, "steps": result.step,
                "parameters": count_parameters(student), f"best_validation_{name}": result.metrics.get(
                    f"eval/best_{name}"), "final_validation": {k[5:]: v for k, v in result.metrics.items()
                                                               if k.startswith("eval/") and "best_" not in k},
                "best_model": str(out / "best"), "last_model": str(out / "student")}
-    write_summary(out, summary)
+    _save(accelerator, student, tokenizer, out, summary)  # the last step's model; OUT/best: the best validated
     return summary
+
+
+def _accelerator(training):
+    """The engine's accelerator and precision, made before the data: under a launcher (torchrun) one process then
+    writes what the others read (a held-out split, the saved model), and every process trains in the same precision."""
+    precision = agreed_precision(training.mixed_precision)
+    return make_accelerator(training, precision), precision
+
+
+def _silent(*_args) -> None:
+    """The log of the processes other than the main one."""
+
+
+def _save(accelerator, model, tokenizer, out: Path, summary: dict) -> None:
+    """The last step's model in ``OUT/student`` and the run's summary in ``OUT/task.json``, written by one process."""
+    if accelerator.is_main_process:
+        save_model_folder(model, tokenizer, out / "student")
+        write_summary(out, summary)
+    accelerator.wait_for_everyone()
 
 
 @locked_run(lambda arguments: arguments["out"])
@@ -84,27 +105,29 @@ def finetune_decoder(task: str, model: str, train_data, out, *, validation=None,
     if model_kind(student.config) != "causal":
         raise AlambicError(f"{model} is an encoder: --task {task} fine-tunes decoders (causal LMs); fine-tune an "
                            "encoder on classification, ner or qa")
+    accelerator, precision = _accelerator(training)
+    say = log if accelerator.is_main_process else _silent
     train_specs = as_specs(train_data)
-    if validation is None and task == "chat":
-        train_specs, validation = split_chat(read_chat(train_specs, need_response=True), out / "data")
-    elif validation is None:
-        train_specs, validation = hold_out_documents(train_specs, out / "data", text_field=text_field)
-    validation = as_specs(validation)
-    data = DataConfig(train=train_specs, eval=validation, format=DECODER_TASK_FORMATS[task], max_length=max_length,
-                      text_field=text_field)
-    data.validate()
-    torch.manual_seed(training.seed)
-    batches = training_batches(train_specs, tokenizer, "causal", data, None, training.batch_size, training.seed)
-    log(batches.examples.describe())
-    held_out = heldout_batches(validation, tokenizer, "causal", data, batch_size=training.batch_size)
+    with accelerator.main_process_first():  # one process writes the split and tokenises, the others read them
+        if validation is None and task == "chat":
+            train_specs, validation = split_chat(read_chat(train_specs, need_response=True), out / "data")
+        elif validation is None:
+            train_specs, validation = hold_out_documents(train_specs, out / "data", text_field=text_field)
+        validation = as_specs(validation)
+        data = DataConfig(train=train_specs, eval=validation, format=DECODER_TASK_FORMATS[task],
+                          max_length=max_length, text_field=text_field)
+        data.validate()
+        torch.manual_seed(training.seed)
+        batches = training_batches(train_specs, tokenizer, "causal", data, None, training.batch_size, training.seed)
+        held_out = heldout_batches(validation, tokenizer, "causal", data, batch_size=training.batch_size)
+    say(batches.examples.describe())
     recipe = DistilBERTRecipe(None, student, DistilBERTLossConfig(alpha_kd=0.0, alpha_lm=1.0, alpha_cos=0.0))
-    result = train(recipe, batches, training, out, tokenizer=tokenizer, resume=resume, progress=progress,
-                   evaluate=lambda m: evaluate_lm(m, held_out), label="finetune")
-    save_model_folder(student, tokenizer, out / "student")
+    result = train(recipe, batches, training, out, accelerator=accelerator, precision=precision, tokenizer=tokenizer,
+                   resume=resume, progress=progress, evaluate=lambda m: evaluate_lm(m, held_out), label="finetune")
     summary = {"task": task, "model": str(model), "steps": result.step, "parameters": count_parameters(student),
                "best_validation_perplexity": result.metrics.get("eval/best_perplexity"),
                "final_validation": {k[5:]: v for k, v in result.metrics.items()
                                     if k.startswith("eval/") and "best_" not in k},
                "best_model": str(out / "best"), "last_model": str(out / "student")}
-    write_summary(out, summary)
+    _save(accelerator, student, tokenizer, out, summary)
     return summary
