@@ -175,20 +175,30 @@ def test_bf16_with_fp32_masters_under_ddp_equals_one_process_through_evaluations
     assert done.stdout.count(closing) == 1
 
 
-def test_distill_task_under_a_launcher_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
-    """distill-task's stages, teacher-logit cache and shape search write files each process would write too: under
-    torchrun (WORLD_SIZE > 1) it stops before loading anything, and leaves no run folder."""
+@pytest.mark.parametrize("verb, why", [
+    ("distill-task", "its stages, teacher-logit cache and shape search write files every process would share"),
+    ("generate", "its answers go to one file, in prompt order"),
+])
+def test_a_one_process_verb_under_a_launcher_is_refused_in_one_line(verb, why, tmp_path, monkeypatch, capsys):
+    """distill-task and generate write files each process would write too: under torchrun (WORLD_SIZE > 1) they stop
+    before loading anything, and leave no output folder."""
     from alambic.cli import main
+    from tiny import save_chat_teacher_and_data
 
+    save_chat_teacher_and_data(tmp_path)
+    capsys.readouterr()  # the saving's progress bars
     monkeypatch.setenv("WORLD_SIZE", "2")
-    code = main(["distill-task", "--task", "classification", "--teacher", str(tmp_path / "teacher"), "--train",
-                 "bbc-news:train", "--student-layers", "0,2", "--out", str(tmp_path / "run")])
-    assert code == 2
+    out = str(tmp_path / "out")
+    if verb == "distill-task":
+        args = ["distill-task", "--task", "classification", "--teacher", str(tmp_path / "teacher"), "--train",
+                "bbc-news:train", "--student-layers", "0,2", "--out", out]
+    else:
+        args = ["generate", "--teacher", str(tmp_path / "teacher"), "--prompts", str(tmp_path / "chat.jsonl"),
+                "--out", out]
+    assert main(args) == 2
     assert capsys.readouterr().err.strip() == (
-        "alambic: error: distill-task runs in one process: its stages, teacher-logit cache and shape "
-        "search write files every process would share; launch it without torchrun / accelerate launch (distill and "
-        "finetune train on several processes)")
-    assert not (tmp_path / "run").exists()
+        f"alambic: error: {verb} runs in one process: {why}; launch it without torchrun / accelerate launch")
+    assert not (tmp_path / "out").exists()
 
 
 @needs_torchrun

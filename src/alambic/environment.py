@@ -39,3 +39,9 @@ def launched_rank() -> tuple[int, int]:
 def is_main_process() -> bool:
     """Whether this process is the one that writes the run's shared files and prints (rank 0, or the only one)."""
     return launched_rank()[0] == 0
+
+
+def require_one_process(verb: str, why: str) -> None:
+    """Refuse ``verb`` when a launcher started several processes: ``why`` names what they would all write."""
+    if launched_rank()[1] > 1:
+        raise AlambicError(f"{verb} runs in one process: {why}; launch it without torchrun / accelerate launch")
