@@ -1,5 +1,5 @@
 """Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2``: a 4-step DDP (or, with a third argument
-``fsdp``, FSDP) run straight through, and the same run interrupted during step 3 (on every process, after the
+``fsdp``, FSDP; a fourth, the training precision) run straight through, and the same run interrupted during step 3 (on every process, after the
 checkpoint of step 2) and resumed. The runs are
 tests/test_engine.py's; the tiny BERT student keeps its dropout, so each process's RNG state matters for an exact
 resume."""
@@ -11,8 +11,9 @@ from alambic.engine.loop import train
 from test_engine import Interrupt, make_run
 
 
-def main(text_dir: str, out: Path, distributed: str = "ddp") -> None:
-    run = dict(family="masked", text_dir=text_dir, max_steps=4, save_every=2, distributed=distributed)
+def main(text_dir: str, out: Path, distributed: str = "ddp", precision: str = "no") -> None:
+    run = dict(family="masked", text_dir=text_dir, max_steps=4, save_every=2, distributed=distributed,
+               mixed_precision=precision)
     recipe, batches, cfg, tokenizer = make_run(**run)
     train(recipe, batches, cfg, out / "straight", tokenizer=tokenizer, progress=False)
 

@@ -69,13 +69,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(llama_and_te
 
 
 @needs_torchrun
-@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
-def test_run_interrupted_and_resumed_equals_the_straight_run(distributed, tmp_path):
+@pytest.mark.parametrize("distributed, precision", [("ddp", "no"), ("fsdp", "no"), ("ddp", "bf16")])
+def test_run_interrupted_and_resumed_equals_the_straight_run(distributed, precision, tmp_path):
+    """bf16: with fp32 masters, which every checkpoint reads."""
     (tmp_path / "text").mkdir()
     for i, text in enumerate(sample_texts(10)):  # documents of many lengths: the processes draw unequal dropout masks
         (tmp_path / "text" / f"{i}.txt").write_text(" ".join(text.split()[: 6 + 5 * i]))
     worker = os.path.join(os.path.dirname(__file__), "ddp_resume_worker.py")
-    torchrun(worker, str(tmp_path / "text"), str(tmp_path), distributed)
+    torchrun(worker, str(tmp_path / "text"), str(tmp_path), distributed, precision)
 
     def final(run):
         return load_file(str(tmp_path / run / "checkpoints" / "step-0000004" / "student" / "model.safetensors"))
