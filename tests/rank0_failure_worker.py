@@ -7,7 +7,7 @@ from alambic.cli import main
 from alambic.config import TrainingConfig
 from alambic.engine.loop import make_accelerator
 
-accelerator = make_accelerator(TrainingConfig(mixed_precision="no"))
+accelerator, _ = make_accelerator(TrainingConfig(mixed_precision="no"))
 if accelerator.is_main_process:
     sys.exit(main(["distill", "--teacher", "no-such-teacher", "--data", sys.argv[1], "--out", sys.argv[2]]))
 accelerator.wait_for_everyone()  # never released: the main process is gone

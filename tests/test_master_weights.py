@@ -89,6 +89,17 @@ def test_full_precision_keeps_the_hooks_on_the_parameters_gradient_accumulators(
     assert model.weight.view_as(model.weight).grad_fn.next_functions[0][0] is accumulator
 
 
+def test_a_tied_weight_is_one_master_inside_full_precision_and_one_bf16_parameter_outside():
+    model = tiny_llama(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    master = MasterWeights(model)
+    with master.full_precision():
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert model.lm_head.weight.dtype == torch.float32
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight.dtype == torch.bfloat16
+
+
 def test_a_parameter_without_a_gradient_this_step_is_not_updated():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     master = MasterWeights(model)

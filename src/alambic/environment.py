@@ -41,7 +41,14 @@ def is_main_process() -> bool:
     return launched_rank()[0] == 0
 
 
-def require_one_process(verb: str, why: str) -> None:
-    """Refuse ``verb`` when a launcher started several processes: ``why`` names what they would all write."""
-    if launched_rank()[1] > 1:
-        raise AlambicError(f"{verb} runs in one process: {why}; launch it without torchrun / accelerate launch")
+MULTI_PROCESS_VERBS = ("distill", "finetune", "cache-teacher")
+"""The verbs that share their work among a launcher's processes; every other verb would have each process write
+the same outputs (a generated file in prompt order, a report, an export, a staged task run)."""
+
+
+def require_one_process(verb: str) -> None:
+    """Refuse ``verb`` under a launcher that started several processes, unless it is one of
+    :data:`MULTI_PROCESS_VERBS`."""
+    if verb not in MULTI_PROCESS_VERBS and launched_rank()[1] > 1:
+        raise AlambicError(f"{verb} runs in one process (only {', '.join(MULTI_PROCESS_VERBS)} use several): launch "
+                           "it without torchrun / accelerate launch")

@@ -13,7 +13,7 @@ import textwrap
 
 from alambic import __version__
 from alambic.config import MIXED_PRECISION_HELP, MIXED_PRECISIONS, TOKEN_TYPES
-from alambic.environment import env_switch, is_main_process
+from alambic.environment import env_switch, is_main_process, require_one_process
 from alambic.errors import AlambicError
 from alambic.ranges import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, Range, check_value
 from alambic.cli.budget import add_budget_options, budget_from_args
@@ -476,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         debug = debug or bool(env_switch("ALAMBIC_DEBUG"))
         check_flags(args)
+        require_one_process(args.command)
         return args.run(args)
     except AlambicError as exc:
         if debug:

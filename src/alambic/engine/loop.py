@@ -137,11 +137,12 @@ def agreed_precision(requested: str) -> PrecisionChoice:
     return choice[0]
 
 
-def make_accelerator(cfg: TrainingConfig, precision: PrecisionChoice | None = None):
-    """An accelerate ``Accelerator`` for the precision ``cfg.mixed_precision`` resolves to (printed)."""
+def make_accelerator(cfg: TrainingConfig):
+    """An accelerate ``Accelerator`` for the precision ``cfg.mixed_precision`` resolves to (printed), and that
+    precision. Made before the data where one process writes files the others read, or stops them all."""
     from accelerate import Accelerator
 
-    precision = precision or agreed_precision(cfg.mixed_precision)
+    precision = agreed_precision(cfg.mixed_precision)
     # cpu=True is what makes accelerate honour torchrun's WORLD_SIZE on a machine without GPUs (DDP over gloo).
     accelerator = Accelerator(mixed_precision=precision.accelerate(cfg.distributed == "fsdp"),
                               cpu=not torch.cuda.is_available())
@@ -150,7 +151,7 @@ def make_accelerator(cfg: TrainingConfig, precision: PrecisionChoice | None = No
     if accelerator.device.type == "cpu" and keep_freed_memory():
         accelerator.print("host memory: freed blocks kept for reuse, so steps do not page-fault their buffers back in "
                           "(ALAMBIC_KEEP_FREED_MEMORY=0 returns them to the system)")
-    return accelerator
+    return accelerator, precision
 
 
 def check_engine(distributed_type) -> None:
@@ -275,8 +276,7 @@ def train(
     ``precision``: the resolved ``cfg.mixed_precision`` (given with the ``accelerator`` made for it);
     ``label``: the progress bar's name (the verb running it)."""
     if accelerator is None:
-        precision = precision or agreed_precision(cfg.mixed_precision)
-        accelerator = make_accelerator(cfg, precision)
+        accelerator, precision = make_accelerator(cfg)
     elif precision is None:
         precision = PrecisionChoice(accelerator.mixed_precision.replace("bf16", "bf16-autocast"), "as given")
     run_dir = Path(run_dir)
@@ -319,7 +319,7 @@ def train(
 
     guard = DiskGuard(run_dir, estimated_checkpoint_bytes(recipe.objective), cfg.min_free_disk_mb,
                       cfg.keep_checkpoints)
-    _stop_everywhere(accelerator, guard.problem("starting") if accelerator.is_main_process else None)
+    stop_everywhere(accelerator, guard.problem("starting") if accelerator.is_main_process else None)
 
     metrics: dict = {}
     if evaluate is not None and step == 0:
@@ -417,7 +417,7 @@ def train(
                 # Each process's RNG (dropout) goes into the checkpoint, so every process resumes where it stopped.
                 rng_states = gather_object([rng_state()]) if processes > 1 else [rng_state()]
                 loop_state = {"evaluation": evaluator.state_dict(), "tokens": tokens_seen}
-                _stop_everywhere(accelerator, guard.problem(f"saving the checkpoint of step {step}")
+                stop_everywhere(accelerator, guard.problem(f"saving the checkpoint of step {step}")
                                  if accelerator.is_main_process else None)
                 accelerator.wait_for_everyone()
                 if fsdp:  # every process writes its shards
@@ -444,7 +444,7 @@ def train(
     return TrainResult(step=step, metrics=metrics, student=whole(student) if fsdp else None)
 
 
-def _stop_everywhere(accelerator, problem: str | None) -> None:
+def stop_everywhere(accelerator, problem: str | None) -> None:
     """Raise ``problem`` (the main process's finding) on every process together, so none waits at a barrier for a
     process that has stopped."""
     if accelerator.num_processes > 1:

@@ -81,8 +81,7 @@ class MasterWeights:
         finally:
             for module, name, i in self.registrations:
                 module._parameters[name] = self.parameters[i]
-            with torch.no_grad():
-                torch._foreach_copy_(self.parameters, self.masters)
+            torch._foreach_copy_([p.data for p in self.parameters], [m.detach() for m in self.masters])
 
     def release(self) -> None:
         """Leave the model in fp32 (the masters) for good: training is over."""

@@ -20,7 +20,7 @@ from alambic.data.chat import ChatExamples, is_teacher_written
 from alambic.data.collate import pad_id_of
 from alambic.data.sources import describe_sources
 from alambic.engine.checkpoint import finished_step, latest_checkpoint, require_checkpoints
-from alambic.engine.loop import agreed_precision, make_accelerator, train
+from alambic.engine.loop import make_accelerator, train
 from alambic.engine.run_folder import locked_run
 from alambic.environment import is_main_process
 from alambic.errors import AlambicError
@@ -299,8 +299,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) 
         return DistillResult(Path(cfg.out), Path(cfg.out) / "student", None, None, {})
     calibration, notes, chat = _check_inputs(cfg, resume)
     run_dir = Path(cfg.out)
-    precision = agreed_precision(cfg.training.mixed_precision)
-    accelerator = make_accelerator(cfg.training, precision)
+    accelerator, precision = make_accelerator(cfg.training)
     say = accelerator.print
     for note in notes:
         say(note)

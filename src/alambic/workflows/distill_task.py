@@ -22,7 +22,6 @@ from alambic.cache import atomic_write_text
 from alambic.engine.checkpoint import save_model_folder
 from alambic.engine.loop import train
 from alambic.engine.run_folder import locked_run
-from alambic.environment import require_one_process
 from alambic.errors import AlambicError
 from alambic.modeling import num_layers
 from alambic.recipes.task import TaskLossConfig, TaskRecipe
@@ -75,8 +74,6 @@ def distill_task(task: str, teacher: str, train_data, out, *, student: str | Non
     if student_layers is None and any(v is not None for v in (hidden_size, intermediate_size, num_heads)):
         raise AlambicError("--hidden-size, --intermediate-size and --num-heads build a student with "
                            "--student-layers; drop them or give --student-layers")
-    require_one_process("distill-task", "its stages, teacher-logit cache and shape search write files every process "
-                                        "would share")
     check_run_folder(out, resume)
     teacher_model, tokenizer, teacher_path = load_task_model(teacher, task, role="teacher", need_head=True)
     labels = model_labels(teacher_model) if task != "qa" else []

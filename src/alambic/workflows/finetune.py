@@ -8,9 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast_object_list
 
 from alambic.engine.checkpoint import save_model_folder
-from alambic.engine.loop import agreed_precision, make_accelerator, train
+from alambic.engine.loop import make_accelerator, stop_everywhere, train
 from alambic.engine.run_folder import locked_run
 from alambic.errors import AlambicError, did_you_mean
 from alambic.recipes.task import TaskLossConfig, TaskRecipe
@@ -32,7 +33,7 @@ def finetune(task: str, model: str, train_data, out, *, validation=None, trainin
     data = data or DataOptions()
     training = training or task_training_config(task)
     check_run_folder(out, resume)
-    accelerator, precision = _accelerator(training)
+    accelerator, precision = make_accelerator(training)
     say = log if accelerator.is_main_process else _silent
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model))
     prepared = prepare_task_data(task, train_data, validation, tokenizer, data, seed=training.seed)
@@ -50,19 +51,13 @@ def finetune(task: str, model: str, train_data, out, *, validation=None, trainin
                    f"eval/best_{name}"), "final_validation": {k[5:]: v for k, v in result.metrics.items()
                                                               if k.startswith("eval/") and "best_" not in k},
                "best_model": str(out / "best"), "last_model": str(out / "student")}
-    _save(accelerator, student, tokenizer, out, summary)  # the last step's model; OUT/best: the best validated
+    # the last step's model; OUT/best: the best validated
+    _save(accelerator, result.student or student, tokenizer, out, summary)
     return summary
 
 
-def _accelerator(training):
-    """The engine's accelerator and precision, made before the data: under a launcher (torchrun) one process then
-    writes what the others read (a held-out split, the saved model), and every process trains in the same precision."""
-    precision = agreed_precision(training.mixed_precision)
-    return make_accelerator(training, precision), precision
-
-
-def _silent(*_args) -> None:
-    """The log of the processes other than the main one."""
+def _silent(*_lines) -> None:
+    """The log of every process but the main one: under a launcher, each line is said once."""
 
 
 def _save(accelerator, model, tokenizer, out: Path, summary: dict) -> None:
@@ -71,6 +66,26 @@ def _save(accelerator, model, tokenizer, out: Path, summary: dict) -> None:
         save_model_folder(model, tokenizer, out / "student")
         write_summary(out, summary)
     accelerator.wait_for_everyone()
+
+
+def _held_out_split(accelerator, task: str, train_specs: list, out: Path, text_field: str):
+    """(training sources, validation sources) when no validation data is given: a stable 10% of the conversations
+    or documents held out, written under ``OUT/data`` by the main process alone; the others take its paths. A problem
+    it meets (too few examples, a bad file) stops every process with its one line."""
+    from alambic.data.chat import read_chat, split_chat
+    from alambic.data.sources import hold_out_documents
+
+    split, problem = [None], None
+    if accelerator.is_main_process:
+        try:
+            split = [split_chat(read_chat(train_specs, need_response=True), out / "data") if task == "chat"
+                     else hold_out_documents(train_specs, out / "data", text_field=text_field)]
+        except AlambicError as error:
+            problem = str(error)
+    stop_everywhere(accelerator, problem)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(split)
+    return split[0]
 
 
 @locked_run(lambda arguments: arguments["out"])
@@ -87,9 +102,8 @@ def finetune_decoder(task: str, model: str, train_data, out, *, validation=None,
       the student's text before it teaches. Without ``validation`` a stable 10% of the documents is held out.
     """
     from alambic.config import DECODER_TASK_FORMATS, DataConfig
-    from alambic.data.chat import read_chat, split_chat
     from alambic.data.pipeline import heldout_batches, training_batches
-    from alambic.data.sources import as_specs, hold_out_documents
+    from alambic.data.sources import as_specs
     from alambic.evaluation.lm import evaluate_lm
     from alambic.modeling import model_kind
     from alambic.recipes.distilbert import DistilBERTLossConfig, DistilBERTRecipe
@@ -105,22 +119,19 @@ def finetune_decoder(task: str, model: str, train_data, out, *, validation=None,
     if model_kind(student.config) != "causal":
         raise AlambicError(f"{model} is an encoder: --task {task} fine-tunes decoders (causal LMs); fine-tune an "
                            "encoder on classification, ner or qa")
-    accelerator, precision = _accelerator(training)
+    accelerator, precision = make_accelerator(training)
     say = log if accelerator.is_main_process else _silent
     train_specs = as_specs(train_data)
-    with accelerator.main_process_first():  # one process writes the split and tokenises, the others read them
-        if validation is None and task == "chat":
-            train_specs, validation = split_chat(read_chat(train_specs, need_response=True), out / "data")
-        elif validation is None:
-            train_specs, validation = hold_out_documents(train_specs, out / "data", text_field=text_field)
-        validation = as_specs(validation)
-        data = DataConfig(train=train_specs, eval=validation, format=DECODER_TASK_FORMATS[task],
-                          max_length=max_length, text_field=text_field)
-        data.validate()
-        torch.manual_seed(training.seed)
-        batches = training_batches(train_specs, tokenizer, "causal", data, None, training.batch_size, training.seed)
-        held_out = heldout_batches(validation, tokenizer, "causal", data, batch_size=training.batch_size)
+    if validation is None:
+        train_specs, validation = _held_out_split(accelerator, task, train_specs, out, text_field)
+    validation = as_specs(validation)
+    data = DataConfig(train=train_specs, eval=validation, format=DECODER_TASK_FORMATS[task], max_length=max_length,
+                      text_field=text_field)
+    data.validate()
+    torch.manual_seed(training.seed)
+    batches = training_batches(train_specs, tokenizer, "causal", data, None, training.batch_size, training.seed)
     say(batches.examples.describe())
+    held_out = heldout_batches(validation, tokenizer, "causal", data, batch_size=training.batch_size)
     recipe = DistilBERTRecipe(None, student, DistilBERTLossConfig(alpha_kd=0.0, alpha_lm=1.0, alpha_cos=0.0))
     result = train(recipe, batches, training, out, accelerator=accelerator, precision=precision, tokenizer=tokenizer,
                    resume=resume, progress=progress, evaluate=lambda m: evaluate_lm(m, held_out), label="finetune")
@@ -129,5 +140,5 @@ def finetune_decoder(task: str, model: str, train_data, out, *, validation=None,
                "final_validation": {k[5:]: v for k, v in result.metrics.items()
                                     if k.startswith("eval/") and "best_" not in k},
                "best_model": str(out / "best"), "last_model": str(out / "student")}
-    _save(accelerator, student, tokenizer, out, summary)
+    _save(accelerator, result.student or student, tokenizer, out, summary)
     return summary

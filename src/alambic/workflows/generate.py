@@ -34,7 +34,6 @@ from alambic import __version__
 from alambic.cache import atomic_write_text
 from alambic.data.chat import GENERATED_MANIFEST, TEACHER_WRITTEN_KIND
 from alambic.data.sources import as_specs
-from alambic.environment import require_one_process
 from alambic.errors import AlambicError
 from alambic.modeling import eos_token_ids
 from alambic.ranges import NON_NEGATIVE, POSITIVE, Range, check_value
@@ -168,7 +167,6 @@ def generate(teacher, prompts, out, *, max_new_tokens: int = 256, temperature: f
     from alambic.tasks.cache import teacher_fingerprint
     from alambic.teachers import load_teacher, resolve_model_path
 
-    require_one_process("generate", "its answers go to one file, in prompt order")
     options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                "num_return_sequences": num_return_sequences, "seed": seed, "batch_size": batch_size}
     for name, allowed in OPTION_RANGES.items():
