@@ -198,8 +198,7 @@ def run_distill_task(args) -> int:
         search_steps=args.search_steps)
     value = summary[f"best_validation_{cfg.best_metric}"]
     shown = "n/a" if value is None else f"{value:.4f}"
-    if is_main_process():
-        print(f"best validation {cfg.best_metric}: {shown}; student in {summary['best_model']}")
+    print(f"best validation {cfg.best_metric}: {shown}; student in {summary['best_model']}")
     return 0
 
 

@@ -418,7 +418,7 @@ def train(
                 rng_states = gather_object([rng_state()]) if processes > 1 else [rng_state()]
                 loop_state = {"evaluation": evaluator.state_dict(), "tokens": tokens_seen}
                 stop_everywhere(accelerator, guard.problem(f"saving the checkpoint of step {step}")
-                                 if accelerator.is_main_process else None)
+                                if accelerator.is_main_process else None)
                 accelerator.wait_for_everyone()
                 if fsdp:  # every process writes its shards
                     sharding.save_sharded_checkpoint(run_dir, step, objective, student, optimizer, scheduler,
